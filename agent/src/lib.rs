@@ -1,0 +1,1 @@
+//! Host<->guest protocol and the guest agent.

@@ -1,0 +1,1 @@
+//! Policy YAML: schema, validation, evaluation (filled by the policy issue).

@@ -1,0 +1,1 @@
+//! containerd-shim-husk-v2 (filled by the shim issue).

@@ -1,0 +1,2 @@
+//! The Husk micro-VM monitor.
+pub mod bus;
