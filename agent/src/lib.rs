@@ -1,1 +1,8 @@
-//! Host<->guest protocol and the guest agent.
+//! Husk's host<->guest protocol (`proto`), a blocking host-side client (`client`), and, in the
+//! `husk-agent` binary, the guest's PID 1 that serves it.
+
+pub mod client;
+pub mod proto;
+
+pub use client::{Client, ClientError, ExecEvent, ExecOutput};
+pub use proto::{ExecRequest, ExitStatus, AGENT_VSOCK_PORT, PROTOCOL_VERSION};

@@ -1,2 +1,3 @@
 //! The Husk micro-VM monitor.
 pub mod bus;
+pub mod devices;

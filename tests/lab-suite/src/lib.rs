@@ -1,1 +1,148 @@
-//! Helpers for the tests that run inside the lab (tests/lab/run).
+//! Helpers for the tests that run inside the lab (`tests/lab/run`): a guest booted by the real
+//! `husk vm` process, reached through its vsock socket like any client would.
+
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use husk_agent::client::Client;
+
+/// The checkout's root (the lab mounts it at the same path as on the host).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+/// The husk binary under test: `$HUSK_BIN`, or the release build of this checkout.
+pub fn husk_bin() -> PathBuf {
+    std::env::var_os("HUSK_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("target/release/husk"))
+}
+
+/// Fails unless this is a machine where a Linux guest can boot (the lab).
+pub fn require_lab() {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let hw_virt = cpuinfo.contains(" svm") || cpuinfo.contains(" vmx");
+    assert!(
+        Path::new("/dev/kvm").exists() && hw_virt,
+        "these tests need an ordinary KVM (SVM/VMX); run them in the lab: tests/lab/run <test binary>"
+    );
+}
+
+/// What a test guest gets.
+#[derive(Clone, Debug, Default)]
+pub struct GuestOpts {
+    pub vcpus: u8,
+    pub memory_mib: u32,
+    pub disks: Vec<PathBuf>,
+    pub disks_ro: Vec<PathBuf>,
+}
+
+/// A guest run by a `husk vm` child process.
+pub struct Guest {
+    child: Child,
+    dir: tempfile::TempDir,
+}
+
+impl Guest {
+    pub fn boot(opts: &GuestOpts) -> Result<Guest> {
+        require_lab();
+        let dir = tempfile::tempdir()?;
+        let mut cmd = Command::new(husk_bin());
+        cmd.arg("vm")
+            .args(["--vcpus", &opts.vcpus.max(1).to_string()])
+            .args(["--memory", &opts.memory_mib.max(128).to_string()])
+            .arg("--vsock")
+            .arg(dir.path().join("vsock.sock"))
+            .arg("--console")
+            .arg(dir.path().join("console.log"));
+        for d in &opts.disks {
+            cmd.arg("--disk").arg(d);
+        }
+        for d in &opts.disks_ro {
+            cmd.arg("--disk-ro").arg(d);
+        }
+        let child = cmd
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("spawning {}", husk_bin().display()))?;
+        Ok(Guest { child, dir })
+    }
+
+    pub fn vsock_path(&self) -> PathBuf {
+        self.dir.path().join("vsock.sock")
+    }
+
+    pub fn console(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("console.log")).unwrap_or_default()
+    }
+
+    /// A new connection to the agent (waits for it to come up).
+    pub fn agent(&mut self) -> Result<Client<UnixStream>> {
+        let uds = self.vsock_path();
+        let child = &mut self.child;
+        let mut exited = None;
+        let alive = || true;
+        let stream = husk_runtime::vsock::connect_retry(
+            &uds,
+            husk_agent::AGENT_VSOCK_PORT,
+            Duration::from_secs(120),
+            &alive,
+        );
+        if let Ok(Some(status)) = child.try_wait() {
+            exited = Some(status);
+        }
+        match (stream, exited) {
+            (Ok(s), _) => {
+                let mut c = Client::new(s);
+                c.ping().context("ping")?;
+                Ok(c)
+            }
+            (Err(e), Some(status)) => bail!("VMM exited ({status}) before the agent answered: {e:#}"),
+            (Err(e), None) => Err(e),
+        }
+    }
+
+    /// Runs a command in the guest and returns (stdout, stderr, exit code).
+    pub fn sh(&mut self, script: &str) -> Result<(String, String, i32)> {
+        let out = self
+            .agent()?
+            .exec(&husk_agent::proto::ExecRequest::new(["sh", "-c", script]))?;
+        Ok((
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+            out.status.code().unwrap_or(-1),
+        ))
+    }
+
+    /// Waits for the VMM to exit; returns its status and what it wrote on stderr.
+    pub fn wait(mut self) -> Result<(ExitStatus, String)> {
+        use std::io::Read;
+        let mut err = String::new();
+        if let Some(mut e) = self.child.stderr.take() {
+            e.read_to_string(&mut err)?;
+        }
+        let status = self.child.wait()?;
+        Ok((status, err))
+    }
+
+    /// Asks the agent to power off and checks that the VMM exits 0.
+    pub fn poweroff(mut self) -> Result<()> {
+        self.agent()?.poweroff()?;
+        let (status, err) = self.wait()?;
+        if !status.success() {
+            bail!("VMM exited with {status} after poweroff: {err}");
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        // A failed test must not leave a VMM running.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

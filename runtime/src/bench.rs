@@ -1,0 +1,199 @@
+//! `husk bench …`: benchmarks that measure Husk next to a reference in the same run and print
+//! ratios (absolute times differ too much between the host and the nested lab to mean anything).
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+
+use crate::assets;
+
+#[derive(Subcommand, Debug)]
+pub enum BenchCmd {
+    /// Process start → agent ready, Husk against QEMU microvm booting the same kernel+initramfs.
+    Boot(BootBench),
+}
+
+#[derive(Args, Debug)]
+pub struct BootBench {
+    /// Boots of each kind.
+    #[arg(long, default_value_t = 10)]
+    runs: usize,
+    /// Guest memory in MiB for both VMMs.
+    #[arg(long, default_value_t = 256)]
+    memory: u32,
+    /// The reference VMM.
+    #[arg(long, default_value = "qemu-system-x86_64")]
+    qemu: PathBuf,
+}
+
+/// The line the agent writes on the serial console once it listens (QEMU's ready marker).
+const AGENT_READY_MARKER: &str = "husk-agent: ready";
+const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
+
+pub fn run(cmd: BenchCmd) -> Result<()> {
+    match cmd {
+        BenchCmd::Boot(b) => boot(&b),
+    }
+}
+
+fn boot(b: &BootBench) -> Result<()> {
+    let kernel = assets::kernel(None)?;
+    let initramfs = assets::initramfs(None)?;
+    let mut husk = Vec::new();
+    let mut qemu = Vec::new();
+    // Interleaved so that both see the same machine conditions.
+    for i in 0..b.runs {
+        husk.push(husk_boot(b.memory).with_context(|| format!("husk boot #{i}"))?);
+        qemu.push(qemu_boot(b, &kernel, &initramfs).with_context(|| format!("qemu boot #{i}"))?);
+        eprintln!(
+            "run {i}: husk {:.1} ms, qemu {:.1} ms",
+            ms(husk[i]),
+            ms(qemu[i])
+        );
+    }
+    let h = Stats::of(&husk);
+    let q = Stats::of(&qemu);
+    println!("husk boot→agent ready:  {h}");
+    println!("qemu microvm boot→ready: {q}");
+    println!("husk/qemu boot ratio: {:.3}", h.median / q.median);
+    Ok(())
+}
+
+/// Times `husk boot` from spawn to its "agent ready" line, then lets it power off.
+fn husk_boot(memory: u32) -> Result<Duration> {
+    let exe = std::env::current_exe()?;
+    let start = Instant::now();
+    let mut child = Command::new(exe)
+        .args(["boot", "--memory", &memory.to_string()])
+        .stdout(Stdio::piped())
+        .spawn()?;
+    let ready = wait_for_line(&mut child, "agent ready in", start);
+    let status = child.wait()?;
+    let ready = ready?;
+    if !status.success() {
+        bail!("husk boot exited with {status}");
+    }
+    Ok(ready)
+}
+
+/// Times QEMU microvm (KVM, no PCI, no ACPI, same kernel command line) to the agent's marker.
+fn qemu_boot(b: &BootBench, kernel: &Path, initramfs: &Path) -> Result<Duration> {
+    let start = Instant::now();
+    let mut child = Command::new(&b.qemu)
+        .args(qemu_args(b.memory, kernel, initramfs))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {}", b.qemu.display()))?;
+    let ready = wait_for_line(&mut child, AGENT_READY_MARKER, start);
+    let _ = child.kill();
+    let _ = child.wait();
+    ready
+}
+
+fn qemu_args(memory: u32, kernel: &Path, initramfs: &Path) -> Vec<String> {
+    let mut args: Vec<String> = [
+        "-M",
+        "microvm,x-option-roms=off,rtc=off,acpi=off",
+        "-enable-kvm",
+        "-cpu",
+        "host",
+        "-smp",
+        "1",
+        "-nodefaults",
+        "-no-user-config",
+        "-nographic",
+        "-no-reboot",
+        "-serial",
+        "stdio",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(["-m".into(), memory.to_string()]);
+    if Path::new("/dev/vhost-vsock").exists() {
+        // Same device set as Husk's guest where the host allows it.
+        args.extend(["-device".into(), "vhost-vsock-device,guest-cid=3".into()]);
+    }
+    args.extend(["-kernel".into(), kernel.display().to_string()]);
+    args.extend(["-initrd".into(), initramfs.display().to_string()]);
+    let cmdline = husk_vmm::DEFAULT_CMDLINE.replace("reboot=k", "reboot=t");
+    args.extend(["-append".into(), cmdline]);
+    args
+}
+
+/// Reads the child's stdout until a line contains `needle`; returns the time since `start`.
+fn wait_for_line(child: &mut Child, needle: &str, start: Instant) -> Result<Duration> {
+    let stdout = child.stdout.take().context("no stdout")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let needle = needle.to_string();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if line.contains(&needle) {
+                let _ = tx.send(start.elapsed());
+                // Keep draining so the child never blocks on a full pipe.
+            }
+        }
+    });
+    rx.recv_timeout(BOOT_TIMEOUT)
+        .context("the ready marker never arrived")
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// min / median / max of a sample, in milliseconds.
+pub struct Stats {
+    pub min: f64,
+    pub median: f64,
+    pub max: f64,
+}
+
+impl Stats {
+    pub fn of(samples: &[Duration]) -> Stats {
+        let mut v: Vec<f64> = samples.iter().map(|d| ms(*d)).collect();
+        v.sort_by(f64::total_cmp);
+        let n = v.len();
+        let median = if n % 2 == 1 {
+            v[n / 2]
+        } else {
+            (v[n / 2 - 1] + v[n / 2]) / 2.0
+        };
+        Stats {
+            min: v[0],
+            median,
+            max: v[n - 1],
+        }
+    }
+}
+
+impl std::fmt::Display for Stats {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "min {:.1} ms, median {:.1} ms, max {:.1} ms",
+            self.min, self.median, self.max
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stats_of_odd_and_even_samples() {
+        let d = |ms| Duration::from_millis(ms);
+        let s = Stats::of(&[d(30), d(10), d(20)]);
+        assert_eq!((s.min, s.median, s.max), (10.0, 20.0, 30.0));
+        let s = Stats::of(&[d(40), d(10), d(20), d(30)]);
+        assert_eq!(s.median, 25.0);
+    }
+}

@@ -1,0 +1,66 @@
+//! `husk boot`: boot the default guest to a ready agent, report the time, power it off.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::Args;
+use husk_vmm::SerialOutput;
+
+use crate::assets;
+use crate::microvm::{MicroVm, Options};
+
+/// How long a guest may take to reach its agent. Generous: the nested lab is ~20x slower.
+pub const AGENT_TIMEOUT: Duration = Duration::from_secs(120);
+
+#[derive(Args, Debug, Clone)]
+pub struct BootArgs {
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u8,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = 256)]
+    pub memory: u32,
+    /// Guest kernel (vmlinux); default: the one built by guest-kernel/build.sh.
+    #[arg(long)]
+    pub kernel: Option<PathBuf>,
+    /// Initramfs with the agent; default: the one built by agent/build-initramfs.sh.
+    #[arg(long)]
+    pub initramfs: Option<PathBuf>,
+    /// Write the guest's serial console to this file ("-" for stdout).
+    #[arg(long)]
+    pub console: Option<PathBuf>,
+}
+
+impl BootArgs {
+    /// Resolves the assets and turns the flags into micro-VM options.
+    pub fn options(&self) -> Result<Options> {
+        Ok(Options {
+            vcpus: self.vcpus,
+            memory_mib: self.memory,
+            kernel: assets::kernel(self.kernel.as_deref())?,
+            initramfs: assets::initramfs(self.initramfs.as_deref())?,
+            cmdline: String::new(),
+            serial: serial_output(self.console.as_ref()),
+            disks: Vec::new(),
+        })
+    }
+}
+
+/// Maps `--console` to where the serial output goes.
+pub fn serial_output(console: Option<&PathBuf>) -> SerialOutput {
+    match console {
+        None => SerialOutput::Sink,
+        Some(p) if p.as_os_str() == "-" => SerialOutput::Stdout,
+        Some(p) => SerialOutput::File(p.clone()),
+    }
+}
+
+pub fn run(args: &BootArgs, started: Instant) -> Result<()> {
+    let mut vm = MicroVm::start(args.options()?)?;
+    let mut agent = vm.agent(AGENT_TIMEOUT).context("waiting for the agent")?;
+    println!("agent ready in {} ms", started.elapsed().as_millis());
+    agent.poweroff().context("asking the agent to power off")?;
+    drop(agent);
+    vm.wait()
+}

@@ -1,0 +1,7 @@
+//! Husk's runtime: the `husk` command line and the library under it.
+pub mod assets;
+pub mod bench;
+pub mod boot;
+pub mod microvm;
+pub mod vm;
+pub mod vsock;

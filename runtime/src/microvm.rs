@@ -1,0 +1,139 @@
+//! A micro-VM running the Husk guest kernel and agent, driven from this process.
+//!
+//! The VMM runs on its own thread; the caller talks to the guest agent over the VM's vsock
+//! Unix socket. Used by `husk boot`, the benchmarks and the tests.
+
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use anyhow::{anyhow, Context, Result};
+use husk_agent::client::Client;
+use husk_vmm::{BlockConfig, Boot, SerialOutput, Vm, VmConfig, VsockConfig};
+
+/// The guest's vsock context id; every VM has its own socket, so one id serves all.
+pub const GUEST_CID: u32 = 3;
+
+/// What to boot and with which resources.
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub vcpus: u8,
+    pub memory_mib: u32,
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+    pub cmdline: String,
+    pub serial: SerialOutput,
+    pub disks: Vec<BlockConfig>,
+}
+
+/// A running micro-VM. Dropping it without `wait` leaves the VMM thread to end with the guest.
+pub struct MicroVm {
+    uds: PathBuf,
+    thread: Option<JoinHandle<Result<()>>>,
+    // Holds the socket directory; removed on drop so nothing is left behind.
+    _dir: tempfile::TempDir,
+}
+
+impl MicroVm {
+    /// Builds the VM (bad input fails here, synchronously) and starts its vCPUs.
+    pub fn start(opts: Options) -> Result<MicroVm> {
+        let dir = tempfile::Builder::new()
+            .prefix("husk-vm-")
+            .tempdir()
+            .context("creating the VM's socket directory")?;
+        let uds = dir.path().join("vsock.sock");
+        let config = vm_config(opts, &uds);
+        let (built_tx, built_rx) = mpsc::channel();
+        let thread = std::thread::Builder::new()
+            .name("vmm".into())
+            .spawn(move || run_vm(config, built_tx))?;
+        match built_rx.recv() {
+            Ok(Ok(())) => Ok(MicroVm {
+                uds,
+                thread: Some(thread),
+                _dir: dir,
+            }),
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                Err(e)
+            }
+            Err(_) => Err(join_error(thread)),
+        }
+    }
+
+    /// The VM's vsock Unix socket (Firecracker's `CONNECT <port>` convention).
+    pub fn vsock_path(&self) -> &Path {
+        &self.uds
+    }
+
+    /// True while the VMM thread runs.
+    pub fn is_running(&self) -> bool {
+        self.thread.as_ref().is_some_and(|t| !t.is_finished())
+    }
+
+    /// Waits for the agent to answer a ping and returns a client connected to it.
+    pub fn agent(&mut self, timeout: Duration) -> Result<Client<UnixStream>> {
+        let port = husk_agent::AGENT_VSOCK_PORT;
+        let connected = {
+            let alive = || self.is_running();
+            crate::vsock::connect_retry(&self.uds, port, timeout, &alive)
+        };
+        let stream = match connected {
+            Ok(s) => s,
+            Err(e) if !self.is_running() => return Err(self.wait().err().unwrap_or(e)),
+            Err(e) => return Err(e),
+        };
+        let mut client = Client::new(stream);
+        client.ping().context("agent ping")?;
+        Ok(client)
+    }
+
+    /// Waits for the guest to stop; an error carries the VMM's reason (panic, triple fault…).
+    pub fn wait(&mut self) -> Result<()> {
+        match self.thread.take() {
+            Some(t) => t.join().map_err(|_| anyhow!("the VMM thread panicked"))?,
+            None => Ok(()),
+        }
+    }
+}
+
+fn vm_config(opts: Options, uds: &Path) -> VmConfig {
+    VmConfig {
+        vcpus: opts.vcpus,
+        memory_mib: opts.memory_mib,
+        boot: Boot::Linux {
+            kernel: opts.kernel,
+            initramfs: Some(opts.initramfs),
+            cmdline: opts.cmdline,
+        },
+        serial: opts.serial,
+        vsock: Some(VsockConfig {
+            guest_cid: GUEST_CID,
+            uds_path: uds.to_path_buf(),
+        }),
+        blocks: opts.disks,
+        kvm_device: PathBuf::from("/dev/kvm"),
+    }
+}
+
+/// Thread body: report the build result first, then run the guest to its end.
+fn run_vm(config: VmConfig, built: mpsc::Sender<Result<()>>) -> Result<()> {
+    let vm = match Vm::new(config) {
+        Ok(vm) => vm,
+        Err(e) => {
+            let _ = built.send(Err(anyhow!("{e}")));
+            return Ok(());
+        }
+    };
+    let _ = built.send(Ok(()));
+    vm.run().map(|_| ()).map_err(|e| anyhow!("{e}"))
+}
+
+fn join_error(thread: JoinHandle<Result<()>>) -> anyhow::Error {
+    match thread.join() {
+        Ok(Err(e)) => e,
+        _ => anyhow!("the VMM thread ended before the VM was built"),
+    }
+}

@@ -1,0 +1,166 @@
+# Shared by tests/lab/run and tests/lab/setup (sourced, bash).
+#
+# Builds and locates the lab cache:
+#   ${HUSK_CACHE:-/var/cache/husk}/lab-<hash>/
+#     vmlinuz          Debian's stock kernel (linux-image-amd64's current 6.1 package)
+#     initrd.cpio      busybox-static + tests/lab/init + the modules it loads (cpio newc, uncompressed)
+#     modules/<kver>/  the package's whole module tree, uncompressed, with a busybox modules.dep
+#                      (bind-mounted at /lib/modules/<kver> inside the lab: `busybox modprobe X`)
+#     kernel-version   <kver>   (uname -r inside the lab)
+#     manifest         what went in (package, version, module load order)
+# <hash> covers the files in tests/lab/ (not *.md), the kernel package and version, and busybox.
+
+LAB_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+LAB_CACHE_ROOT=${HUSK_CACHE:-/var/cache/husk}
+
+# Modules the lab loads at boot (dependencies are resolved and prepended automatically).
+LAB_MODULES=(virtio_mmio virtio_pci virtio_console 9p 9pnet_virtio overlay kvm_amd
+             tun veth bridge loop)
+
+lab_die() { echo "lab: $*" >&2; exit 125; }
+lab_log() { [ -n "${LAB_QUIET:-}" ] || echo "lab: $*" >&2; }
+
+# Install the host tools the lab needs, if missing.
+lab_host_tools() {
+    local pkgs=()
+    command -v qemu-system-x86_64 >/dev/null || pkgs+=(qemu-system-x86)
+    dpkg-query -W -f='${Status}' busybox-static 2>/dev/null | grep -q 'ok installed' \
+        || pkgs+=(busybox-static)
+    command -v cpio >/dev/null || pkgs+=(cpio)
+    command -v flock >/dev/null && command -v setpriv >/dev/null || pkgs+=(util-linux)
+    if [ ${#pkgs[@]} -gt 0 ]; then
+        lab_log "installing ${pkgs[*]}"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${pkgs[@]}" >&2 \
+            || lab_die "apt-get install ${pkgs[*]} failed"
+    fi
+}
+
+# Sets LAB_KPKG and LAB_KPKG_VERSION: the kernel package linux-image-amd64 currently points to.
+lab_kernel_pkg() {
+    if [ -n "${LAB_KERNEL_PKG:-}" ]; then
+        LAB_KPKG=$LAB_KERNEL_PKG
+    else
+        LAB_KPKG=$(apt-cache depends linux-image-amd64 2>/dev/null \
+            | sed -n 's/^ *Depends: \(linux-image-[0-9][^ ]*-amd64\)$/\1/p' | head -n1)
+        [ -n "$LAB_KPKG" ] || lab_die "cannot resolve linux-image-amd64 (run apt-get update?)"
+    fi
+    LAB_KPKG_VERSION=$(apt-cache show --no-all-versions "$LAB_KPKG" 2>/dev/null \
+        | sed -n 's/^Version: //p' | head -n1)
+    [ -n "$LAB_KPKG_VERSION" ] || lab_die "apt-cache knows no version of $LAB_KPKG"
+}
+
+# Sets LAB_CACHE: the cache directory for the current scripts and kernel.
+lab_cache_dir() {
+    lab_kernel_pkg
+    local h bb
+    bb=$(dpkg-query -W -f='${Version}' busybox-static 2>/dev/null || echo none)
+    h=$( { (cd "$LAB_DIR" && for f in $(ls | grep -v '\.md$' | sort); do
+               [ -f "$f" ] && { echo "== $f"; cat "$f"; }; done)
+           echo "kernel $LAB_KPKG $LAB_KPKG_VERSION"; echo "busybox $bb"; } \
+         | sha256sum | cut -c1-16)
+    LAB_CACHE=$LAB_CACHE_ROOT/lab-$h
+}
+
+# Prints the module load order (file paths relative to the module dir) for LAB_MODULES.
+# Reads each module's "depends=" from its .modinfo strings; no depmod/modinfo needed.
+lab_module_order() {
+    local moddir=$1
+    declare -gA LAB_MODPATH=()
+    declare -gA LAB_SEEN=()
+    LAB_ORDER=()
+    local f n
+    while IFS= read -r f; do
+        n=${f##*/}; n=${n%.ko}; n=${n//-/_}
+        LAB_MODPATH[$n]=$f
+    done < <(cd "$moddir" && find kernel -name '*.ko' | sort)
+    for n in "${LAB_MODULES[@]}"; do lab_module_visit "$moddir" "$n"; done
+}
+lab_module_visit() {
+    local moddir=$1 n=${2//-/_} deps d
+    [ -n "${LAB_SEEN[$n]:-}" ] && return 0
+    LAB_SEEN[$n]=1
+    local f=${LAB_MODPATH[$n]:-}
+    if [ -z "$f" ]; then
+        # Built into the kernel? Then there is nothing to load.
+        grep -q "/$n.ko" "$moddir/modules.builtin" 2>/dev/null && return 0
+        lab_die "module $n not found in the kernel package"
+    fi
+    deps=$(tr '\0' '\n' < "$moddir/$f" | sed -n 's/^depends=//p' | head -n1)
+    for d in ${deps//,/ }; do lab_module_visit "$moddir" "$d"; done
+    LAB_ORDER+=("$f")
+}
+
+# Builds $LAB_CACHE if it is not there yet (atomically, under a lock).
+lab_build_cache() {
+    [ -f "$LAB_CACHE/ok" ] && return 0
+    lab_host_tools
+    mkdir -p "$LAB_CACHE_ROOT"
+    exec {lockfd}>"$LAB_CACHE_ROOT/.lab.lock"
+    flock "$lockfd"
+    if [ -f "$LAB_CACHE/ok" ]; then exec {lockfd}>&-; return 0; fi
+    lab_log "building $LAB_CACHE ($LAB_KPKG $LAB_KPKG_VERSION)"
+    local t0=$SECONDS
+    local tmp=$LAB_CACHE.tmp.$$
+    rm -rf "$tmp" "$LAB_CACHE"
+    mkdir -p "$tmp/dl" "$tmp/x"
+    chmod 777 "$tmp/dl"  # apt-get download runs as _apt when it can
+    (cd "$tmp/dl" && apt-get download -q "$LAB_KPKG=$LAB_KPKG_VERSION" 2>&1 \
+        | grep -v -e '^W: Download is performed unsandboxed' -e '^Get:' -e '^Fetched' >&2; \
+        exit "${PIPESTATUS[0]}") || lab_die "apt-get download $LAB_KPKG failed"
+    dpkg-deb -x "$tmp"/dl/*.deb "$tmp/x" || lab_die "dpkg-deb -x failed"
+    local kver
+    kver=$(ls "$tmp/x/lib/modules" | head -n1)
+    [ -n "$kver" ] && [ -f "$tmp/x/boot/vmlinuz-$kver" ] || lab_die "unexpected package layout"
+    mv "$tmp/x/boot/vmlinuz-$kver" "$tmp/vmlinuz"
+    mkdir -p "$tmp/modules"
+    mv "$tmp/x/lib/modules/$kver" "$tmp/modules/$kver"
+    rm -rf "$tmp/x" "$tmp/dl"
+    local md=$tmp/modules/$kver
+    # busybox insmod handles plain .ko only: decompress compressed modules once, here.
+    if find "$md" -name '*.ko.xz' | grep -q .; then
+        lab_log "decompressing .ko.xz modules"
+        find "$md" -name '*.ko.xz' -print0 | xargs -0 -r -P2 -n64 xz -d
+    fi
+    if find "$md" -name '*.ko.zst' | grep -q .; then
+        lab_log "decompressing .ko.zst modules"
+        find "$md" -name '*.ko.zst' -print0 | xargs -0 -r -P2 -n64 zstd -q -d --rm
+    fi
+    if find "$md" -name '*.ko.gz' | grep -q .; then
+        find "$md" -name '*.ko.gz' -print0 | xargs -0 -r -P2 -n64 gzip -d
+    fi
+    # modules.dep for `busybox modprobe` inside the lab (optional; boot does not need it).
+    /bin/busybox depmod -b "$tmp/modules" "$kver" 2>/dev/null \
+        || /bin/busybox depmod -b "$tmp" "$kver" 2>/dev/null || true
+
+    lab_module_order "$md"
+    local ird=$tmp/initrd
+    mkdir -p "$ird"/{bin,dev,proc,sys,mnt,newroot,modules}
+    cp /bin/busybox "$ird/bin/busybox"
+    ln -s busybox "$ird/bin/sh"
+    cp "$LAB_DIR/init" "$ird/init"
+    chmod 755 "$ird/init"
+    local i=0 f
+    : > "$ird/modules/order"
+    for f in "${LAB_ORDER[@]}"; do
+        i=$((i + 1))
+        local dst
+        dst=$(printf '%02d-%s' "$i" "${f##*/}")
+        cp "$md/$f" "$ird/modules/$dst"
+        echo "$dst" >> "$ird/modules/order"
+    done
+    (cd "$ird" && find . | sort | cpio -o -H newc --quiet -R 0:0) > "$tmp/initrd.cpio" \
+        || lab_die "cpio failed"
+    rm -rf "$ird"
+    echo "$kver" > "$tmp/kernel-version"
+    {
+        echo "package $LAB_KPKG $LAB_KPKG_VERSION"
+        echo "kernel $kver"
+        echo "busybox $(dpkg-query -W -f='${Version}' busybox-static 2>/dev/null)"
+        echo "modules ${LAB_ORDER[*]}"
+        echo "built $(date -u +%FT%TZ)"
+    } > "$tmp/manifest"
+    touch "$tmp/ok"
+    mv "$tmp" "$LAB_CACHE"
+    exec {lockfd}>&-
+    lab_log "cache ready in $((SECONDS - t0)) s: $LAB_CACHE"
+}

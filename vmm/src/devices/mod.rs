@@ -1,0 +1,2 @@
+//! Emulated devices.
+pub mod virtio;

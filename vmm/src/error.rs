@@ -1,0 +1,130 @@
+//! Errors of the VMM, each rendered as one line.
+//!
+//! Errors about the guest (triple fault, panic, emulation failure) carry the last console lines
+//! as a separate field so that a caller can print them below the one-line message.
+
+use std::path::PathBuf;
+
+/// Everything that can stop a VM from being built or from running to a clean end.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// The KVM device node does not exist or cannot be opened.
+    #[error("cannot open KVM device {path}: {source}")]
+    KvmOpen {
+        /// The device node that was tried.
+        path: PathBuf,
+        /// Why it failed.
+        source: std::io::Error,
+    },
+    /// A KVM ioctl failed.
+    #[error("KVM {op} failed: {source}")]
+    Kvm {
+        /// What we were doing.
+        op: &'static str,
+        /// The errno KVM returned.
+        source: kvm_ioctls::Error,
+    },
+    /// The configuration is unusable (a one-line reason).
+    #[error("invalid VM configuration: {0}")]
+    Config(String),
+    /// Guest memory could not be set up.
+    #[error("guest memory: {0}")]
+    Memory(String),
+    /// The kernel image is missing or unreadable.
+    #[error("cannot read kernel {path}: {source}")]
+    KernelRead {
+        /// The kernel path.
+        path: PathBuf,
+        /// Why it failed.
+        source: std::io::Error,
+    },
+    /// The kernel image is not a loadable vmlinux.
+    #[error("kernel {path} is not a loadable vmlinux ELF: {reason}")]
+    KernelFormat {
+        /// The kernel path.
+        path: PathBuf,
+        /// What the loader said.
+        reason: String,
+    },
+    /// The initramfs is missing or unreadable.
+    #[error("cannot read initramfs {path}: {source}")]
+    InitramfsRead {
+        /// The initramfs path.
+        path: PathBuf,
+        /// Why it failed.
+        source: std::io::Error,
+    },
+    /// A block device backing file is missing or unusable.
+    #[error("block device {path}: {reason}")]
+    Block {
+        /// The backing file.
+        path: PathBuf,
+        /// Why it is unusable.
+        reason: String,
+    },
+    /// The serial output file cannot be created.
+    #[error("cannot open serial output {path}: {source}")]
+    SerialOutput {
+        /// The output path.
+        path: PathBuf,
+        /// Why it failed.
+        source: std::io::Error,
+    },
+    /// A virtio device could not be created or wired.
+    #[error("device {name}: {reason}")]
+    Device {
+        /// Which device.
+        name: &'static str,
+        /// Why it failed.
+        reason: String,
+    },
+    /// A host resource (thread, eventfd, signal handler) could not be set up.
+    #[error("host setup failed: {0}")]
+    Host(String),
+    /// The guest triple-faulted (KVM_EXIT_SHUTDOWN).
+    #[error("guest triple fault (KVM_EXIT_SHUTDOWN) on vCPU {vcpu}; {regs}")]
+    TripleFault {
+        /// The vCPU that shut down.
+        vcpu: u8,
+        /// Register summary at the shutdown.
+        regs: String,
+        /// The last console lines.
+        console_tail: String,
+    },
+    /// The guest kernel panicked (seen on the serial console).
+    #[error("guest kernel panic: {first_line}")]
+    GuestPanic {
+        /// The "Kernel panic - not syncing" line.
+        first_line: String,
+        /// The last console lines.
+        console_tail: String,
+    },
+    /// KVM could not run the guest (internal error, emulation failure, failed entry).
+    #[error("vCPU {vcpu} stopped: {what}; {regs}")]
+    GuestFault {
+        /// The vCPU that stopped.
+        vcpu: u8,
+        /// What KVM reported.
+        what: String,
+        /// Register summary.
+        regs: String,
+        /// The last console lines.
+        console_tail: String,
+    },
+}
+
+impl VmError {
+    /// The last console lines attached to a guest failure, if any.
+    pub fn console_tail(&self) -> Option<&str> {
+        match self {
+            VmError::TripleFault { console_tail, .. }
+            | VmError::GuestPanic { console_tail, .. }
+            | VmError::GuestFault { console_tail, .. } => Some(console_tail),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn kvm(op: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+        move |source| VmError::Kvm { op, source }
+    }
+}
