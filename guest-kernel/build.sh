@@ -104,7 +104,7 @@ export KBUILD_BUILD_USER=husk KBUILD_BUILD_HOST=husk
 make -s tinyconfig >/dev/null || die "make tinyconfig failed"
 scripts/kconfig/merge_config.sh -m .config "$FRAGMENT" >merge.log 2>&1 \
     || { cat merge.log >&2; die "merge_config.sh failed"; }
-make -s olddefconfig >/dev/null || die "make olddefconfig failed"
+make -s olddefconfig >>merge.log 2>&1 || { cat merge.log >&2; die "make olddefconfig failed"; }
 
 # Every option the fragment sets must survive olddefconfig unchanged.
 bad=()

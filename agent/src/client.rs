@@ -120,7 +120,8 @@ impl<S: Read + Write> Client<S> {
     /// Feeds the running exec's stdin, splitting into frames of at most `MAX_DATA_CHUNK`.
     pub fn send_stdin(&mut self, data: &[u8]) -> Result<(), ClientError> {
         for chunk in data.chunks(MAX_DATA_CHUNK) {
-            self.stream.write_all(&encode_data(FrameKind::Stdin, chunk))?;
+            self.stream
+                .write_all(&encode_data(FrameKind::Stdin, chunk))?;
         }
         Ok(self.stream.flush()?)
     }

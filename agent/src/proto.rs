@@ -133,11 +133,16 @@ impl std::fmt::Display for ExitStatus {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Response {
     Pong,
-    Version { agent: String, protocol: u8 },
+    Version {
+        agent: String,
+        protocol: u8,
+    },
     /// The exec finished; sent after all of its output frames.
     Exit(ExitStatus),
     Ok,
-    Error { message: String },
+    Error {
+        message: String,
+    },
 }
 
 /// One decoded frame.
@@ -451,10 +456,7 @@ mod tests {
         let err = read_frame(&mut &head[..]).unwrap_err();
         assert!(matches!(err, FrameError::TooLarge(u32::MAX)) && err.is_fatal());
         let head = Header::encode(FrameKind::Stdin, MAX_PAYLOAD + 1);
-        assert!(matches!(
-            Frame::decode(&head),
-            Err(FrameError::TooLarge(_))
-        ));
+        assert!(matches!(Frame::decode(&head), Err(FrameError::TooLarge(_))));
     }
 
     #[test]
@@ -471,7 +473,12 @@ mod tests {
     #[test]
     fn malformed_json_is_recoverable_and_stays_in_sync() {
         let mut bytes = Vec::new();
-        for junk in [&b"{not json"[..], b"", b"{\"type\":\"frobnicate\"}", b"[1,2]"] {
+        for junk in [
+            &b"{not json"[..],
+            b"",
+            b"{\"type\":\"frobnicate\"}",
+            b"[1,2]",
+        ] {
             bytes.extend(encode_data(FrameKind::Request, junk));
         }
         bytes.extend(Frame::Request(Request::Version).encode());
@@ -480,7 +487,10 @@ mod tests {
             let err = read_frame(&mut r).unwrap_err();
             assert!(matches!(err, FrameError::BadPayload { .. }) && !err.is_fatal());
         }
-        assert_eq!(read_frame(&mut r).unwrap(), Frame::Request(Request::Version));
+        assert_eq!(
+            read_frame(&mut r).unwrap(),
+            Frame::Request(Request::Version)
+        );
     }
 
     /// xorshift64*: a fixed-seed generator so failures reproduce.

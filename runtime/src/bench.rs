@@ -122,7 +122,7 @@ fn qemu_args(memory: u32, kernel: &Path, initramfs: &Path) -> Vec<String> {
     }
     args.extend(["-kernel".into(), kernel.display().to_string()]);
     args.extend(["-initrd".into(), initramfs.display().to_string()]);
-    let cmdline = husk_vmm::DEFAULT_CMDLINE.replace("reboot=k", "reboot=t");
+    let cmdline = husk_vmm::vm::DEFAULT_CMDLINE.replace("reboot=k", "reboot=t");
     args.extend(["-append".into(), cmdline]);
     args
 }

@@ -5,3 +5,5 @@ pub mod boot;
 pub mod microvm;
 pub mod vm;
 pub mod vsock;
+pub mod container;
+pub mod logging;

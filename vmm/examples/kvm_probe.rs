@@ -38,15 +38,27 @@ fn main() {
     println!("max vcpus {}", kvm.get_max_vcpus());
     let vm = kvm.create_vm().expect("create vm");
     println!("set_tss_address: {:?}", vm.set_tss_address(0xfffb_d000));
-    println!("set_identity_map: {:?}", vm.set_identity_map_address(0xfffb_c000));
+    println!(
+        "set_identity_map: {:?}",
+        vm.set_identity_map_address(0xfffb_c000)
+    );
     println!("create_irq_chip: {:?}", vm.create_irq_chip());
-    let pit = kvm_bindings::kvm_pit_config { flags: 0, ..Default::default() };
+    let pit = kvm_bindings::kvm_pit_config {
+        flags: 0,
+        ..Default::default()
+    };
     println!("create_pit2: {:?}", vm.create_pit2(pit));
     let efd = vmm_sys_util::eventfd::EventFd::new(0).unwrap();
     println!("register_irqfd: {:?}", vm.register_irqfd(&efd, 5));
-    println!("supported cpuid: {:?}", kvm.get_supported_cpuid(80).map(|c| c.as_slice().len()));
+    println!(
+        "supported cpuid: {:?}",
+        kvm.get_supported_cpuid(80).map(|c| c.as_slice().len())
+    );
     let vcpu = vm.create_vcpu(0).expect("vcpu");
     println!("mp_state: {:?}", vcpu.get_mp_state());
     println!("lapic: {:?}", vcpu.get_lapic().map(|_| ()));
-    println!("sregs: {:?}", vcpu.get_sregs().map(|s| (s.cr0, s.cr4, s.efer, s.cs)));
+    println!(
+        "sregs: {:?}",
+        vcpu.get_sregs().map(|s| (s.cr0, s.cr4, s.efer, s.cs))
+    );
 }

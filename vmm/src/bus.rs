@@ -114,11 +114,13 @@ mod tests {
     #[test]
     fn windows_resolve_and_reject_overlap() {
         let mut bus = Bus::new();
-        bus.insert(0x10, 0x10, Arc::new(Mutex::new(Echo(0)))).unwrap();
+        bus.insert(0x10, 0x10, Arc::new(Mutex::new(Echo(0))))
+            .unwrap();
         assert!(bus.insert(0x18, 4, Arc::new(Mutex::new(Echo(0)))).is_err());
         assert!(bus.insert(0x8, 9, Arc::new(Mutex::new(Echo(0)))).is_err());
         assert!(bus.insert(0x20, 0, Arc::new(Mutex::new(Echo(0)))).is_err());
-        bus.insert(0x20, 1, Arc::new(Mutex::new(Echo(0x40)))).unwrap();
+        bus.insert(0x20, 1, Arc::new(Mutex::new(Echo(0x40))))
+            .unwrap();
         let mut b = [0u8; 2];
         assert!(bus.read(0x13, &mut b));
         assert_eq!(b, [3, 3]);

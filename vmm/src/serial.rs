@@ -14,7 +14,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use crate::bus::BusDevice;
 use crate::error::VmError;
-use crate::stop::StopState;
+use crate::stop::{Outcome, StopState, VmExit};
 
 /// First port of COM1.
 pub const COM1_BASE: u64 = 0x3f8;
@@ -28,6 +28,8 @@ pub const PANIC_GRACE: Duration = Duration::from_secs(1);
 const TAIL_LINES: usize = 30;
 const PANIC_START: &str = "Kernel panic - not syncing";
 const PANIC_END: &str = "---[ end Kernel panic";
+/// What Linux prints when asked to power off (e.g. `reboot(RB_POWER_OFF)` from the agent).
+const POWER_DOWN: &str = "reboot: Power down";
 
 /// The last console lines and the panic watch.
 #[derive(Default)]
@@ -53,33 +55,44 @@ impl ConsoleLog {
         (now.duration_since(*seen) >= PANIC_GRACE).then(|| line.clone())
     }
 
-    /// Feeds console bytes; returns the panic line when a panic report just ended.
-    fn feed(&mut self, bytes: &[u8]) -> Option<String> {
+    /// Feeds console bytes; returns how the VM ends if a line just told us (a finished panic
+    /// report, or Linux's power-off message: without ACPI it then halts forever).
+    fn feed(&mut self, bytes: &[u8]) -> Option<Outcome> {
         let mut ended = None;
         for &b in bytes {
             if b != b'\n' {
                 self.partial.push(b);
                 continue;
             }
-            let line = String::from_utf8_lossy(&self.partial).trim_end().to_string();
+            let line = String::from_utf8_lossy(&self.partial)
+                .trim_end()
+                .to_string();
             self.partial.clear();
-            ended = ended.or(self.watch(&line));
             if self.lines.len() == TAIL_LINES {
                 self.lines.pop_front();
             }
-            self.lines.push_back(line);
+            self.lines.push_back(line.clone());
+            // Watched after storing, so a panic report's tail includes its last line.
+            if ended.is_none() {
+                ended = self.watch(&line);
+            }
         }
         ended
     }
 
-    fn watch(&mut self, line: &str) -> Option<String> {
+    fn watch(&mut self, line: &str) -> Option<Outcome> {
+        if self.panic_line.is_none() && line.contains(POWER_DOWN) {
+            return Some(Ok(VmExit::PowerOff));
+        }
         if self.panic_line.is_none() {
             if let Some(at) = line.find(PANIC_START) {
                 self.panic_line = Some((line[at..].to_string(), Instant::now()));
             }
         }
         match &self.panic_line {
-            Some((first, _)) if line.contains(PANIC_END) => Some(first.clone()),
+            Some((first, _)) if line.contains(PANIC_END) => {
+                Some(Err(panic_error(first.clone(), self)))
+            }
             _ => None,
         }
     }
@@ -114,8 +127,8 @@ impl ConsoleWriter {
 impl Write for ConsoleWriter {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         let mut log = self.log.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(first) = log.feed(buf) {
-            self.stop.request(Err(panic_error(first, &log)));
+        if let Some(outcome) = log.feed(buf) {
+            self.stop.request(outcome);
         }
         drop(log);
         // A broken console (closed stdout) must not stop the guest.
@@ -195,18 +208,39 @@ mod tests {
         let stop = Arc::new(StopState::default());
         let log = Arc::new(Mutex::new(ConsoleLog::default()));
         let cap = Arc::new(Mutex::new(Vec::new()));
-        let mut w = ConsoleWriter::new(Box::new(CaptureWriter(cap.clone())), log.clone(), stop.clone());
-        w.write_all(b"boot\n[ 1.0] Kernel panic - not syncing: VFS: no root\n").unwrap();
+        let mut w = ConsoleWriter::new(
+            Box::new(CaptureWriter(cap.clone())),
+            log.clone(),
+            stop.clone(),
+        );
+        w.write_all(b"boot\n[ 1.0] Kernel panic - not syncing: VFS: no root\n")
+            .unwrap();
         assert!(!stop.is_stopping());
-        assert!(log.lock().unwrap().panic_overdue(Instant::now() + PANIC_GRACE).is_some());
-        w.write_all(b"[ 1.1] ---[ end Kernel panic - not syncing: VFS ]---\n").unwrap();
+        assert!(log
+            .lock()
+            .unwrap()
+            .panic_overdue(Instant::now() + PANIC_GRACE)
+            .is_some());
+        w.write_all(b"[ 1.1] ---[ end Kernel panic - not syncing: VFS ]---\n")
+            .unwrap();
         match stop.take() {
-            Some(Err(VmError::GuestPanic { first_line, console_tail })) => {
+            Some(Err(VmError::GuestPanic {
+                first_line,
+                console_tail,
+            })) => {
                 assert_eq!(first_line, "Kernel panic - not syncing: VFS: no root");
                 assert!(console_tail.starts_with("boot\n"));
+                assert!(console_tail.ends_with("VFS ]---"), "{console_tail}");
             }
             other => panic!("unexpected {other:?}"),
         }
-        assert_eq!(cap.lock().unwrap().len(), 104);
+        assert!(cap.lock().unwrap().starts_with(b"boot\n["));
+    }
+
+    #[test]
+    fn power_down_message_is_a_clean_exit() {
+        let mut log = ConsoleLog::default();
+        assert!(log.feed(b"[ 2.0] reboot: Power d").is_none());
+        assert!(matches!(log.feed(b"own\n"), Some(Ok(VmExit::PowerOff))));
     }
 }

@@ -60,6 +60,9 @@ impl StopState {
 
     /// Takes the recorded outcome (once).
     pub fn take(&self) -> Option<Outcome> {
-        self.outcome.lock().unwrap_or_else(|p| p.into_inner()).take()
+        self.outcome
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
     }
 }

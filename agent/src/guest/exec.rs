@@ -2,10 +2,11 @@
 
 use std::io::{self, Read};
 use std::process::{ChildStdin, Command, Stdio};
+use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 
-use husk_agent::proto::{ExecRequest, FrameKind, Response, MAX_DATA_CHUNK};
+use husk_agent::proto::{ExecRequest, ExitStatus, FrameKind, Response, MAX_DATA_CHUNK};
 
 use super::server::{Ctx, Sender};
 
@@ -29,11 +30,34 @@ pub fn start(
     let pid = child.id() as i32;
     *lock(running) = Some(pid);
     let pumps = [
-        child.stdout.take().map(|s| pump(s, FrameKind::Stdout, out.clone())),
-        child.stderr.take().map(|s| pump(s, FrameKind::Stderr, out.clone())),
+        child
+            .stdout
+            .take()
+            .map(|s| pump(s, FrameKind::Stdout, out.clone())),
+        child
+            .stderr
+            .take()
+            .map(|s| pump(s, FrameKind::Stderr, out.clone())),
     ];
-    let (out, running) = (out.clone(), running.clone());
-    let waiter = thread::Builder::new()
+    let waiter = spawn_waiter(pumps, status_rx, out.clone(), running.clone());
+    if let Err(e) = waiter {
+        // Without a waiter nobody would report the exit: stop the child and fail the request.
+        let _ = ctx.reaper.signal(pid, libc::SIGKILL);
+        *lock(running) = None;
+        return Err(format!("exec: starting waiter thread: {e}"));
+    }
+    Ok(child.stdin.take())
+}
+
+/// Reports `Exit` once the output is drained and the status is in, in that order, so the
+/// host gets every byte before the status.
+fn spawn_waiter(
+    pumps: [Option<io::Result<JoinHandle<()>>>; 2],
+    status_rx: Receiver<ExitStatus>,
+    out: Sender,
+    running: Running,
+) -> io::Result<JoinHandle<()>> {
+    thread::Builder::new()
         .name("exec-wait".into())
         .spawn(move || {
             for handle in pumps.into_iter().flatten() {
@@ -43,14 +67,7 @@ pub fn start(
             let status = status_rx.recv().unwrap_or_default();
             *lock(&running) = None;
             let _ = out.send(&Response::Exit(status).into());
-        });
-    if let Err(e) = waiter {
-        // Without a waiter nobody would report the exit: stop the child and fail the request.
-        let _ = ctx.reaper.signal(pid, libc::SIGKILL);
-        *lock(running) = None;
-        return Err(format!("exec: starting waiter thread: {e}"));
-    }
-    Ok(child.stdin.take())
+        })
 }
 
 /// Builds the command: a fresh environment of `PATH` plus the request's entries.
@@ -109,4 +126,3 @@ fn pump(
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
-

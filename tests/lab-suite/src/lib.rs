@@ -109,11 +109,11 @@ impl Guest {
     pub fn sh(&mut self, script: &str) -> Result<(String, String, i32)> {
         let out = self
             .agent()?
-            .exec(&husk_agent::proto::ExecRequest::new(["sh", "-c", script]))?;
+            .exec(&exec_request(&["sh", "-c", script]))?;
         Ok((
             String::from_utf8_lossy(&out.stdout).into_owned(),
             String::from_utf8_lossy(&out.stderr).into_owned(),
-            out.status.code().unwrap_or(-1),
+            out.status.code.unwrap_or(-1),
         ))
     }
 
@@ -144,5 +144,13 @@ impl Drop for Guest {
         // A failed test must not leave a VMM running.
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// An exec request for `argv` with no stdin and the agent's default environment.
+pub fn exec_request(argv: &[&str]) -> husk_agent::ExecRequest {
+    husk_agent::ExecRequest {
+        argv: argv.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
     }
 }

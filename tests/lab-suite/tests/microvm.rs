@@ -5,7 +5,7 @@ use std::io::Read;
 use std::os::unix::net::UnixListener;
 use std::process::Command;
 
-use husk_lab_tests::{Guest, GuestOpts};
+use husk_lab_tests::{exec_request, Guest, GuestOpts};
 use sha2::{Digest, Sha256};
 
 fn guest() -> Guest {
@@ -15,8 +15,9 @@ fn guest() -> Guest {
 #[test]
 fn boots_to_a_ready_agent_and_powers_off() {
     let mut g = guest();
-    let version = g.agent().unwrap().version().unwrap();
-    assert!(!version.agent.is_empty());
+    let (agent, protocol) = g.agent().unwrap().version().unwrap();
+    assert!(!agent.is_empty());
+    assert_eq!(protocol, husk_agent::PROTOCOL_VERSION);
     g.poweroff().unwrap();
 }
 
@@ -47,7 +48,7 @@ fn ten_mib_of_stdout_arrive_intact() {
         .sh("head -c 10485760 /dev/urandom > /tmp/blob; sha256sum /tmp/blob >&2")
         .unwrap();
     assert_eq!(code, 0);
-    let req = husk_agent::proto::ExecRequest::new(["cat", "/tmp/blob"]);
+    let req = exec_request(&["cat", "/tmp/blob"]);
     let out = g.agent().unwrap().exec(&req).unwrap();
     assert_eq!(out.stdout.len(), 10 << 20);
     let ours = format!("{:x}", Sha256::digest(&out.stdout));
@@ -154,8 +155,8 @@ fn guest_sees_2_and_4_vcpus() {
     }
 }
 
-fn req(script: &str) -> husk_agent::proto::ExecRequest {
-    husk_agent::proto::ExecRequest::new(["sh", "-c", script])
+fn req(script: &str) -> husk_agent::ExecRequest {
+    exec_request(&["sh", "-c", script])
 }
 
 fn mkfs(img: &std::path::Path, seed: &std::path::Path) {

@@ -222,7 +222,10 @@ impl MmioTransport {
     fn write_driver_features(&mut self, v: u32) {
         // Features are fixed once FEATURES_OK is set (virtio 1.2, 3.1.1).
         if self.status & status::DRIVER == 0 || self.status & status::FEATURES_OK != 0 {
-            log::warn!("virtio-mmio: driver features written in status {:#x}", self.status);
+            log::warn!(
+                "virtio-mmio: driver features written in status {:#x}",
+                self.status
+            );
             return;
         }
         let v = u64::from(v);
@@ -236,7 +239,10 @@ impl MmioTransport {
     fn write_queue_reg(&mut self, offset: u64, v: u32) {
         // Queue layout may change only between FEATURES_OK and DRIVER_OK.
         if self.status & status::FEATURES_OK == 0 || self.status & status::DRIVER_OK != 0 {
-            log::warn!("virtio-mmio: queue register written in status {:#x}", self.status);
+            log::warn!(
+                "virtio-mmio: queue register written in status {:#x}",
+                self.status
+            );
             return;
         }
         let Some(q) = self.selected_queue() else {
@@ -274,7 +280,10 @@ impl MmioTransport {
         }
         // The driver only ever adds bits; anything else is a confused driver we ignore.
         if v & self.status != self.status {
-            log::warn!("virtio-mmio: status {:#x} -> {v:#x} clears bits", self.status);
+            log::warn!(
+                "virtio-mmio: status {:#x} -> {v:#x} clears bits",
+                self.status
+            );
             return;
         }
         let new_bits = v & !self.status;
@@ -355,9 +364,12 @@ impl BusDevice for MmioTransport {
             self.device.read_config(offset - reg::CONFIG, data);
             return;
         }
-        if data.len() != 4 || offset % 4 != 0 {
+        if data.len() != 4 || !offset.is_multiple_of(4) {
             // Registers below the config space are 32-bit only (virtio 1.2, 4.2.2.2).
-            log::warn!("virtio-mmio: bad read of {} bytes at {offset:#x}", data.len());
+            log::warn!(
+                "virtio-mmio: bad read of {} bytes at {offset:#x}",
+                data.len()
+            );
             data.fill(0);
             return;
         }
@@ -371,10 +383,13 @@ impl BusDevice for MmioTransport {
             return;
         }
         let Ok(bytes) = <[u8; 4]>::try_from(data) else {
-            log::warn!("virtio-mmio: bad write of {} bytes at {offset:#x}", data.len());
+            log::warn!(
+                "virtio-mmio: bad write of {} bytes at {offset:#x}",
+                data.len()
+            );
             return;
         };
-        if offset % 4 != 0 {
+        if !offset.is_multiple_of(4) {
             log::warn!("virtio-mmio: unaligned write at {offset:#x}");
             return;
         }

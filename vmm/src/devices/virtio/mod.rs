@@ -228,9 +228,7 @@ pub(crate) fn check_queues(queues: &[Queue], expected: usize) -> Result<(), Acti
 /// the blob read as zero so that a driver probing past the end sees nothing.
 pub(crate) fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
     for (i, byte) in data.iter_mut().enumerate() {
-        let idx = usize::try_from(offset)
-            .ok()
-            .and_then(|o| o.checked_add(i));
+        let idx = usize::try_from(offset).ok().and_then(|o| o.checked_add(i));
         *byte = idx.and_then(|i| config.get(i)).copied().unwrap_or(0);
     }
 }

@@ -1,0 +1,130 @@
+//! An OCI bundle: `config.json` read and checked the way runc checks it, with runc's messages
+//! where clients or people recognise them.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use oci_spec::runtime::Spec;
+
+pub struct Bundle {
+    /// The bundle directory, absolute.
+    pub dir: PathBuf,
+    /// The parsed spec.
+    pub spec: Spec,
+    /// `config.json` as written (the guest agent gets it as-is).
+    pub raw: serde_json::Value,
+    /// The root filesystem, absolute.
+    pub rootfs: PathBuf,
+}
+
+impl Bundle {
+    pub fn load(dir: &Path) -> Result<Bundle> {
+        let dir = std::path::absolute(dir)
+            .with_context(|| format!("bundle path {}", dir.display()))?;
+        let config = dir.join("config.json");
+        let text = match std::fs::read_to_string(&config) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                bail!("JSON specification file config.json not found")
+            }
+            Err(e) => return Err(e).with_context(|| format!("reading {}", config.display())),
+        };
+        let raw: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("config.json: {e}"))?;
+        let spec: Spec = serde_json::from_value(raw.clone())
+            .map_err(|e| anyhow::anyhow!("config.json: {e}"))?;
+        let rootfs = check(&spec, &dir)?;
+        Ok(Bundle {
+            dir,
+            spec,
+            raw,
+            rootfs,
+        })
+    }
+}
+
+/// runc's validation of what a container cannot run without; returns the rootfs path.
+fn check(spec: &Spec, dir: &Path) -> Result<PathBuf> {
+    let Some(process) = spec.process() else {
+        bail!("process property must not be empty");
+    };
+    if process.args().as_ref().is_none_or(|a| a.is_empty()) {
+        bail!("args must not be empty");
+    }
+    if !process.cwd().is_absolute() {
+        bail!("cwd property must not be empty or relative");
+    }
+    let Some(root) = spec.root() else {
+        bail!("root must be set in config.json");
+    };
+    let rootfs = dir.join(root.path());
+    match std::fs::metadata(&rootfs) {
+        Ok(m) if m.is_dir() => Ok(rootfs),
+        Ok(_) => bail!("invalid rootfs: {} is not a directory", rootfs.display()),
+        Err(e) => bail!(
+            "invalid rootfs: stat {}: {}",
+            rootfs.display(),
+            io_reason(&e)
+        ),
+    }
+}
+
+/// The lower-case reason Go prints, e.g. "no such file or directory".
+fn io_reason(e: &std::io::Error) -> String {
+    let s = e.to_string();
+    let reason = s.split(" (os error").next().unwrap_or(&s);
+    let mut chars = reason.chars();
+    match chars.next() {
+        Some(c) => c.to_lowercase().chain(chars).collect(),
+        None => s,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bundle(config: &str) -> (tempfile::TempDir, Result<Bundle>) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("rootfs")).unwrap();
+        std::fs::write(dir.path().join("config.json"), config).unwrap();
+        let b = Bundle::load(dir.path());
+        (dir, b)
+    }
+
+    const GOOD: &str = r#"{"ociVersion":"1.0.2","process":{"user":{"uid":0,"gid":0},
+        "args":["sh"],"cwd":"/"},"root":{"path":"rootfs"}}"#;
+
+    fn err(config: &str) -> String {
+        format!("{:#}", bundle(config).1.err().expect("accepted"))
+    }
+
+    #[test]
+    fn a_good_bundle_loads() {
+        let (dir, b) = bundle(GOOD);
+        let b = b.unwrap();
+        assert_eq!(b.rootfs, dir.path().join("rootfs"));
+        assert_eq!(b.raw["process"]["args"][0], "sh");
+    }
+
+    #[test]
+    fn broken_configs_are_named() {
+        assert!(err("{bad").starts_with("config.json: "));
+        assert_eq!(
+            err(r#"{"ociVersion":"1.0.2","root":{"path":"rootfs"}}"#),
+            "process property must not be empty"
+        );
+        let bad_uid = GOOD.replace(r#""uid":0"#, r#""uid":"abc""#);
+        assert!(err(&bad_uid).contains("invalid type"), "{}", err(&bad_uid));
+        let no_root = GOOD.replace(r#""root":{"path":"rootfs"}"#, r#""root":{"path":"nope"}"#);
+        assert!(err(&no_root).starts_with("invalid rootfs: stat "));
+        assert!(err(&no_root).ends_with("nope: no such file or directory"));
+    }
+
+    #[test]
+    fn a_missing_config_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = Bundle::load(dir.path()).err().unwrap().to_string();
+        assert_eq!(e, "JSON specification file config.json not found");
+    }
+}

@@ -1,0 +1,3 @@
+//! OCI containers: bundles, the state directory, and the lifecycle commands.
+pub mod bundle;
+pub mod state;

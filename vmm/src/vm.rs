@@ -1,0 +1,666 @@
+//! Building and running a micro-VM.
+//!
+//! `VmBuilder` assembles a VM in order: check the inputs (so a bad input leaves nothing
+//! behind), open KVM, map RAM, create the in-kernel interrupt controllers, add the legacy
+//! devices, add virtio-mmio devices (each with a window, a GSI wired by irqfd and a kernel
+//! command-line entry), load the guest, create the vCPUs. `Vm::run` starts one thread per
+//! vCPU and returns when any of them (or a device) ends the VM.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use kvm_bindings::{
+    kvm_mp_state, kvm_pit_config, kvm_userspace_memory_region, KVM_MP_STATE_RUNNABLE,
+    KVM_PIT_SPEAKER_DUMMY,
+};
+use kvm_ioctls::{IoEventAddress, Kvm, VcpuFd, VmFd};
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::signal::Killable;
+
+use crate::boot::{self, CpuMode, EntryPoint};
+use crate::bus::{Bus, SharedDevice};
+use crate::devices::virtio::vsock::VsockControl;
+use crate::error::VmError;
+use crate::i8042::{I8042, I8042_BASE, I8042_LEN};
+use crate::memory::{
+    self, GuestMemory, VIRTIO_IRQ_BASE, VIRTIO_IRQ_LAST, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE,
+};
+use crate::serial::{self, CaptureWriter, ConsoleLog, ConsoleWriter, SerialDevice};
+use crate::stop::{StopState, VmExit};
+use crate::vcpu::{self, Vcpu, VcpuShared};
+use crate::{cpuid, mptable};
+
+/// Kernel parameters every Husk guest gets, before the per-device and caller parts.
+pub const DEFAULT_CMDLINE: &str =
+    "console=ttyS0 reboot=k panic=0 quiet pci=off nomodules i8042.noaux i8042.nomux i8042.dumbkbd";
+/// Where KVM puts its private TSS and identity map (Intel needs them below 4 GiB, off RAM).
+const KVM_TSS_ADDR: usize = 0xfffb_d000;
+/// Queue notify register of virtio-mmio (for ioeventfd).
+const VIRTIO_MMIO_QUEUE_NOTIFY: u64 = 0x50;
+/// How often `Vm::run` checks the panic grace timer while waiting.
+const POLL_INTERVAL: Duration = Duration::from_millis(100);
+/// How often a stopping VM re-kicks vCPU threads still inside KVM_RUN.
+const KICK_INTERVAL: Duration = Duration::from_millis(5);
+
+/// Everything needed to build a VM.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    /// Number of vCPUs (1..=254).
+    pub vcpus: u8,
+    /// Guest RAM in MiB (at least 64).
+    pub memory_mib: u32,
+    /// What the guest runs.
+    pub boot: Boot,
+    /// Where the serial console goes.
+    pub serial: SerialOutput,
+    /// An optional virtio-vsock device.
+    pub vsock: Option<VsockConfig>,
+    /// virtio-blk devices, in guest order (vda, vdb, ...).
+    pub blocks: Vec<BlockConfig>,
+    /// The KVM device node (`/dev/kvm`; tests point it elsewhere).
+    pub kvm_device: PathBuf,
+}
+
+impl VmConfig {
+    /// One vCPU, 64 MiB, serial discarded, no devices, `/dev/kvm`.
+    pub fn new(boot: Boot) -> Self {
+        Self {
+            vcpus: 1,
+            memory_mib: memory::MIN_MEMORY_MIB,
+            boot,
+            serial: SerialOutput::Sink,
+            vsock: None,
+            blocks: Vec::new(),
+            kvm_device: PathBuf::from("/dev/kvm"),
+        }
+    }
+}
+
+/// What the guest runs.
+#[derive(Debug, Clone)]
+pub enum Boot {
+    /// An uncompressed `vmlinux` with a PVH entry note.
+    Linux {
+        /// The vmlinux ELF.
+        kernel: PathBuf,
+        /// An initramfs handed to the kernel as the PVH module.
+        initramfs: Option<PathBuf>,
+        /// Appended to `DEFAULT_CMDLINE` and the virtio device entries.
+        cmdline: String,
+    },
+    /// A flat binary (test guests). Every vCPU starts at `entry` in `mode`, with RDI (or EDI,
+    /// DI) = its index; there is no INIT/SIPI protocol.
+    Raw {
+        /// The bytes to load.
+        image: Vec<u8>,
+        /// Guest-physical load address (at least `boot::RAW_MIN_LOAD`).
+        load_addr: u64,
+        /// First instruction, inside the image.
+        entry: u64,
+        /// The CPU mode at `entry`.
+        mode: CpuMode,
+    },
+}
+
+/// Where the serial console goes.
+#[derive(Debug, Clone)]
+pub enum SerialOutput {
+    /// This process's stdout.
+    Stdout,
+    /// A file, created or truncated.
+    File(PathBuf),
+    /// An in-memory buffer (tests).
+    Capture(Arc<Mutex<Vec<u8>>>),
+    /// Nowhere (the console log for error reports is still kept).
+    Sink,
+}
+
+/// A virtio-vsock device whose host side is a unix socket.
+#[derive(Debug, Clone)]
+pub struct VsockConfig {
+    /// The guest's context id (at least 3).
+    pub guest_cid: u32,
+    /// Host-side unix socket path.
+    pub uds_path: PathBuf,
+}
+
+/// A virtio-blk device backed by a file.
+#[derive(Debug, Clone)]
+pub struct BlockConfig {
+    /// Backing file or block device.
+    pub path: PathBuf,
+    /// Expose the device read-only.
+    pub read_only: bool,
+}
+
+/// A VM ready to run.
+pub struct Vm {
+    // Field order is drop order: devices and vCPUs go before the VM fd and memory.
+    vcpus: Vec<Vcpu>,
+    shared: Arc<VcpuShared>,
+    stop: Arc<StopState>,
+    console: Arc<Mutex<ConsoleLog>>,
+    vsock: Option<VsockControl>,
+    _vm_fd: Arc<VmFd>,
+    _kvm: Kvm,
+    mem: Arc<GuestMemory>,
+}
+
+impl Vm {
+    /// Builds a VM from `cfg` with its vsock and block devices.
+    pub fn new(cfg: VmConfig) -> Result<Vm, VmError> {
+        let mut builder = VmBuilder::new(cfg)?;
+        builder.add_configured_devices()?;
+        builder.build()
+    }
+
+    /// Guest memory (for tests and snapshots).
+    pub fn memory(&self) -> &Arc<GuestMemory> {
+        &self.mem
+    }
+
+    /// The vsock device's control handle (transport reset, CID change), if there is one.
+    pub fn vsock_control(&self) -> Option<&VsockControl> {
+        self.vsock.as_ref()
+    }
+
+    /// Runs the guest until it stops; returns how it ended.
+    pub fn run(self) -> Result<VmExit, VmError> {
+        vcpu::install_kick_handler()?;
+        let mut threads = Vec::with_capacity(self.vcpus.len());
+        for (i, vcpu) in self.vcpus.into_iter().enumerate() {
+            match std::thread::Builder::new()
+                .name(format!("husk-vcpu{i}"))
+                .spawn(move || vcpu.run())
+            {
+                Ok(handle) => threads.push(handle),
+                Err(e) => {
+                    self.stop
+                        .request(Err(VmError::Host(format!("vCPU thread: {e}"))));
+                    break;
+                }
+            }
+        }
+        wait_for_stop(&self.stop, &self.console);
+        stop_threads(threads);
+        drop(self.shared);
+        self.stop
+            .take()
+            .unwrap_or_else(|| Err(VmError::Host("VM stopped without an outcome".into())))
+    }
+}
+
+/// Waits until someone ends the VM, turning an unfinished panic report into the outcome once
+/// its grace period runs out.
+fn wait_for_stop(stop: &StopState, console: &Mutex<ConsoleLog>) {
+    while !stop.wait(POLL_INTERVAL) {
+        let log = console.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(first) = log.panic_overdue(Instant::now()) {
+            stop.request(Err(serial::panic_error(first, &log)));
+        }
+    }
+}
+
+/// Kicks every vCPU thread until it leaves KVM_RUN, then joins them all.
+fn stop_threads(threads: Vec<JoinHandle<()>>) {
+    while threads.iter().any(|t| !t.is_finished()) {
+        for t in threads.iter().filter(|t| !t.is_finished()) {
+            // A thread that exits between the check and the kill is still joinable, so the
+            // signal cannot reach a stranger.
+            let _ = t.kill(vcpu::kick_signal());
+        }
+        std::thread::sleep(KICK_INTERVAL);
+    }
+    for t in threads {
+        if t.join().is_err() {
+            log::error!("a vCPU thread panicked");
+        }
+    }
+}
+
+/// Files and sockets created while building; removed if the build fails.
+#[derive(Default)]
+struct Leftovers {
+    paths: Vec<PathBuf>,
+}
+
+impl Leftovers {
+    fn disarm(&mut self) {
+        self.paths.clear();
+    }
+}
+
+impl Drop for Leftovers {
+    fn drop(&mut self) {
+        for p in &self.paths {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+/// Assembles a VM step by step; `Vm::new` is the usual entry.
+pub struct VmBuilder {
+    cfg: VmConfig,
+    kvm: Kvm,
+    vm_fd: Arc<VmFd>,
+    mem: Arc<GuestMemory>,
+    irqchip: bool,
+    pio: Bus,
+    mmio: Bus,
+    stop: Arc<StopState>,
+    console: Arc<Mutex<ConsoleLog>>,
+    cmdline_devices: Vec<String>,
+    virtio_count: u32,
+    vsock: Option<VsockControl>,
+    leftovers: Leftovers,
+}
+
+impl VmBuilder {
+    /// Checks `cfg`, opens KVM, maps RAM, creates interrupt controllers and legacy devices.
+    pub fn new(cfg: VmConfig) -> Result<Self, VmError> {
+        validate(&cfg)?;
+        let kvm = open_kvm(&cfg.kvm_device)?;
+        let vm_fd = kvm.create_vm().map_err(VmError::kvm("create VM"))?;
+        let mem = Arc::new(memory::create_guest_memory(cfg.memory_mib)?);
+        register_memory(&vm_fd, &mem)?;
+        let irqchip = create_irqchip(&vm_fd, matches!(cfg.boot, Boot::Linux { .. }))?;
+        let mut builder = Self {
+            cfg,
+            kvm,
+            vm_fd: Arc::new(vm_fd),
+            mem,
+            irqchip,
+            pio: Bus::new(),
+            mmio: Bus::new(),
+            stop: Arc::new(StopState::default()),
+            console: Arc::new(Mutex::new(ConsoleLog::default())),
+            cmdline_devices: Vec::new(),
+            virtio_count: 0,
+            vsock: None,
+            leftovers: Leftovers::default(),
+        };
+        builder.add_legacy_devices()?;
+        Ok(builder)
+    }
+
+    /// Guest memory, for devices that need it.
+    pub fn memory(&self) -> &Arc<GuestMemory> {
+        &self.mem
+    }
+
+    /// The stop state, for devices that can end the VM.
+    pub fn stop_state(&self) -> &Arc<StopState> {
+        &self.stop
+    }
+
+    /// Places a device on the port-I/O bus.
+    pub fn add_pio_device(
+        &mut self,
+        base: u16,
+        len: u16,
+        dev: SharedDevice,
+    ) -> Result<(), VmError> {
+        self.pio
+            .insert(base.into(), len.into(), dev)
+            .map_err(|e| VmError::Config(e.to_string()))
+    }
+
+    /// Places a device on the MMIO bus.
+    pub fn add_mmio_device(
+        &mut self,
+        base: u64,
+        len: u64,
+        dev: SharedDevice,
+    ) -> Result<(), VmError> {
+        self.mmio
+            .insert(base, len, dev)
+            .map_err(|e| VmError::Config(e.to_string()))
+    }
+
+    /// Adds a virtio device behind a new virtio-mmio window: picks the window and GSI, wires
+    /// the interrupt as an irqfd and queue notifies as ioeventfds, and announces the device on
+    /// the kernel command line. Returns the transport for callers that inspect it.
+    pub fn add_virtio_device(
+        &mut self,
+        name: &'static str,
+        device: Box<dyn crate::devices::virtio::VirtioDevice>,
+    ) -> Result<Arc<Mutex<crate::devices::virtio::mmio::MmioTransport>>, VmError> {
+        use crate::devices::virtio::{mmio::MmioTransport, Interrupt};
+        let dev_err = |reason: String| VmError::Device { name, reason };
+        let gsi = VIRTIO_IRQ_BASE + self.virtio_count;
+        if gsi > VIRTIO_IRQ_LAST {
+            return Err(dev_err("out of interrupt lines for virtio devices".into()));
+        }
+        let base = VIRTIO_MMIO_BASE + u64::from(self.virtio_count) * VIRTIO_MMIO_SIZE;
+        let interrupt = Arc::new(Interrupt::new().map_err(|e| dev_err(e.to_string()))?);
+        let transport = MmioTransport::new(device, self.mem.clone(), interrupt.clone())
+            .map_err(|e| dev_err(e.to_string()))?;
+        self.wire_virtio(&transport, base, gsi)
+            .map_err(|e| dev_err(e.to_string()))?;
+        let transport = Arc::new(Mutex::new(transport));
+        self.add_mmio_device(base, VIRTIO_MMIO_SIZE, transport.clone())?;
+        self.cmdline_devices
+            .push(format!("virtio_mmio.device=4K@{base:#x}:{gsi}"));
+        self.virtio_count += 1;
+        Ok(transport)
+    }
+
+    fn wire_virtio(
+        &self,
+        transport: &crate::devices::virtio::mmio::MmioTransport,
+        base: u64,
+        gsi: u32,
+    ) -> Result<(), kvm_ioctls::Error> {
+        if self.irqchip {
+            self.vm_fd
+                .register_irqfd(transport.interrupt().eventfd(), gsi)?;
+        }
+        let notify = IoEventAddress::Mmio(base + VIRTIO_MMIO_QUEUE_NOTIFY);
+        for (i, fd) in transport.queue_notify_eventfds().iter().enumerate() {
+            self.vm_fd.register_ioevent(fd, &notify, i as u32)?;
+        }
+        Ok(())
+    }
+
+    /// Adds the block and vsock devices named in the configuration.
+    pub fn add_configured_devices(&mut self) -> Result<(), VmError> {
+        use crate::devices::virtio::block::Block;
+        for b in self.cfg.blocks.clone() {
+            let dev = Block::new(&b.path, b.read_only).map_err(|e| VmError::Block {
+                path: b.path.clone(),
+                reason: e.to_string(),
+            })?;
+            self.add_virtio_device("virtio-blk", Box::new(dev))?;
+        }
+        if let Some(v) = self.cfg.vsock.clone() {
+            self.add_vsock(&v)?;
+        }
+        Ok(())
+    }
+
+    fn add_vsock(&mut self, v: &VsockConfig) -> Result<(), VmError> {
+        use crate::devices::virtio::vsock::Vsock;
+        // The device binds `uds_path` now and removes it when dropped, so a later build
+        // failure (which drops the bus) leaves no socket behind.
+        let dev = Vsock::new(v.guest_cid.into(), &v.uds_path).map_err(|e| VmError::Device {
+            name: "virtio-vsock",
+            reason: e.to_string(),
+        })?;
+        self.vsock = Some(dev.control());
+        self.add_virtio_device("virtio-vsock", Box::new(dev))?;
+        Ok(())
+    }
+
+    fn add_legacy_devices(&mut self) -> Result<(), VmError> {
+        let out = self.console_output()?;
+        let irq = EventFd::new(EFD_NONBLOCK).map_err(|e| VmError::Host(format!("eventfd: {e}")))?;
+        if self.irqchip {
+            self.vm_fd
+                .register_irqfd(&irq, serial::COM1_IRQ)
+                .map_err(VmError::kvm("register serial irqfd"))?;
+        }
+        let writer = ConsoleWriter::new(out, self.console.clone(), self.stop.clone());
+        let uart = Arc::new(Mutex::new(SerialDevice::new(irq, writer)));
+        self.add_pio_device(serial::COM1_BASE as u16, serial::COM1_LEN as u16, uart)?;
+        let i8042 = Arc::new(Mutex::new(I8042::new(self.stop.clone())));
+        self.add_pio_device(I8042_BASE as u16, I8042_LEN as u16, i8042)
+    }
+
+    fn console_output(&mut self) -> Result<Box<dyn Write + Send>, VmError> {
+        Ok(match &self.cfg.serial {
+            SerialOutput::Stdout => Box::new(std::io::stdout()),
+            SerialOutput::Sink => Box::new(std::io::sink()),
+            SerialOutput::Capture(buf) => Box::new(CaptureWriter(buf.clone())),
+            SerialOutput::File(path) => {
+                let file = std::fs::File::create(path).map_err(|source| VmError::SerialOutput {
+                    path: path.clone(),
+                    source,
+                })?;
+                self.leftovers.paths.push(path.clone());
+                Box::new(file)
+            }
+        })
+    }
+
+    /// Loads the guest and creates the vCPUs.
+    pub fn build(mut self) -> Result<Vm, VmError> {
+        boot::write_boot_tables(&self.mem)?;
+        let (entry, code_base) = self.load_guest()?;
+        let base_cpuid = cpuid::supported(&self.kvm)?;
+        let shared = Arc::new(VcpuShared {
+            pio: Arc::new(std::mem::take(&mut self.pio)),
+            mmio: Arc::new(std::mem::take(&mut self.mmio)),
+            stop: self.stop.clone(),
+            console: self.console.clone(),
+        });
+        let mut vcpus = Vec::with_capacity(self.cfg.vcpus.into());
+        for i in 0..self.cfg.vcpus {
+            let fd = self.create_vcpu(i, &base_cpuid, &entry, code_base)?;
+            vcpus.push(Vcpu::new(fd, i, shared.clone()));
+        }
+        self.leftovers.disarm();
+        Ok(Vm {
+            vcpus,
+            shared,
+            stop: self.stop,
+            console: self.console,
+            vsock: self.vsock,
+            _vm_fd: self.vm_fd,
+            _kvm: self.kvm,
+            mem: self.mem,
+        })
+    }
+
+    /// Loads the kernel or raw image; returns the entry and the real-mode code base.
+    fn load_guest(&self) -> Result<(EntryPoint, u64), VmError> {
+        match &self.cfg.boot {
+            Boot::Raw {
+                image,
+                load_addr,
+                entry,
+                mode,
+            } => {
+                boot::load_raw(&self.mem, image, *load_addr, *entry)?;
+                let entry = EntryPoint {
+                    addr: *entry,
+                    mode: *mode,
+                    boot_arg: None,
+                };
+                Ok((entry, *load_addr))
+            }
+            Boot::Linux {
+                kernel,
+                initramfs,
+                cmdline,
+            } => {
+                mptable::write(&self.mem, self.cfg.vcpus)?;
+                let cmdline = self.full_cmdline(cmdline);
+                let image = boot::load_linux(&self.mem, kernel, initramfs.as_deref(), &cmdline)?;
+                Ok((image.entry, 0))
+            }
+        }
+    }
+
+    fn full_cmdline(&self, extra: &str) -> String {
+        let mut parts = vec![DEFAULT_CMDLINE.to_string()];
+        parts.extend(self.cmdline_devices.iter().cloned());
+        if !extra.trim().is_empty() {
+            parts.push(extra.trim().to_string());
+        }
+        parts.join(" ")
+    }
+
+    fn create_vcpu(
+        &self,
+        index: u8,
+        base_cpuid: &kvm_bindings::CpuId,
+        entry: &EntryPoint,
+        code_base: u64,
+    ) -> Result<VcpuFd, VmError> {
+        let fd = self
+            .vm_fd
+            .create_vcpu(index.into())
+            .map_err(VmError::kvm("create vCPU"))?;
+        fd.set_cpuid2(&cpuid::for_vcpu(base_cpuid, index, self.cfg.vcpus))
+            .map_err(VmError::kvm("set CPUID"))?;
+        Vcpu::set_boot_msrs(&fd)?;
+        let raw = matches!(self.cfg.boot, Boot::Raw { .. });
+        if self.irqchip {
+            set_lint(&fd)?;
+        }
+        if raw || index == 0 {
+            let mut e = *entry;
+            if raw {
+                e.boot_arg = Some(index.into());
+            }
+            boot::setup_vcpu_mode(&fd, &e, code_base)?;
+        }
+        if raw && index > 0 && self.irqchip {
+            // With an in-kernel LAPIC, APs wait for INIT/SIPI; raw guests start them directly.
+            let runnable = kvm_mp_state {
+                mp_state: KVM_MP_STATE_RUNNABLE,
+            };
+            fd.set_mp_state(runnable)
+                .map_err(VmError::kvm("set MP state"))?;
+        }
+        Ok(fd)
+    }
+}
+
+/// Rejects bad inputs before anything is created.
+fn validate(cfg: &VmConfig) -> Result<(), VmError> {
+    if cfg.vcpus == 0 || cfg.vcpus > mptable::MAX_VCPUS {
+        return Err(VmError::Config(format!(
+            "vCPU count {} is outside 1..={}",
+            cfg.vcpus,
+            mptable::MAX_VCPUS
+        )));
+    }
+    if cfg.memory_mib < memory::MIN_MEMORY_MIB {
+        return Err(VmError::Config(format!(
+            "memory {} MiB is below the minimum of {} MiB",
+            cfg.memory_mib,
+            memory::MIN_MEMORY_MIB
+        )));
+    }
+    if !cfg.kvm_device.exists() {
+        return Err(VmError::KvmOpen {
+            path: cfg.kvm_device.clone(),
+            source: std::io::Error::from(std::io::ErrorKind::NotFound),
+        });
+    }
+    if let Boot::Linux {
+        kernel, initramfs, ..
+    } = &cfg.boot
+    {
+        check_readable(kernel).map_err(|source| VmError::KernelRead {
+            path: kernel.clone(),
+            source,
+        })?;
+        if let Some(p) = initramfs {
+            check_readable(p).map_err(|source| VmError::InitramfsRead {
+                path: p.clone(),
+                source,
+            })?;
+        }
+    }
+    for b in &cfg.blocks {
+        check_readable(&b.path).map_err(|e| VmError::Block {
+            path: b.path.clone(),
+            reason: e.to_string(),
+        })?;
+    }
+    if let Some(v) = &cfg.vsock {
+        if v.guest_cid < 3 {
+            return Err(VmError::Config(format!(
+                "vsock guest CID {} must be at least 3",
+                v.guest_cid
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn open_kvm(path: &Path) -> Result<Kvm, VmError> {
+    let open_err = |source| VmError::KvmOpen {
+        path: path.to_path_buf(),
+        source,
+    };
+    let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+        .map_err(|e| open_err(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)))?;
+    Kvm::new_with_path(c_path).map_err(|e| open_err(e.into()))
+}
+
+fn check_readable(path: &Path) -> std::io::Result<()> {
+    std::fs::File::open(path).map(drop)
+}
+
+fn register_memory(vm_fd: &VmFd, mem: &GuestMemory) -> Result<(), VmError> {
+    for (slot, region) in mem.iter().enumerate() {
+        let host = mem
+            .get_host_address(region.start_addr())
+            .map_err(|e| VmError::Memory(e.to_string()))?;
+        let region = kvm_userspace_memory_region {
+            slot: slot as u32,
+            flags: 0,
+            guest_phys_addr: region.start_addr().0,
+            memory_size: region.len(),
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the host range is a live mapping owned by `mem`, which the `Vm` keeps (in an
+        // Arc) at least as long as any vCPU can run; slots do not overlap.
+        unsafe { vm_fd.set_user_memory_region(region) }
+            .map_err(VmError::kvm("set memory region"))?;
+    }
+    Ok(())
+}
+
+/// Creates the in-kernel PIC, IOAPIC, LAPICs and PIT. Linux needs them; raw test guests can
+/// live without (then HLT exits to us and ends the VM).
+fn create_irqchip(vm_fd: &VmFd, required: bool) -> Result<bool, VmError> {
+    let result = vm_fd
+        .set_tss_address(KVM_TSS_ADDR)
+        .and_then(|()| vm_fd.create_irq_chip())
+        .and_then(|()| {
+            let pit = kvm_pit_config {
+                flags: KVM_PIT_SPEAKER_DUMMY,
+                ..Default::default()
+            };
+            vm_fd.create_pit2(pit)
+        });
+    match result {
+        Ok(()) => Ok(true),
+        Err(e) if required => Err(VmError::Kvm {
+            op: "create in-kernel irqchip and PIT",
+            source: e,
+        }),
+        Err(e) => {
+            log::warn!("no in-kernel irqchip ({e}); raw guest runs without interrupts");
+            Ok(false)
+        }
+    }
+}
+
+/// Wires LAPIC LINT0 to ExtINT (the PIC) and LINT1 to NMI, as firmware would.
+fn set_lint(fd: &VcpuFd) -> Result<(), VmError> {
+    const APIC_LVT0: usize = 0x350;
+    const APIC_LVT1: usize = 0x360;
+    const DELIVERY_EXTINT: u32 = 7 << 8;
+    const DELIVERY_NMI: u32 = 4 << 8;
+    let mut lapic = fd.get_lapic().map_err(VmError::kvm("get LAPIC"))?;
+    let regs = &mut lapic.regs;
+    let set = |regs: &mut [std::os::raw::c_char; 1024], at: usize, mode: u32| {
+        let mut v = u32::from_le_bytes(std::array::from_fn(|i| regs[at + i] as u8));
+        v = (v & !0x700) | mode;
+        for (i, b) in v.to_le_bytes().iter().enumerate() {
+            regs[at + i] = *b as std::os::raw::c_char;
+        }
+    };
+    set(regs, APIC_LVT0, DELIVERY_EXTINT);
+    set(regs, APIC_LVT1, DELIVERY_NMI);
+    fd.set_lapic(&lapic).map_err(VmError::kvm("set LAPIC"))
+}
