@@ -155,6 +155,105 @@ impl<S: Read + Write> Client<S> {
         }
     }
 
+    /// Creates a container from a bundle's `config.json` and a guest rootfs path; returns the
+    /// guest pid of its init, which waits for `start_container`.
+    pub fn create_container(
+        &mut self,
+        id: &str,
+        spec: &serde_json::Value,
+        rootfs: &str,
+    ) -> Result<i32, ClientError> {
+        let req = Request::CreateContainer {
+            id: id.into(),
+            spec: spec.clone(),
+            rootfs: rootfs.into(),
+        };
+        match self.call(req)? {
+            Response::Created { pid } => Ok(pid),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Lets a created container's init exec its process.
+    pub fn start_container(&mut self, id: &str) -> Result<(), ClientError> {
+        self.call_ok(Request::StartContainer { id: id.into() })
+    }
+
+    /// Turns this connection into the container init's stdio (use a dedicated connection,
+    /// before `start_container`).
+    pub fn attach_stdio(mut self, id: &str) -> Result<Attachment<S>, ClientError> {
+        self.call_ok(Request::AttachStdio { id: id.into() })?;
+        Ok(Attachment { client: self })
+    }
+
+    /// Blocks until the container's init has exited and returns how.
+    pub fn wait_container(&mut self, id: &str) -> Result<ExitStatus, ClientError> {
+        match self.call(Request::WaitContainer { id: id.into() })? {
+            Response::Exit(status) => Ok(status),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Signals the container's init, or with `all` each of its processes.
+    pub fn signal_container(&mut self, id: &str, signal: i32, all: bool) -> Result<(), ClientError> {
+        self.call_ok(Request::SignalContainer {
+            id: id.into(),
+            signal,
+            all,
+        })
+    }
+
+    /// Starts an OCI process object inside a container; follow with `next_event` (and
+    /// `send_stdin`, `close_stdin`, `signal`, `resize`) until `ExecEvent::Exit`.
+    pub fn start_exec_in_container(
+        &mut self,
+        id: &str,
+        process: &serde_json::Value,
+    ) -> Result<(), ClientError> {
+        self.send(Request::ExecInContainer {
+            id: id.into(),
+            process: process.clone(),
+        })
+    }
+
+    /// Runs an OCI process object inside a container with empty stdin and collects its output.
+    pub fn exec_in_container(
+        &mut self,
+        id: &str,
+        process: &serde_json::Value,
+    ) -> Result<ExecOutput, ClientError> {
+        self.start_exec_in_container(id, process)?;
+        self.close_stdin()?;
+        let mut out = ExecOutput::default();
+        out.status = self.pump(&mut out.stdout, &mut out.stderr)?;
+        Ok(out)
+    }
+
+    /// Kills what is left of a container and forgets it.
+    pub fn delete_container(&mut self, id: &str) -> Result<(), ClientError> {
+        self.call_ok(Request::DeleteContainer { id: id.into() })
+    }
+
+    /// Guest pids of the container's processes.
+    pub fn list_processes(&mut self, id: &str) -> Result<Vec<i32>, ClientError> {
+        match self.call(Request::ListProcesses { id: id.into() })? {
+            Response::Processes { pids } => Ok(pids),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Sets the terminal size of this connection's attached or exec'd process (no reply).
+    pub fn resize(&mut self, rows: u16, cols: u16) -> Result<(), ClientError> {
+        self.send(Request::Resize { rows, cols })
+    }
+
+    fn call_ok(&mut self, req: Request) -> Result<(), ClientError> {
+        match self.call(req)? {
+            Response::Ok => Ok(()),
+            other => Err(unexpected(other)),
+        }
+    }
+
     fn pump(
         &mut self,
         stdout: &mut dyn Write,
@@ -181,6 +280,47 @@ impl<S: Read + Write> Client<S> {
             Frame::Response(r) => Ok(r),
             other => Err(ClientError::Unexpected(describe(&other))),
         }
+    }
+}
+
+/// A connection carrying a container init's stdio (from `Client::attach_stdio`).
+pub struct Attachment<S: Read + Write> {
+    client: Client<S>,
+}
+
+impl<S: Read + Write> Attachment<S> {
+    /// Feeds the process's stdin (or its terminal).
+    pub fn send_stdin(&mut self, data: &[u8]) -> Result<(), ClientError> {
+        self.client.send_stdin(data)
+    }
+
+    /// Ends the process's stdin; with a terminal this types the EOF character (^D) instead.
+    pub fn close_stdin(&mut self) -> Result<(), ClientError> {
+        self.client.close_stdin()
+    }
+
+    /// Sets the terminal's window size.
+    pub fn resize(&mut self, rows: u16, cols: u16) -> Result<(), ClientError> {
+        self.client.resize(rows, cols)
+    }
+
+    /// The next output chunk, or the init's final status after all of its output.
+    pub fn next_event(&mut self) -> Result<ExecEvent, ClientError> {
+        self.client.next_event()
+    }
+
+    /// Copies all remaining output to the sinks and returns the final status.
+    pub fn copy_output(
+        &mut self,
+        stdout: &mut dyn Write,
+        stderr: &mut dyn Write,
+    ) -> Result<ExitStatus, ClientError> {
+        self.client.pump(stdout, stderr)
+    }
+
+    /// The underlying stream, e.g. to split it for a two-way event loop.
+    pub fn into_inner(self) -> S {
+        self.client.into_inner()
     }
 }
 

@@ -4,5 +4,5 @@
 pub mod client;
 pub mod proto;
 
-pub use client::{Client, ClientError, ExecEvent, ExecOutput};
+pub use client::{Attachment, Client, ClientError, ExecEvent, ExecOutput};
 pub use proto::{ExecRequest, ExitStatus, AGENT_VSOCK_PORT, PROTOCOL_VERSION};

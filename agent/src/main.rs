@@ -17,11 +17,16 @@ use husk_agent::AGENT_VSOCK_PORT;
 
 const USAGE: &str = "usage: husk-agent                     (as PID 1 in a Husk guest)
        husk-agent --unix PATH          (host testing)
-       husk-agent vsock-send CID PORT  (stdin to a vsock port, reply to stdout)";
+       husk-agent vsock-send CID PORT  (stdin to a vsock port, reply to stdout)
+       husk-agent container-helper FD  (internal: a container process being set up)";
 
 fn main() -> ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mode = match args.as_slice() {
+        // Checked first: a helper is never the agent, even as pid 1 of a pid namespace.
+        [helper, fd] if helper == guest::container::spawn::HELPER_ARG => {
+            return guest::container::helper::main(fd)
+        }
         [] if std::process::id() == 1 => Mode::Init,
         [flag, path] if flag == "--unix" => Mode::Unix(PathBuf::from(path)),
         [tool, cid, port] if tool == "vsock-send" => return vsock_send(cid, port),
@@ -78,6 +83,7 @@ fn listen_vsock() -> std::io::Result<Listener> {
 }
 
 fn run(mode: Mode) -> std::io::Result<std::convert::Infallible> {
+    guest::container::spawn::ensure_std_fds();
     let listener = match &mode {
         Mode::Init => {
             guest::init::setup();
@@ -99,6 +105,7 @@ fn run(mode: Mode) -> std::io::Result<std::convert::Infallible> {
     let ctx = Arc::new(Ctx {
         reaper,
         default_path: std::env::var("PATH").unwrap_or_else(|_| guest::init::GUEST_PATH.into()),
+        containers: Default::default(),
         mode,
     });
     match &ctx.mode {

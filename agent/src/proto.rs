@@ -100,6 +100,38 @@ pub enum Request {
     Signal { signal: i32 },
     /// Answered by `Ok`, then the guest powers off.
     Poweroff,
+    /// Prepare an OCI container: its init process is created inside the requested namespaces
+    /// with its mounts done, and waits for `StartContainer`. Answered by `Created` or `Error`.
+    CreateContainer {
+        id: String,
+        /// The bundle's `config.json`, as-is.
+        spec: serde_json::Value,
+        /// Guest path of the container's root filesystem (`root.path` in the spec is ignored).
+        rootfs: String,
+    },
+    /// Let a created container's init exec its `process.args`; answered by `Ok` once it has.
+    StartContainer { id: String },
+    /// Turn this connection into the container init's stdio: answered by `Ok`, then the
+    /// process's output arrives as `Stdout`/`Stderr` frames, `Stdin` frames and `CloseStdin`
+    /// feed its stdin, `Resize` sets its terminal size, and `Exit` follows the last output.
+    AttachStdio { id: String },
+    /// Set the window size of the pty of this connection's attached or exec'd process. No
+    /// reply, like `Signal`.
+    Resize { rows: u16, cols: u16 },
+    /// Answered by `Exit` once the container's init has exited (at once if it already has).
+    WaitContainer { id: String },
+    /// Signal the container's init, or with `all` every process of the container. `Ok`.
+    SignalContainer { id: String, signal: i32, all: bool },
+    /// Run an OCI `process` object inside a container's namespaces; streams like `Exec`
+    /// (stdin is always a pipe or the pty: end it with `CloseStdin`).
+    ExecInContainer {
+        id: String,
+        process: serde_json::Value,
+    },
+    /// Kill what is left of a container and forget it. `Ok`.
+    DeleteContainer { id: String },
+    /// Answered by `Processes` with the guest pids of the container's processes.
+    ListProcesses { id: String },
 }
 
 /// How a process ended: exactly one of `code` and `signal` is set.
@@ -142,6 +174,14 @@ pub enum Response {
     Ok,
     Error {
         message: String,
+    },
+    /// The container is created; `pid` is its init's pid in the guest.
+    Created {
+        pid: i32,
+    },
+    /// Guest pids of a container's processes.
+    Processes {
+        pids: Vec<i32>,
     },
 }
 
@@ -374,6 +414,26 @@ mod tests {
             Request::CloseStdin,
             Request::Signal { signal: 9 },
             Request::Poweroff,
+            Request::CreateContainer {
+                id: "c1".into(),
+                spec: serde_json::json!({"ociVersion": "1.0.2", "process": {"args": ["sh"]}}),
+                rootfs: "/run/husk/rootfs".into(),
+            },
+            Request::StartContainer { id: "c1".into() },
+            Request::AttachStdio { id: "c1".into() },
+            Request::Resize { rows: 24, cols: 80 },
+            Request::WaitContainer { id: "c1".into() },
+            Request::SignalContainer {
+                id: "c1".into(),
+                signal: 15,
+                all: true,
+            },
+            Request::ExecInContainer {
+                id: "c1".into(),
+                process: serde_json::json!({"args": ["ls"], "cwd": "/"}),
+            },
+            Request::DeleteContainer { id: "c1".into() },
+            Request::ListProcesses { id: "c1".into() },
         ] {
             roundtrip(Frame::Request(req));
         }
@@ -392,6 +452,8 @@ mod tests {
             Response::Error {
                 message: "no".into(),
             },
+            Response::Created { pid: 42 },
+            Response::Processes { pids: vec![1, 2] },
         ] {
             roundtrip(Frame::Response(resp));
         }

@@ -43,6 +43,8 @@ impl BootArgs {
             cmdline: String::new(),
             serial: serial_output(self.console.as_ref()),
             disks: Vec::new(),
+            shares: Vec::new(),
+            vsock_path: None,
         })
     }
 }

@@ -1,20 +1,99 @@
-//! `husk`: the command line. Each subcommand lives in its own module of the library.
+//! `husk`: the command line, runc-compatible where runc has the command. Each subcommand lives
+//! in a module of the library; this file only parses and reports.
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::{Parser, Subcommand};
+use husk_runtime::container::commands::{self, CreateOpts};
+use husk_runtime::container::monitor::{self, MonitorArgs};
+use husk_runtime::logging::{LogFormat, Logger};
 use husk_runtime::{bench, boot, vm};
 
 #[derive(Parser, Debug)]
-#[command(name = "husk", version, about = "Containers in KVM micro-VMs")]
+#[command(name = "husk", version, about = "OCI containers in KVM micro-VMs")]
 struct Cli {
+    /// Root directory for container state (should be on tmpfs).
+    #[arg(long, global = true, default_value = "/run/husk")]
+    root: PathBuf,
+    /// Log file (default: stderr).
+    #[arg(long, global = true)]
+    log: Option<PathBuf>,
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: LogFormat,
+    /// Debug logging.
+    #[arg(long, global = true)]
+    debug: bool,
+    /// systemd cgroup driver (not supported).
+    #[arg(long, global = true)]
+    systemd_cgroup: bool,
+    /// Accepted for runc compatibility (checkpoints are Husk's own).
+    #[arg(long, global = true, hide = true)]
+    criu: Option<String>,
+    /// Accepted for runc compatibility.
+    #[arg(long, global = true, hide = true)]
+    rootless: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    /// Create a container (its micro-VM boots; the process waits for `start`).
+    Create(CreateOpts),
+    /// Start the process of a created container.
+    Start { id: String },
+    /// Create and start a container, and wait for it unless detached.
+    Run {
+        #[command(flatten)]
+        opts: CreateOpts,
+        /// Detach from the container's process.
+        #[arg(short, long)]
+        detach: bool,
+        /// Do not delete the container after it exits.
+        #[arg(long)]
+        keep: bool,
+        /// Accepted for runc compatibility.
+        #[arg(long)]
+        no_subreaper: bool,
+    },
+    /// Output the state of a container (runc's JSON).
+    State { id: String },
+    /// Send a signal (default SIGTERM) to the container's process.
+    Kill {
+        /// Signal every process of the container.
+        #[arg(short, long)]
+        all: bool,
+        id: String,
+        #[arg(default_value = "SIGTERM")]
+        signal: String,
+    },
+    /// Delete a container and everything it holds.
+    Delete {
+        /// Kill it first if it still runs.
+        #[arg(short, long)]
+        force: bool,
+        id: String,
+    },
+    /// Suspend every process of the container.
+    Pause { id: String },
+    /// Resume a paused container.
+    Resume { id: String },
+    /// List the container's processes (guest pids).
+    Ps {
+        #[arg(short, long, default_value = "table")]
+        format: String,
+        id: String,
+    },
+    /// List containers.
+    List {
+        #[arg(short, long, default_value = "table")]
+        format: String,
+        #[arg(short, long)]
+        quiet: bool,
+    },
     /// Boot the default guest to a ready agent, report the time, and power it off.
     Boot(boot::BootArgs),
     /// Run the bare VMM until the guest powers off.
@@ -22,22 +101,87 @@ enum Command {
     /// Benchmarks against a reference measured in the same run.
     #[command(subcommand)]
     Bench(bench::BenchCmd),
+    /// (internal) The per-container monitor started by `create`.
+    #[command(hide = true)]
+    Monitor {
+        #[arg(long)]
+        bundle: PathBuf,
+        #[arg(long)]
+        console_socket: Option<PathBuf>,
+        #[arg(long)]
+        ready_fd: Option<i32>,
+        id: String,
+    },
 }
 
 fn main() -> ExitCode {
     let started = Instant::now();
     let cli = Cli::parse();
-    let result = match cli.command {
-        Command::Boot(args) => boot::run(&args, started),
-        Command::Vm(args) => vm::run(args),
-        Command::Bench(cmd) => bench::run(cmd),
-    };
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
+    let logger = match Logger::new(cli.log.as_deref(), cli.log_format, cli.debug) {
+        Ok(l) => l,
         Err(e) => {
-            // One line: the chain of causes joined, outermost first.
             eprintln!("husk: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if cli.systemd_cgroup {
+        logger.error("--systemd-cgroup is not supported by husk");
+        return ExitCode::FAILURE;
+    }
+    match dispatch(cli, started) {
+        Ok(code) => ExitCode::from(code as u8),
+        Err((prefix, e)) => {
+            logger.error(&format!("{prefix}{e:#}"));
             ExitCode::FAILURE
+        }
+    }
+}
+
+type Failure = (&'static str, anyhow::Error);
+
+fn dispatch(cli: Cli, started: Instant) -> Result<i32, Failure> {
+    let root = cli.root;
+    let plain = |r: anyhow::Result<()>| r.map(|()| 0).map_err(|e| ("", e));
+    match cli.command {
+        Command::Create(opts) => commands::create(&root, &opts)
+            .map(|_| 0)
+            .map_err(|e| ("husk create failed: ", e)),
+        Command::Run { opts, detach, .. } => {
+            commands::run(&root, &opts, detach).map_err(|e| ("husk run failed: ", e))
+        }
+        Command::Start { id } => plain(commands::start(&root, &id)),
+        Command::State { id } => plain(commands::state(&root, &id)),
+        Command::Kill { all, id, signal } => plain(commands::kill(&root, &id, &signal, all)),
+        Command::Delete { force, id } => plain(commands::delete(&root, &id, force)),
+        Command::Pause { id } => plain(commands::pause(&root, &id, true)),
+        Command::Resume { id } => plain(commands::pause(&root, &id, false)),
+        Command::Ps { format, id } => plain(commands::ps(&root, &id, format == "json")),
+        Command::List { format, quiet } => plain(commands::list(&root, format == "json", quiet)),
+        Command::Monitor {
+            bundle,
+            console_socket,
+            ready_fd,
+            id,
+        } => Ok(monitor::run(MonitorArgs {
+            root,
+            id,
+            bundle,
+            console_socket,
+            ready_fd,
+        })),
+        Command::Boot(args) => vm_cmd(boot::run(&args, started)),
+        Command::Vm(args) => vm_cmd(vm::run(args)),
+        Command::Bench(cmd) => vm_cmd(bench::run(cmd)),
+    }
+}
+
+/// Husk's own commands report errors as `husk: <message>` on one line.
+fn vm_cmd(r: anyhow::Result<()>) -> Result<i32, Failure> {
+    match r {
+        Ok(()) => Ok(0),
+        Err(e) => {
+            eprintln!("husk: {e:#}");
+            Ok(1)
         }
     }
 }

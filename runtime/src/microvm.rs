@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
 use husk_agent::client::Client;
-use husk_vmm::{BlockConfig, Boot, SerialOutput, Vm, VmConfig, VsockConfig};
+use husk_vmm::{BlockConfig, Boot, SerialOutput, ShareConfig, Vm, VmConfig, VsockConfig};
 
 /// The guest's vsock context id; every VM has its own socket, so one id serves all.
 pub const GUEST_CID: u32 = 3;
@@ -26,24 +26,33 @@ pub struct Options {
     pub cmdline: String,
     pub serial: SerialOutput,
     pub disks: Vec<BlockConfig>,
+    pub shares: Vec<ShareConfig>,
+    /// Where the vsock socket goes; a private temp dir when `None`.
+    pub vsock_path: Option<PathBuf>,
 }
 
 /// A running micro-VM. Dropping it without `wait` leaves the VMM thread to end with the guest.
 pub struct MicroVm {
     uds: PathBuf,
     thread: Option<JoinHandle<Result<()>>>,
-    // Holds the socket directory; removed on drop so nothing is left behind.
-    _dir: tempfile::TempDir,
+    // Holds the socket directory, if we made it; removed on drop so nothing is left behind.
+    _dir: Option<tempfile::TempDir>,
 }
 
 impl MicroVm {
     /// Builds the VM (bad input fails here, synchronously) and starts its vCPUs.
     pub fn start(opts: Options) -> Result<MicroVm> {
-        let dir = tempfile::Builder::new()
-            .prefix("husk-vm-")
-            .tempdir()
-            .context("creating the VM's socket directory")?;
-        let uds = dir.path().join("vsock.sock");
+        let (dir, uds) = match &opts.vsock_path {
+            Some(p) => (None, p.clone()),
+            None => {
+                let dir = tempfile::Builder::new()
+                    .prefix("husk-vm-")
+                    .tempdir()
+                    .context("creating the VM's socket directory")?;
+                let uds = dir.path().join("vsock.sock");
+                (Some(dir), uds)
+            }
+        };
         let config = vm_config(opts, &uds);
         let (built_tx, built_rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
@@ -114,6 +123,7 @@ fn vm_config(opts: Options, uds: &Path) -> VmConfig {
             uds_path: uds.to_path_buf(),
         }),
         blocks: opts.disks,
+        shares: opts.shares,
         kvm_device: PathBuf::from("/dev/kvm"),
     }
 }

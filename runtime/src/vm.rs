@@ -62,6 +62,7 @@ pub fn run(args: VmArgs) -> Result<()> {
             uds_path,
         }),
         blocks: disks(args.disk, args.disk_ro),
+        shares: Vec::new(),
         kvm_device: args.kvm_device,
     };
     let vm = Vm::new(config).map_err(|e| anyhow!("{e}"))?;

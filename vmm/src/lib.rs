@@ -18,4 +18,4 @@ pub mod vm;
 pub use boot::CpuMode;
 pub use error::VmError;
 pub use stop::VmExit;
-pub use vm::{BlockConfig, Boot, SerialOutput, Vm, VmBuilder, VmConfig, VsockConfig};
+pub use vm::{BlockConfig, Boot, SerialOutput, ShareConfig, Vm, VmBuilder, VmConfig, VsockConfig};

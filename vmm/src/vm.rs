@@ -61,6 +61,8 @@ pub struct VmConfig {
     pub vsock: Option<VsockConfig>,
     /// virtio-blk devices, in guest order (vda, vdb, ...).
     pub blocks: Vec<BlockConfig>,
+    /// Host directories shared over virtio-9p, each under its mount tag.
+    pub shares: Vec<ShareConfig>,
     /// The KVM device node (`/dev/kvm`; tests point it elsewhere).
     pub kvm_device: PathBuf,
 }
@@ -75,6 +77,7 @@ impl VmConfig {
             serial: SerialOutput::Sink,
             vsock: None,
             blocks: Vec::new(),
+            shares: Vec::new(),
             kvm_device: PathBuf::from("/dev/kvm"),
         }
     }
@@ -134,6 +137,17 @@ pub struct BlockConfig {
     /// Backing file or block device.
     pub path: PathBuf,
     /// Expose the device read-only.
+    pub read_only: bool,
+}
+
+/// A host directory the guest mounts with `mount -t 9p -o trans=virtio <tag> <dir>`.
+#[derive(Debug, Clone)]
+pub struct ShareConfig {
+    /// The mount tag the guest names it by.
+    pub tag: String,
+    /// The host directory.
+    pub path: PathBuf,
+    /// Refuse every write from the guest.
     pub read_only: bool,
 }
 
@@ -376,9 +390,24 @@ impl VmBuilder {
             })?;
             self.add_virtio_device("virtio-blk", Box::new(dev))?;
         }
+        for share in self.cfg.shares.clone() {
+            self.add_share(&share)?;
+        }
         if let Some(v) = self.cfg.vsock.clone() {
             self.add_vsock(&v)?;
         }
+        Ok(())
+    }
+
+    fn add_share(&mut self, share: &ShareConfig) -> Result<(), VmError> {
+        use crate::devices::virtio::fs9p::Fs9p;
+        let dev = Fs9p::new(&share.tag, &share.path, share.read_only).map_err(|e| {
+            VmError::Device {
+                name: "virtio-9p",
+                reason: e.to_string(),
+            }
+        })?;
+        self.add_virtio_device("virtio-9p", Box::new(dev))?;
         Ok(())
     }
 

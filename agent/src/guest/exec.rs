@@ -2,7 +2,6 @@
 
 use std::io::{self, Read};
 use std::process::{ChildStdin, Command, Stdio};
-use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 
@@ -39,7 +38,8 @@ pub fn start(
             .take()
             .map(|s| pump(s, FrameKind::Stderr, out.clone())),
     ];
-    let waiter = spawn_waiter(pumps, status_rx, out.clone(), running.clone());
+    let status = move || status_rx.recv().unwrap_or_default();
+    let waiter = spawn_waiter(pumps, status, out.clone(), Some(running.clone()));
     if let Err(e) = waiter {
         // Without a waiter nobody would report the exit: stop the child and fail the request.
         let _ = ctx.reaper.signal(pid, libc::SIGKILL);
@@ -51,11 +51,13 @@ pub fn start(
 
 /// Reports `Exit` once the output is drained and the status is in, in that order, so the
 /// host gets every byte before the status.
-fn spawn_waiter(
+/// `status` blocks until the status is known (a closed reaper channel gives "unknown" rather
+/// than a hang); `running`, if any, is cleared just before `Exit` goes out.
+pub fn spawn_waiter(
     pumps: [Option<io::Result<JoinHandle<()>>>; 2],
-    status_rx: Receiver<ExitStatus>,
+    status: impl FnOnce() -> ExitStatus + Send + 'static,
     out: Sender,
-    running: Running,
+    running: Option<Running>,
 ) -> io::Result<JoinHandle<()>> {
     thread::Builder::new()
         .name("exec-wait".into())
@@ -63,9 +65,10 @@ fn spawn_waiter(
             for handle in pumps.into_iter().flatten() {
                 let _ = handle.map(JoinHandle::join);
             }
-            // A closed channel means the reaper dropped us: report "unknown" rather than hang.
-            let status = status_rx.recv().unwrap_or_default();
-            *lock(&running) = None;
+            let status = status();
+            if let Some(running) = running {
+                *lock(&running) = None;
+            }
             let _ = out.send(&Response::Exit(status).into());
         })
 }
@@ -101,7 +104,7 @@ fn command(req: &ExecRequest, ctx: &Ctx) -> Result<Command, String> {
 
 /// Copies a pipe into data frames on its own thread. Keeps draining after the connection
 /// fails, so the child never blocks on a full pipe and can still exit.
-fn pump(
+pub fn pump(
     mut src: impl Read + Send + 'static,
     kind: FrameKind,
     out: Sender,

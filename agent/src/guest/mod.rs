@@ -1,5 +1,7 @@
-//! The guest agent: PID 1 setup, the connection server, exec and child reaping.
+//! The guest agent: PID 1 setup, the connection server, exec, OCI containers and child
+//! reaping.
 
+pub mod container;
 pub mod exec;
 pub mod init;
 pub mod reaper;

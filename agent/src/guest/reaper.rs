@@ -51,6 +51,21 @@ impl Reaper {
         Ok((child, rx))
     }
 
+    /// Like `spawn` for children created by other means (container helpers are cloned into
+    /// new namespaces): `fork` runs under the registry lock and returns the new child's pid.
+    pub fn spawn_with(
+        &self,
+        fork: impl FnOnce() -> io::Result<i32>,
+    ) -> io::Result<(i32, Receiver<ExitStatus>)> {
+        let mut reg = self.lock();
+        let pid = fork()?;
+        let (tx, rx) = sync_channel(1);
+        reg.waiting.insert(pid, tx);
+        reg.generation += 1;
+        self.spawned.notify_all();
+        Ok((pid, rx))
+    }
+
     /// Signals `pid` only while it is a registered, unreaped child, so a recycled pid is never
     /// hit.
     pub fn signal(&self, pid: i32, signal: i32) -> nix::Result<()> {

@@ -5,7 +5,6 @@ use std::io::{self, BufReader, Write};
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixListener;
 use std::path::PathBuf;
-use std::process::ChildStdin;
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::Duration;
@@ -19,6 +18,7 @@ use husk_agent::proto::{
     encode_data, read_frame, Frame, FrameError, FrameKind, Request, Response, PROTOCOL_VERSION,
 };
 
+use super::container::{self, Containers, ExecStarted, ExitCell, Stdio};
 use super::exec::{self, Running};
 use super::reaper::Reaper;
 
@@ -36,6 +36,7 @@ pub struct Ctx {
     pub mode: Mode,
     /// `PATH` given to exec children unless their request sets one.
     pub default_path: String,
+    pub containers: Containers,
 }
 
 /// The write half of a connection, shared by the request loop and the exec output threads;
@@ -143,8 +144,11 @@ struct Conn {
     ctx: Arc<Ctx>,
     out: Sender,
     running: Running,
-    /// The running (or last) exec's stdin; only this thread writes to it.
-    stdin: Option<ChildStdin>,
+    /// The running (or last) exec's or the attached container's stdin (the pty master with
+    /// a terminal); only this thread writes to it.
+    stdin: Option<File>,
+    /// The pty master of the exec or attached container, for `Resize` and `CloseStdin`.
+    pty: Option<File>,
 }
 
 impl Conn {
@@ -158,6 +162,7 @@ impl Conn {
             out: Sender(Arc::new(Mutex::new(writer))),
             running: Arc::default(),
             stdin: None,
+            pty: None,
         };
         let mut reader = BufReader::new(stream);
         loop {
@@ -220,7 +225,13 @@ impl Conn {
                 Err(message) => Response::Error { message },
             },
             Request::CloseStdin => {
-                self.stdin = None;
+                self.close_stdin();
+                return Flow::Continue;
+            }
+            Request::Resize { rows, cols } => {
+                if let Some(pty) = &self.pty {
+                    let _ = container::resize(pty, rows, cols);
+                }
                 return Flow::Continue;
             }
             Request::Signal { signal } => {
@@ -231,6 +242,15 @@ impl Conn {
                 self.reply(Response::Ok);
                 return Flow::Poweroff;
             }
+            Request::ExecInContainer { id, process } => match self.exec_in(&id, process) {
+                Ok(()) => return Flow::Continue,
+                Err(message) => Response::Error { message },
+            },
+            Request::AttachStdio { id } => match self.attach(&id) {
+                Ok(()) => return Flow::Continue,
+                Err(message) => Response::Error { message },
+            },
+            other => self.container_request(other),
         };
         self.reply(reply);
         Flow::Continue
@@ -240,8 +260,101 @@ impl Conn {
         if self.running_pid().is_some() {
             return Err("an exec is already running on this connection".into());
         }
-        self.stdin = exec::start(req, &self.ctx, &self.out, &self.running)?;
+        let stdin = exec::start(req, &self.ctx, &self.out, &self.running)?;
+        self.stdin = stdin.map(|s| File::from(OwnedFd::from(s)));
+        self.pty = None;
         Ok(())
+    }
+
+    /// The container requests that get exactly one reply.
+    fn container_request(&mut self, req: Request) -> Response {
+        let ctx = &self.ctx;
+        let c = &ctx.containers;
+        let result = match req {
+            Request::CreateContainer { id, spec, rootfs } => c
+                .create(&ctx.reaper, &id, spec, &rootfs)
+                .map(|pid| Response::Created { pid }),
+            Request::StartContainer { id } => c.start(&id).map(|()| Response::Ok),
+            Request::WaitContainer { id } => c.wait(&id).map(Response::Exit),
+            Request::SignalContainer { id, signal, all } => c
+                .signal(&ctx.reaper, &id, signal, all)
+                .map(|()| Response::Ok),
+            Request::DeleteContainer { id } => c.delete(&id).map(|()| Response::Ok),
+            Request::ListProcesses { id } => c
+                .processes(&id)
+                .map(|pids| Response::Processes { pids }),
+            other => Err(format!("unexpected request {other:?}")),
+        };
+        result.unwrap_or_else(|message| Response::Error { message })
+    }
+
+    /// Runs a process in a container, streamed on this connection like `Exec`.
+    fn exec_in(&mut self, id: &str, process: serde_json::Value) -> Result<(), String> {
+        if self.running_pid().is_some() {
+            return Err("an exec is already running on this connection".into());
+        }
+        let ExecStarted { pid, status, stdio } =
+            self.ctx.containers.exec(&self.ctx.reaper, id, process)?;
+        *self.running.lock().unwrap_or_else(|p| p.into_inner()) = Some(pid);
+        let status = move || status.recv().unwrap_or_default();
+        self.stream(stdio, status, Some(self.running.clone()))
+            .inspect_err(|_| {
+                let _ = self.ctx.reaper.signal(pid, libc::SIGKILL);
+            })
+    }
+
+    /// Makes this connection the container init's stdio: `Ok`, then its output and `Exit`.
+    fn attach(&mut self, id: &str) -> Result<(), String> {
+        let (stdio, exit): (Stdio, Arc<ExitCell>) = self.ctx.containers.attach(id)?;
+        self.reply(Response::Ok);
+        let status = move || exit.wait();
+        if let Err(e) = self.stream(stdio, status, None) {
+            eprintln!("husk-agent: attach {id}: {e}");
+        }
+        Ok(())
+    }
+
+    /// Pumps a process's output to this connection and `Exit` after it; keeps its input.
+    fn stream(
+        &mut self,
+        stdio: Stdio,
+        status: impl FnOnce() -> husk_agent::ExitStatus + Send + 'static,
+        running: Option<Running>,
+    ) -> Result<(), String> {
+        let fail = |e: io::Error| format!("stdio: {e}");
+        let (outputs, stdin, pty) = match stdio {
+            Stdio::Pipes {
+                stdin,
+                stdout,
+                stderr,
+            } => ([Some(stdout), Some(stderr)], stdin, None),
+            Stdio::Pty { master } => {
+                let reader = master.try_clone().map_err(fail)?;
+                let resize = master.try_clone().map_err(fail)?;
+                ([Some(reader), None], master, Some(resize))
+            }
+        };
+        let [stdout, stderr] = outputs;
+        let pumps = [
+            stdout.map(|s| exec::pump(s, FrameKind::Stdout, self.out.clone())),
+            stderr.map(|s| exec::pump(s, FrameKind::Stderr, self.out.clone())),
+        ];
+        exec::spawn_waiter(pumps, status, self.out.clone(), running).map_err(fail)?;
+        self.stdin = Some(stdin);
+        self.pty = pty;
+        Ok(())
+    }
+
+    /// Ends the process's input: closes the pipe, or on a terminal types EOF (^D), which is
+    /// what closing the host side of a terminal means to a reader in canonical mode.
+    fn close_stdin(&mut self) {
+        if self.pty.is_some() {
+            if let Some(stdin) = &mut self.stdin {
+                let _ = stdin.write_all(b"\x04");
+            }
+            return;
+        }
+        self.stdin = None;
     }
 
     fn write_stdin(&mut self, data: &[u8]) {

@@ -1,3 +1,22 @@
-//! OCI containers: bundles, the state directory, and the lifecycle commands.
+//! OCI containers: bundles, the state directory, the monitor, and the lifecycle commands.
 pub mod bundle;
+pub mod commands;
+pub mod control;
+pub mod guest_plan;
+pub mod monitor;
+pub mod signal;
 pub mod state;
+pub mod stdio;
+
+/// Field 22 of /proc/PID/stat: tells a live process from a later one that reused its pid.
+pub fn process_start_time(pid: i32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces; fields after it follow the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    rest.split(' ').nth(19)?.parse().ok()
+}
+
+/// True while the monitor recorded in `state` still runs.
+pub fn monitor_alive(state: &state::ContainerState) -> bool {
+    state.pid > 0 && process_start_time(state.pid) == Some(state.pid_start_time)
+}

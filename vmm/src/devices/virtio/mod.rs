@@ -7,6 +7,7 @@
 //! write reaches the transport on a vCPU thread or KVM signals the eventfd directly (ioeventfd).
 
 pub mod block;
+pub mod fs9p;
 pub mod mmio;
 pub mod vsock;
 

@@ -1,0 +1,263 @@
+//! The runc-compatible lifecycle commands: create, start, run, state, kill, delete, list, ps,
+//! pause, resume, exec, features, spec.
+
+use std::io::{BufRead, BufReader};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+
+use super::bundle::Bundle;
+use super::control::{self, Reply, Request};
+use super::state::{ContainerState, Status, Store};
+use super::{monitor_alive, signal};
+
+/// Options shared by `create` and `run`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct CreateOpts {
+    /// Path to the root of the bundle directory.
+    #[arg(short, long, default_value = ".")]
+    pub bundle: PathBuf,
+    /// AF_UNIX socket that receives the pty master when process.terminal is set.
+    #[arg(long)]
+    pub console_socket: Option<PathBuf>,
+    /// File to write the container's (monitor's) pid to.
+    #[arg(long)]
+    pub pid_file: Option<PathBuf>,
+    /// Accepted for runc compatibility; the guest always has its own root.
+    #[arg(long)]
+    pub no_pivot: bool,
+    /// Accepted for runc compatibility.
+    #[arg(long)]
+    pub no_new_keyring: bool,
+    /// Extra fds beyond stdio: accepted, but they cannot cross into the VM.
+    #[arg(long, default_value_t = 0)]
+    pub preserve_fds: u32,
+    pub id: String,
+}
+
+/// `husk create`: claims the id, starts the monitor, returns once the container is created.
+pub fn create(root: &Path, opts: &CreateOpts) -> Result<i32> {
+    let bundle = Bundle::load(&opts.bundle)?;
+    let store = Store::new(root);
+    store.create(&opts.id)?;
+    match spawn_monitor(root, opts, &bundle.dir) {
+        Ok(pid) => {
+            if let Some(p) = &opts.pid_file {
+                write_pid_file(p, pid)?;
+            }
+            Ok(pid)
+        }
+        Err(e) => {
+            let _ = store.remove(&opts.id);
+            Err(e)
+        }
+    }
+}
+
+fn spawn_monitor(root: &Path, opts: &CreateOpts, bundle: &Path) -> Result<i32> {
+    let (read, write) = nix::unistd::pipe()?;
+    let write_fd = high_fd(write)?;
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.arg("--root").arg(root).arg("monitor");
+    cmd.arg("--bundle").arg(bundle).arg("--ready-fd").arg(write_fd.to_string());
+    if let Some(s) = &opts.console_socket {
+        cmd.arg("--console-socket").arg(s);
+    }
+    cmd.arg(&opts.id);
+    // SAFETY: only async-signal-safe calls (setsid, fcntl) between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::setsid();
+            // Keep the readiness pipe open across exec (it was made close-on-exec).
+            libc::fcntl(write_fd, libc::F_SETFD, 0);
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("starting the monitor")?;
+    // SAFETY: write_fd is ours; the child has its own copy now.
+    unsafe { libc::close(write_fd) };
+    let mut line = String::new();
+    BufReader::new(std::fs::File::from(read)).read_line(&mut line)?;
+    match line.trim_end() {
+        "ok" => Ok(child.id() as i32),
+        msg => {
+            let _ = child.kill();
+            let _ = child.wait();
+            if msg.is_empty() {
+                bail!("the monitor died before the container was created");
+            }
+            bail!("{msg}")
+        }
+    }
+}
+
+/// Moves a pipe end above the fds podman passes with --preserve-fds, close-on-exec.
+fn high_fd(fd: OwnedFd) -> Result<i32> {
+    // SAFETY: F_DUPFD_CLOEXEC duplicates a valid fd to the lowest free fd >= 100.
+    let high = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_DUPFD_CLOEXEC, 100) };
+    if high < 0 {
+        bail!("dup: {}", std::io::Error::last_os_error());
+    }
+    Ok(high)
+}
+
+fn write_pid_file(path: &Path, pid: i32) -> Result<()> {
+    let tmp = path.with_extension("husk-tmp");
+    std::fs::write(&tmp, pid.to_string())?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing pid file {}", path.display()))
+}
+
+/// Loads a container's state, correcting it if its monitor has died.
+pub fn load(store: &Store, id: &str) -> Result<ContainerState> {
+    let mut st = store.load(id)?;
+    if st.status != Status::Stopped && !monitor_alive(&st) {
+        st.status = Status::Stopped;
+    }
+    Ok(st)
+}
+
+pub fn start(root: &Path, id: &str) -> Result<()> {
+    let store = Store::new(root);
+    let st = load(&store, id)?;
+    match st.status {
+        Status::Created => {}
+        Status::Stopped => bail!("cannot start a container that has stopped"),
+        _ => bail!("cannot start an already running container"),
+    }
+    control::call(&store.dir(id), &Request::Start)?;
+    Ok(())
+}
+
+/// `husk run`: create, start, and (unless detached) wait and delete; exits with the status.
+pub fn run(root: &Path, opts: &CreateOpts, detach: bool) -> Result<i32> {
+    let pid = create(root, opts)?;
+    if let Err(e) = start(root, &opts.id) {
+        let _ = delete(root, &opts.id, true);
+        return Err(e);
+    }
+    if detach {
+        return Ok(0);
+    }
+    let code = wait_pid(pid);
+    let _ = delete(root, &opts.id, true);
+    Ok(code)
+}
+
+/// Waits for our child monitor and maps its end to an exit code.
+fn wait_pid(pid: i32) -> i32 {
+    use nix::sys::wait::{waitpid, WaitStatus};
+    loop {
+        match waitpid(nix::unistd::Pid::from_raw(pid), None) {
+            Ok(WaitStatus::Exited(_, code)) => return code,
+            Ok(WaitStatus::Signaled(_, sig, _)) => return 128 + sig as i32,
+            Ok(_) => continue,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => return 255,
+        }
+    }
+}
+
+pub fn state(root: &Path, id: &str) -> Result<()> {
+    let st = load(&Store::new(root), id)?;
+    println!("{}", serde_json::to_string_pretty(&st.oci_json())?);
+    Ok(())
+}
+
+pub fn kill(root: &Path, id: &str, sig: &str, all: bool) -> Result<()> {
+    let store = Store::new(root);
+    let signal = signal::parse(sig)?;
+    let st = load(&store, id)?;
+    if st.status == Status::Stopped {
+        bail!("container not running");
+    }
+    control::call(&store.dir(id), &Request::Kill { signal, all })?;
+    Ok(())
+}
+
+pub fn delete(root: &Path, id: &str, force: bool) -> Result<()> {
+    let store = Store::new(root);
+    let st = load(&store, id)?;
+    match st.status {
+        Status::Stopped => {}
+        Status::Created => stop_monitor(&store, &st),
+        _ if force => stop_monitor(&store, &st),
+        s => bail!("cannot delete container {id} that is not stopped: {s}"),
+    }
+    store.remove(id)
+}
+
+/// Kills the container and, failing a clean end within a few seconds, its monitor.
+fn stop_monitor(store: &Store, st: &ContainerState) {
+    let dir = store.dir(&st.id);
+    let _ = control::call(&dir, &Request::Kill { signal: libc::SIGKILL, all: true });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while monitor_alive(st) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if monitor_alive(st) {
+        // SAFETY: plain kill(2) of the monitor whose identity monitor_alive just checked.
+        unsafe { libc::kill(st.pid, libc::SIGKILL) };
+        while monitor_alive(st) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+pub fn pause(root: &Path, id: &str, pause: bool) -> Result<()> {
+    let store = Store::new(root);
+    let st = load(&store, id)?;
+    match (st.status, pause) {
+        (Status::Running, true) => control::call(&store.dir(id), &Request::Pause)?,
+        (Status::Paused, false) => control::call(&store.dir(id), &Request::Resume)?,
+        (Status::Paused, true) => bail!("container already paused"),
+        (_, true) => bail!("container not running"),
+        (_, false) => bail!("container not paused"),
+    };
+    Ok(())
+}
+
+pub fn ps(root: &Path, id: &str, json: bool) -> Result<()> {
+    let store = Store::new(root);
+    let st = load(&store, id)?;
+    if st.status == Status::Stopped {
+        bail!("container not running");
+    }
+    let Reply::Pids { pids } = control::call(&store.dir(id), &Request::Ps)? else {
+        bail!("unexpected reply from the monitor");
+    };
+    if json {
+        println!("{}", serde_json::to_string(&pids)?);
+    } else {
+        println!("PID");
+        pids.iter().for_each(|p| println!("{p}"));
+    }
+    Ok(())
+}
+
+pub fn list(root: &Path, json: bool, quiet: bool) -> Result<()> {
+    let store = Store::new(root);
+    let all: Vec<ContainerState> = store
+        .list()
+        .into_iter()
+        .filter_map(|s| load(&store, &s.id).ok())
+        .collect();
+    if quiet {
+        all.iter().for_each(|s| println!("{}", s.id));
+    } else if json {
+        let v: Vec<_> = all.iter().map(|s| s.oci_json()).collect();
+        println!("{}", serde_json::to_string(&v)?);
+    } else {
+        println!("ID\tPID\tSTATUS\tBUNDLE\tCREATED\tOWNER");
+        for s in &all {
+            let pid = s.oci_json()["pid"].clone();
+            let b = s.bundle.display();
+            println!("{}\t{pid}\t{}\t{b}\t{}\troot", s.id, s.status, s.created);
+        }
+    }
+    Ok(())
+}
+

@@ -1,0 +1,61 @@
+//! The monitor's control socket (`<state dir>/monitor.sock`): one JSON request per connection,
+//! one JSON reply. `husk start|kill|pause|resume|ps` talk to the monitor through it.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+pub const SOCKET: &str = "monitor.sock";
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Request {
+    Start,
+    Kill { signal: i32, all: bool },
+    Pause,
+    Resume,
+    Ps,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "result", rename_all = "snake_case")]
+pub enum Reply {
+    Ok,
+    Pids { pids: Vec<i32> },
+    Error { message: String },
+}
+
+/// Sends `req` to the monitor of the container whose state directory is `dir`.
+pub fn call(dir: &Path, req: &Request) -> Result<Reply> {
+    let path = dir.join(SOCKET);
+    let mut stream = UnixStream::connect(&path).context("container not running")?;
+    let mut line = serde_json::to_vec(req)?;
+    line.push(b'\n');
+    stream.write_all(&line)?;
+    let mut reply = String::new();
+    BufReader::new(stream).read_line(&mut reply)?;
+    if reply.is_empty() {
+        bail!("the container's monitor closed the connection");
+    }
+    match serde_json::from_str(&reply)? {
+        Reply::Error { message } => bail!("{message}"),
+        r => Ok(r),
+    }
+}
+
+/// Reads one request from a monitor-side connection.
+pub fn read_request(stream: &UnixStream) -> Result<Request> {
+    let mut line = String::new();
+    BufReader::new(stream).read_line(&mut line)?;
+    Ok(serde_json::from_str(&line)?)
+}
+
+pub fn write_reply(mut stream: &UnixStream, reply: &Reply) -> Result<()> {
+    let mut line = serde_json::to_vec(reply)?;
+    line.push(b'\n');
+    stream.write_all(&line)?;
+    Ok(())
+}

@@ -1,0 +1,226 @@
+//! The monitor: one process per container that owns its micro-VM. It boots the guest, has the
+//! agent create the container, bridges stdio, answers control requests, and exits with the
+//! container's status (the code, or 128 + signal) once the process is gone and the VM is off.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::{FromRawFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, Result};
+use husk_agent::client::Client;
+
+use super::bundle::Bundle;
+use super::control::{self, Reply, Request};
+use super::guest_plan::{GuestPlan, GUEST_ROOTFS};
+use super::state::{ContainerState, Status, Store};
+use super::stdio::{self, HostStdio};
+use crate::boot::AGENT_TIMEOUT;
+use crate::microvm::{MicroVm, Options};
+use crate::{assets, vsock};
+
+/// What `husk create` hands the monitor.
+pub struct MonitorArgs {
+    pub root: PathBuf,
+    pub id: String,
+    pub bundle: PathBuf,
+    pub console_socket: Option<PathBuf>,
+    /// A pipe on which to say "ok" (or the error) once the container is created.
+    pub ready_fd: Option<RawFd>,
+}
+
+/// Runs the container to its end; returns the monitor's exit code.
+pub fn run(args: MonitorArgs) -> i32 {
+    let mut ready = args.ready_fd.map(|fd| {
+        // SAFETY: `create` passed us this fd for our exclusive use.
+        unsafe { File::from_raw_fd(fd) }
+    });
+    let store = Store::new(&args.root);
+    let started = match start(&args, &store) {
+        Ok(s) => s,
+        Err(e) => {
+            report(&mut ready, &format!("{e:#}"));
+            return 1;
+        }
+    };
+    report(&mut ready, "ok");
+    drop(ready);
+    finish(started, &store)
+}
+
+fn report(ready: &mut Option<File>, msg: &str) {
+    match ready {
+        Some(f) => {
+            let _ = writeln!(f, "{msg}");
+        }
+        None if msg != "ok" => eprintln!("{msg}"),
+        None => {}
+    }
+}
+
+struct Started {
+    vm: MicroVm,
+    state: Arc<Mutex<ContainerState>>,
+    exit: std::sync::mpsc::Receiver<husk_agent::ExitStatus>,
+}
+
+/// Boots, creates the container, saves the "created" state and starts the control server.
+fn start(args: &MonitorArgs, store: &Store) -> Result<Started> {
+    let bundle = Bundle::load(&args.bundle)?;
+    let plan = GuestPlan::new(&bundle)?;
+    let dir = store.dir(&args.id);
+    let mut vm = MicroVm::start(options(&bundle, &dir, &plan)?)?;
+    let mut agent = vm.agent(AGENT_TIMEOUT).context("waiting for the guest agent")?;
+    plan.mount_shares(&mut agent)?;
+    agent
+        .create_container(&args.id, &plan.spec, GUEST_ROOTFS)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    let host = match (&args.console_socket, terminal(&bundle)) {
+        (Some(sock), true) => stdio::terminal(sock)?,
+        _ => HostStdio::Inherited,
+    };
+    let attach = vm.agent(AGENT_TIMEOUT)?.attach_stdio(&args.id)?;
+    let exit = stdio::bridge(attach.into_inner(), host)?;
+    let state = Arc::new(Mutex::new(initial_state(args, &bundle)?));
+    store.save(&state.lock().unwrap())?;
+    serve_control(&dir, vm.vsock_path().to_path_buf(), state.clone(), &args.root)?;
+    Ok(Started { vm, state, exit })
+}
+
+fn terminal(bundle: &Bundle) -> bool {
+    bundle.raw["process"]["terminal"].as_bool().unwrap_or(false)
+}
+
+/// Waits for the process to end, records it, powers the guest off.
+fn finish(mut s: Started, store: &Store) -> i32 {
+    let status = s.exit.recv().unwrap_or(husk_agent::ExitStatus {
+        code: None,
+        signal: Some(libc::SIGKILL),
+    });
+    {
+        let mut st = s.state.lock().unwrap();
+        st.status = Status::Stopped;
+        let _ = store.save(&st);
+    }
+    if let Ok(mut agent) = vm_agent(&s.vm) {
+        let _ = agent.poweroff();
+    }
+    let _ = s.vm.wait();
+    stdio::exit_code(&status)
+}
+
+fn vm_agent(vm: &MicroVm) -> Result<Client<UnixStream>> {
+    let stream = vsock::connect(vm.vsock_path(), husk_agent::AGENT_VSOCK_PORT)?;
+    Ok(Client::new(stream))
+}
+
+/// VM size from `linux.resources`: memory limit (at least 128 MiB) and CPU quota.
+fn options(bundle: &Bundle, dir: &Path, plan: &GuestPlan) -> Result<Options> {
+    let res = &bundle.raw["linux"]["resources"];
+    let limit_mib = res["memory"]["limit"].as_i64().filter(|l| *l > 0).map(|l| l >> 20);
+    let memory_mib = limit_mib.unwrap_or(256).clamp(128, 64 << 10) as u32;
+    let quota = res["cpu"]["quota"].as_i64().filter(|q| *q > 0);
+    let period = res["cpu"]["period"].as_u64().filter(|p| *p > 0).unwrap_or(100_000);
+    let vcpus = quota.map_or(1, |q| (q as u64).div_ceil(period)).clamp(1, 32) as u8;
+    Ok(Options {
+        vcpus,
+        memory_mib,
+        kernel: assets::kernel(None)?,
+        initramfs: assets::initramfs(None)?,
+        cmdline: String::new(),
+        serial: husk_vmm::SerialOutput::File(dir.join("console.log")),
+        disks: Vec::new(),
+        shares: plan.shares.clone(),
+        vsock_path: Some(dir.join("vsock.sock")),
+    })
+}
+
+fn initial_state(args: &MonitorArgs, bundle: &Bundle) -> Result<ContainerState> {
+    let pid = std::process::id() as i32;
+    let annotations = bundle.spec.annotations().clone().unwrap_or_default();
+    Ok(ContainerState {
+        id: args.id.clone(),
+        bundle: bundle.dir.clone(),
+        rootfs: bundle.rootfs.clone(),
+        created: humantime::format_rfc3339_nanos(std::time::SystemTime::now()).to_string(),
+        status: Status::Created,
+        pid,
+        pid_start_time: super::process_start_time(pid).unwrap_or(0),
+        annotations: annotations.into_iter().collect(),
+    })
+}
+
+/// Serves `monitor.sock` on a thread: each request gets a fresh agent connection.
+fn serve_control(
+    dir: &Path,
+    uds: PathBuf,
+    state: Arc<Mutex<ContainerState>>,
+    root: &Path,
+) -> Result<()> {
+    let path = dir.join(control::SOCKET);
+    let _ = std::fs::remove_file(&path);
+    let listener = UnixListener::bind(&path)
+        .with_context(|| format!("binding {}", path.display()))?;
+    let root = root.to_path_buf();
+    std::thread::Builder::new()
+        .name("control".into())
+        .spawn(move || {
+            for conn in listener.incoming().flatten() {
+                let reply = match control::read_request(&conn) {
+                    Ok(req) => handle(req, &uds, &state, &root),
+                    Err(e) => Reply::Error {
+                        message: format!("bad request: {e:#}"),
+                    },
+                };
+                let _ = control::write_reply(&conn, &reply);
+            }
+        })?;
+    Ok(())
+}
+
+fn handle(req: Request, uds: &Path, state: &Mutex<ContainerState>, root: &Path) -> Reply {
+    match handle_inner(req, uds, state, root) {
+        Ok(r) => r,
+        Err(e) => Reply::Error {
+            message: format!("{e:#}"),
+        },
+    }
+}
+
+fn handle_inner(
+    req: Request,
+    uds: &Path,
+    state: &Mutex<ContainerState>,
+    root: &Path,
+) -> Result<Reply> {
+    let mut agent = Client::new(vsock::connect(uds, husk_agent::AGENT_VSOCK_PORT)?);
+    let id = state.lock().unwrap().id.clone();
+    let set = |status| -> Result<()> {
+        let mut st = state.lock().unwrap();
+        st.status = status;
+        Store::new(root).save(&st)
+    };
+    match req {
+        Request::Start => {
+            agent.start_container(&id)?;
+            set(Status::Running)?;
+        }
+        Request::Kill { signal, all } => agent.signal_container(&id, signal, all)?,
+        Request::Pause => {
+            agent.signal_container(&id, libc::SIGSTOP, true)?;
+            set(Status::Paused)?;
+        }
+        Request::Resume => {
+            agent.signal_container(&id, libc::SIGCONT, true)?;
+            set(Status::Running)?;
+        }
+        Request::Ps => {
+            return Ok(Reply::Pids {
+                pids: agent.list_processes(&id)?,
+            })
+        }
+    }
+    Ok(Reply::Ok)
+}

@@ -1,0 +1,155 @@
+//! The thread that serves one activated virtio-9p device: it confines itself to the shared
+//! directory, then answers each descriptor chain with the p9 server.
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::unix::io::AsRawFd;
+use std::path::Path;
+use std::sync::Arc;
+
+use nix::sched::{unshare, CloneFlags};
+use nix::sys::stat::{umask, Mode};
+use nix::unistd::{chroot, fchdir};
+use virtio_queue::{DescriptorChain, Queue, QueueT};
+use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+use vmm_sys_util::eventfd::EventFd;
+
+use super::wire;
+use crate::devices::virtio::{GuestMemoryMmap, Interrupt};
+
+type Writer<'a> = virtio_queue::Writer<'a, ()>;
+
+const TOKEN_NOTIFY: u64 = 0;
+const TOKEN_STOP: u64 = 1;
+
+/// Builds a p9 server whose whole view of the host is `root`.
+///
+/// p9 0.3 does not keep walks inside its root: it resolves each Twalk name with
+/// `openat(parent, name, O_NOFOLLOW)`, so a name of `..` leaves the root and a name with a `/`
+/// follows symlinks in its leading components. We therefore give this thread its own
+/// filesystem context (`unshare(CLONE_FS)`, which leaves the rest of the VMM untouched) and
+/// chroot it into `root`: the kernel then keeps `..` at the root, resolves absolute symlinks
+/// inside it, and never lets a lookup climb out (a directory moved out of the share by the
+/// host is the one exception). This needs CAP_SYS_CHROOT, which the VMM has as root.
+pub(super) fn confined_server(root: &File) -> io::Result<p9::Server> {
+    // p9 opens /proc now and later reopens fids through /proc/self/fd: it must see the host's
+    // /proc, so the server is created before the chroot hides it.
+    let server = p9::Server::new(Path::new("/"), Default::default(), Default::default())?;
+    unshare(CloneFlags::CLONE_FS)?;
+    fchdir(root)?;
+    chroot(".")?;
+    // The guest kernel applies the guest's umask before it sends a mode; applying the VMM's
+    // as well would silently strip permission bits from what the guest creates.
+    umask(Mode::empty());
+    Ok(server)
+}
+
+/// Everything the worker thread owns.
+pub(super) struct Fs9pWorker {
+    pub(super) mem: Arc<GuestMemoryMmap>,
+    pub(super) queue: Queue,
+    pub(super) server: p9::Server,
+    pub(super) read_only: bool,
+    pub(super) interrupt: Arc<Interrupt>,
+}
+
+impl Fs9pWorker {
+    pub(super) fn run(mut self, stop: &EventFd, notify: &EventFd) {
+        if let Err(e) = self.event_loop(stop, notify) {
+            log::error!("virtio-9p: worker failed: {e}");
+        }
+    }
+
+    fn event_loop(&mut self, stop: &EventFd, notify: &EventFd) -> io::Result<()> {
+        let epoll = Epoll::new()?;
+        for (fd, token) in [
+            (notify.as_raw_fd(), TOKEN_NOTIFY),
+            (stop.as_raw_fd(), TOKEN_STOP),
+        ] {
+            epoll.ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, token),
+            )?;
+        }
+        // The driver may have queued requests before we started listening.
+        self.process_queue();
+        let mut events = [EpollEvent::default(); 2];
+        loop {
+            let n = match epoll.wait(-1, &mut events) {
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                other => other?,
+            };
+            for ev in &events[..n] {
+                if ev.data() == TOKEN_STOP {
+                    return Ok(());
+                }
+                let _ = notify.read();
+                self.process_queue();
+            }
+        }
+    }
+
+    fn process_queue(&mut self) {
+        let mem = self.mem.clone();
+        let mut completed = false;
+        while let Some(chain) = self.queue.pop_descriptor_chain(mem.as_ref()) {
+            let head = chain.head_index();
+            let len = self.handle(chain, mem.as_ref());
+            if let Err(e) = self.queue.add_used(mem.as_ref(), head, len) {
+                log::error!("virtio-9p: cannot complete request: {e}");
+            }
+            completed = true;
+        }
+        if completed && self.queue.needs_notification(mem.as_ref()).unwrap_or(true) {
+            self.interrupt.signal_used_queue();
+        }
+    }
+
+    /// Answers one request; returns the number of bytes written into the chain (used length).
+    fn handle(&mut self, chain: DescriptorChain<&GuestMemoryMmap>, mem: &GuestMemoryMmap) -> u32 {
+        let (Ok(mut reader), Ok(writer)) = (chain.clone().reader(mem), chain.writer(mem)) else {
+            log::warn!("virtio-9p: descriptor chain outside guest memory");
+            return 0;
+        };
+        let Some(header) = wire::peek_header(&reader) else {
+            log::warn!("virtio-9p: request shorter than a 9P header");
+            return 0;
+        };
+        if self.read_only && wire::modifies_host(header.ty, &reader) {
+            return reply_error(writer, header.tag, libc::EROFS);
+        }
+        // The server writes through a copy so that, if the reply does not fit, the original
+        // still points at the start of the buffer and can carry an Rlerror instead.
+        let mut out = writer.clone();
+        match self.server.handle_message(&mut reader, &mut out) {
+            Ok(()) => out.bytes_written() as u32,
+            Err(e) => {
+                log::debug!("virtio-9p: request type {} failed: {e}", header.ty);
+                reply_error(writer, header.tag, errno_of(&e))
+            }
+        }
+    }
+}
+
+/// The errno to report when the server could not answer at all: the reply did not fit the
+/// guest's buffer, or the request was malformed beyond the header.
+fn errno_of(e: &io::Error) -> i32 {
+    e.raw_os_error().unwrap_or(match e.kind() {
+        io::ErrorKind::WriteZero => libc::EMSGSIZE,
+        io::ErrorKind::InvalidData | io::ErrorKind::UnexpectedEof => libc::EINVAL,
+        _ => libc::EIO,
+    })
+}
+
+/// Writes an Rlerror at the start of the reply buffer; returns its used length (0 if even that
+/// does not fit, which leaves the guest driver to notice the short reply).
+fn reply_error(mut writer: Writer<'_>, tag: u16, errno: i32) -> u32 {
+    match writer.write_all(&wire::rlerror(tag, errno)) {
+        Ok(()) => wire::RLERROR_LEN as u32,
+        Err(e) => {
+            log::warn!("virtio-9p: no room for an error reply: {e}");
+            0
+        }
+    }
+}
