@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use clap::{Parser, Subcommand};
 use husk_runtime::container::commands::{self, CreateOpts};
+use husk_runtime::container::exec::{self, ExecOpts};
 use husk_runtime::container::monitor::{self, MonitorArgs};
 use husk_runtime::logging::{LogFormat, Logger};
 use husk_runtime::{bench, boot, vm};
@@ -94,6 +95,16 @@ enum Command {
         #[arg(short, long)]
         quiet: bool,
     },
+    /// Run a new process inside a running container.
+    Exec(ExecOpts),
+    /// Print the features Husk honours (runc's JSON).
+    Features,
+    /// Write a default config.json for a bundle.
+    Spec {
+        /// Where to write config.json.
+        #[arg(short, long, default_value = ".")]
+        bundle: PathBuf,
+    },
     /// Boot the default guest to a ready agent, report the time, and power it off.
     Boot(boot::BootArgs),
     /// Run the bare VMM until the guest powers off.
@@ -157,6 +168,9 @@ fn dispatch(cli: Cli, started: Instant) -> Result<i32, Failure> {
         Command::Resume { id } => plain(commands::pause(&root, &id, false)),
         Command::Ps { format, id } => plain(commands::ps(&root, &id, format == "json")),
         Command::List { format, quiet } => plain(commands::list(&root, format == "json", quiet)),
+        Command::Exec(opts) => exec::exec(&root, &opts).map_err(|e| ("", e)),
+        Command::Features => plain(commands::features()),
+        Command::Spec { bundle } => plain(commands::spec(&bundle)),
         Command::Monitor {
             bundle,
             console_socket,

@@ -2,6 +2,7 @@
 pub mod bundle;
 pub mod commands;
 pub mod control;
+pub mod exec;
 pub mod guest_plan;
 pub mod monitor;
 pub mod signal;

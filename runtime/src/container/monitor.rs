@@ -50,6 +50,13 @@ pub fn run(args: MonitorArgs) -> i32 {
     finish(started, &store)
 }
 
+/// Writes one readiness line on a pipe given by fd number, and closes it.
+pub fn notify(fd: RawFd, msg: &str) {
+    // SAFETY: the parent passed us this fd for our exclusive use; we own it from here.
+    let mut f = unsafe { File::from_raw_fd(fd) };
+    let _ = writeln!(f, "{msg}");
+}
+
 fn report(ready: &mut Option<File>, msg: &str) {
     match ready {
         Some(f) => {
@@ -63,7 +70,7 @@ fn report(ready: &mut Option<File>, msg: &str) {
 struct Started {
     vm: MicroVm,
     state: Arc<Mutex<ContainerState>>,
-    exit: std::sync::mpsc::Receiver<husk_agent::ExitStatus>,
+    exit: std::sync::mpsc::Receiver<stdio::Outcome>,
 }
 
 /// Boots, creates the container, saves the "created" state and starts the control server.
@@ -95,10 +102,18 @@ fn terminal(bundle: &Bundle) -> bool {
 
 /// Waits for the process to end, records it, powers the guest off.
 fn finish(mut s: Started, store: &Store) -> i32 {
-    let status = s.exit.recv().unwrap_or(husk_agent::ExitStatus {
+    let killed = husk_agent::ExitStatus {
         code: None,
         signal: Some(libc::SIGKILL),
-    });
+    };
+    let status = match s.exit.recv() {
+        Ok(Ok(status)) => status,
+        Ok(Err(message)) => {
+            eprintln!("{message}");
+            killed
+        }
+        Err(_) => killed,
+    };
     {
         let mut st = s.state.lock().unwrap();
         st.status = Status::Stopped;

@@ -59,9 +59,12 @@ fn send_master(console_socket: &Path, master: &OwnedFd) -> Result<()> {
     Ok(())
 }
 
+/// How the process ended, or the agent's reason it could not run.
+pub type Outcome = std::result::Result<ExitStatus, String>;
+
 /// Starts the forwarding threads; the receiver yields the process's status once all of its
 /// output has been written out.
-pub fn bridge(stream: UnixStream, host: HostStdio) -> Result<mpsc::Receiver<ExitStatus>> {
+pub fn bridge(stream: UnixStream, host: HostStdio) -> Result<mpsc::Receiver<Outcome>> {
     let (tx, rx) = mpsc::channel();
     let to_guest = stream.try_clone()?;
     match host {
@@ -110,7 +113,7 @@ fn pump_in(mut input: File, mut to_guest: UnixStream) {
 }
 
 /// Stdout/Stderr frames → host fds, in order, until the Exit response.
-fn pump_out(mut from_guest: UnixStream, out: &mut dyn Write, err: &mut dyn Write) -> ExitStatus {
+fn pump_out(mut from_guest: UnixStream, out: &mut dyn Write, err: &mut dyn Write) -> Outcome {
     loop {
         match read_frame(&mut from_guest) {
             Ok(Frame::Stdout(d)) => {
@@ -119,14 +122,15 @@ fn pump_out(mut from_guest: UnixStream, out: &mut dyn Write, err: &mut dyn Write
             Ok(Frame::Stderr(d)) => {
                 let _ = err.write_all(&d).and_then(|_| err.flush());
             }
-            Ok(Frame::Response(Response::Exit(status))) => return status,
+            Ok(Frame::Response(Response::Exit(status))) => return Ok(status),
+            Ok(Frame::Response(Response::Error { message })) => return Err(message),
             Ok(_) => {}
             // The guest went away without a status: report a kill, as a lost process would.
             Err(_) => {
-                return ExitStatus {
+                return Ok(ExitStatus {
                     code: None,
                     signal: Some(libc::SIGKILL),
-                }
+                })
             }
         }
     }
