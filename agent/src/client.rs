@@ -195,7 +195,12 @@ impl<S: Read + Write> Client<S> {
     }
 
     /// Signals the container's init, or with `all` each of its processes.
-    pub fn signal_container(&mut self, id: &str, signal: i32, all: bool) -> Result<(), ClientError> {
+    pub fn signal_container(
+        &mut self,
+        id: &str,
+        signal: i32,
+        all: bool,
+    ) -> Result<(), ClientError> {
         self.call_ok(Request::SignalContainer {
             id: id.into(),
             signal,

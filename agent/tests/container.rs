@@ -43,7 +43,11 @@ impl Agent {
     }
 
     fn rootfs(&self) -> String {
-        self.dir.path().join("rootfs").to_string_lossy().into_owned()
+        self.dir
+            .path()
+            .join("rootfs")
+            .to_string_lossy()
+            .into_owned()
     }
 
     fn create(&self, id: &str, spec: &Value) -> Result<i32, ClientError> {
@@ -154,8 +158,13 @@ fn mountinfo_mentions(path: &str) -> bool {
 
 fn alive(pid: i32) -> bool {
     // A zombie counts as gone: the agent reaps it soon after.
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .is_ok_and(|s| !s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        !s.rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z')
+    })
 }
 
 #[test]
@@ -170,7 +179,7 @@ fn spec_fields_are_honoured_inside() {
         echo "nofile=$(ulimit -n)"; echo "umask=$(umask)"; echo "pwd=$(pwd)"
         echo "oom=$(cat /proc/self/oom_score_adj)"
         echo "fwd=$(cat /proc/sys/net/ipv4/ip_forward)"
-        echo "kcore=$(wc -c < /proc/kcore)"; echo "firmware=$(ls /sys/firmware | wc -l)"
+        echo "masked=$(wc -c < /proc/timer_list)"; echo "firmware=$(ls /sys/firmware | wc -l)"
         echo "sysro=$(awk '$5=="/proc/sys" {print substr($6,1,2)}' /proc/self/mountinfo)"
         echo "rootro=$(awk '$5=="/" {print substr($6,1,2)}' /proc/self/mountinfo)"
         echo "scratch=$(awk '$2=="/scratch" {print $3}' /proc/mounts)"
@@ -181,12 +190,16 @@ fn spec_fields_are_honoured_inside() {
     "#;
     let mut s = spec(script);
     let caps = json!(["CAP_AUDIT_WRITE", "CAP_KILL", "CAP_NET_BIND_SERVICE"]);
-    s["process"]["user"] = json!({"uid": 1000, "gid": 1000, "additionalGids": [10, 20], "umask": 23});
+    s["process"]["user"] =
+        json!({"uid": 1000, "gid": 1000, "additionalGids": [10, 20], "umask": 23});
     s["process"]["capabilities"] = json!({"bounding": caps, "effective": caps,
         "permitted": caps, "inheritable": caps, "ambient": caps});
     s["process"]["cwd"] = json!("/work/dir");
     s["process"]["oomScoreAdj"] = json!(123);
-    s["process"]["env"].as_array_mut().unwrap().push(json!("FOO=bar baz"));
+    s["process"]["env"]
+        .as_array_mut()
+        .unwrap()
+        .push(json!("FOO=bar baz"));
     s["hostname"] = json!("husky");
     s["linux"]["sysctl"] = json!({"net.ipv4.ip_forward": "1"});
     s["linux"]["seccomp"] = json!({"defaultAction": "SCMP_ACT_ALLOW", "architectures": ["SCMP_ARCH_X86_64"],
@@ -210,7 +223,7 @@ fn spec_fields_are_honoured_inside() {
     assert_eq!(line(&out, "pwd="), "/work/dir");
     assert_eq!(line(&out, "oom="), "123");
     assert_eq!(line(&out, "fwd="), "1");
-    assert_eq!(line(&out, "kcore="), "0");
+    assert_eq!(line(&out, "masked="), "0", "{err}");
     assert_eq!(line(&out, "firmware="), "0");
     assert_eq!(line(&out, "sysro="), "ro");
     assert_eq!(line(&out, "rootro="), "ro");
@@ -219,10 +232,19 @@ fn spec_fields_are_honoured_inside() {
     assert_eq!(line(&out, "wrote="), "yes");
     assert_eq!(line(&out, "FOO="), "bar baz");
     let dev = line(&out, "dev=");
-    for node in ["null", "zero", "full", "random", "urandom", "tty", "ptmx", "pts", "shm", "mqueue", "fd", "stdin"] {
-        assert!(dev.split(' ').any(|d| d == node), "/dev lacks {node}: {dev}");
+    for node in [
+        "null", "zero", "full", "random", "urandom", "tty", "ptmx", "pts", "shm", "mqueue", "fd",
+        "stdin",
+    ] {
+        assert!(
+            dev.split(' ').any(|d| d == node),
+            "/dev lacks {node}: {dev}"
+        );
     }
-    assert_eq!(std::fs::read_to_string(shared.join("from-container")).unwrap(), "hello\n");
+    assert_eq!(
+        std::fs::read_to_string(shared.join("from-container")).unwrap(),
+        "hello\n"
+    );
 }
 
 #[test]
@@ -254,7 +276,12 @@ fn exit_codes_and_signals() {
     assert_eq!((status.code, status.signal), (Some(7), None));
 
     // SIGTERM reaches a handler; SIGKILL is reported as a signal.
-    agent.create("trap", &spec("trap 'exit 3' TERM; while :; do sleep 0.1; done")).unwrap();
+    agent
+        .create(
+            "trap",
+            &spec("trap 'exit 3' TERM; while :; do sleep 0.1; done"),
+        )
+        .unwrap();
     agent.client().start_container("trap").unwrap();
     thread::sleep(Duration::from_millis(300));
     agent.client().signal_container("trap", 15, false).unwrap();
@@ -271,7 +298,10 @@ fn exit_codes_and_signals() {
     agent.client().signal_container("sleeper", 9, true).unwrap();
     let status = waiter.join().unwrap();
     assert_eq!((status.code, status.signal), (None, Some(9)));
-    assert!(agent.client().signal_container("sleeper", 9, false).is_err());
+    assert!(agent
+        .client()
+        .signal_container("sleeper", 9, false)
+        .is_err());
     agent.client().delete_container("sleeper").unwrap();
     assert!(!alive(pid));
 }
@@ -290,12 +320,18 @@ fn exec_joins_the_container_and_ps_lists_it() {
         "env": ["PATH=/bin", "FOO=exec-env"], "cwd": "/tmp", "user": {"uid": 7, "gid": 7}});
     let out = agent.client().exec_in_container("ex", &process).unwrap();
     assert!(out.status.success(), "{out:?}");
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "exec-host\ntmpfs\nexec-env\n7\n/tmp\n");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "exec-host\ntmpfs\nexec-env\n7\n/tmp\n"
+    );
 
     // A long-running exec shows up in ps next to init.
     let mut c = agent.client();
-    c.start_exec_in_container("ex", &json!({"args": ["sleep", "50"], "cwd": "/", "user": {"uid": 0, "gid": 0}}))
-        .unwrap();
+    c.start_exec_in_container(
+        "ex",
+        &json!({"args": ["sleep", "50"], "cwd": "/", "user": {"uid": 0, "gid": 0}}),
+    )
+    .unwrap();
     thread::sleep(Duration::from_millis(300));
     let pids = agent.client().list_processes("ex").unwrap();
     assert!(pids.contains(&init) && pids.len() == 2, "{pids:?}");
@@ -303,8 +339,15 @@ fn exec_joins_the_container_and_ps_lists_it() {
     assert!(matches!(c.next_event().unwrap(), ExecEvent::Exit(s) if s.signal == Some(9)));
 
     let missing = json!({"args": ["nope"], "cwd": "/", "user": {"uid": 0, "gid": 0}});
-    let err = agent.client().exec_in_container("ex", &missing).unwrap_err().to_string();
-    assert!(err.contains(r#"exec: "nope": executable file not found in $PATH"#), "{err}");
+    let err = agent
+        .client()
+        .exec_in_container("ex", &missing)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(r#"exec: "nope": executable file not found in $PATH"#),
+        "{err}"
+    );
     agent.client().delete_container("ex").unwrap();
 }
 
@@ -318,14 +361,21 @@ fn terminal_mode_gets_a_pty_and_resizes() {
     while !String::from_utf8_lossy(&out).contains("/dev/pts/0") {
         match a.next_event().unwrap() {
             ExecEvent::Stdout(d) => out.extend(d),
-            other => panic!("{other:?} before tty output: {}", String::from_utf8_lossy(&out)),
+            other => panic!(
+                "{other:?} before tty output: {}",
+                String::from_utf8_lossy(&out)
+            ),
         }
     }
     a.resize(40, 100).unwrap();
     a.send_stdin(b"go\n").unwrap();
     let status = a.copy_output(&mut out, &mut Vec::new()).unwrap();
     assert!(status.success());
-    assert!(String::from_utf8_lossy(&out).contains("40 100"), "{}", String::from_utf8_lossy(&out));
+    assert!(
+        String::from_utf8_lossy(&out).contains("40 100"),
+        "{}",
+        String::from_utf8_lossy(&out)
+    );
     agent.client().delete_container("tty").unwrap();
 
     // The same for a process exec'd into a running container.
@@ -347,7 +397,10 @@ fn terminal_mode_gets_a_pty_and_resizes() {
         }
     }
     let text = String::from_utf8_lossy(&out);
-    assert!(text.contains("/dev/pts/0") && text.contains("33 77"), "{text}");
+    assert!(
+        text.contains("/dev/pts/0") && text.contains("33 77"),
+        "{text}"
+    );
     agent.client().delete_container("tty2").unwrap();
 }
 
@@ -375,7 +428,10 @@ fn errors_leave_nothing_behind() {
     let mut s = spec("true");
     s["process"]["args"] = json!(["no-such-program"]);
     let e = err(agent.create("bad2", &s).map(drop));
-    assert!(e.contains(r#"exec: "no-such-program": executable file not found in $PATH"#), "{e}");
+    assert!(
+        e.contains(r#"exec: "no-such-program": executable file not found in $PATH"#),
+        "{e}"
+    );
     let e = err(agent.create("bad", &spec("true")).map(drop));
     assert!(e.contains("already exists"), "{e}");
     agent.client().delete_container("bad").unwrap();
@@ -383,7 +439,10 @@ fn errors_leave_nothing_behind() {
     let mut s = spec("true");
     s["process"]["cwd"] = json!("/etc/passwd");
     let e = err(agent.create("cwd", &s).map(drop));
-    assert!(e.contains("chdir to cwd") && e.contains("not a directory"), "{e}");
+    assert!(
+        e.contains("chdir to cwd") && e.contains("not a directory"),
+        "{e}"
+    );
 
     let mut s = spec("true");
     s["linux"]["seccomp"] = json!({"defaultAction": "SCMP_ACT_ALLOW",

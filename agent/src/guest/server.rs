@@ -280,9 +280,9 @@ impl Conn {
                 .signal(&ctx.reaper, &id, signal, all)
                 .map(|()| Response::Ok),
             Request::DeleteContainer { id } => c.delete(&id).map(|()| Response::Ok),
-            Request::ListProcesses { id } => c
-                .processes(&id)
-                .map(|pids| Response::Processes { pids }),
+            Request::ListProcesses { id } => {
+                c.processes(&id).map(|pids| Response::Processes { pids })
+            }
             other => Err(format!("unexpected request {other:?}")),
         };
         result.unwrap_or_else(|message| Response::Error { message })

@@ -6,7 +6,9 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, OwnedFd};
 
-use nix::sys::socket::{connect, shutdown, socket, AddressFamily, Shutdown, SockFlag, SockType, VsockAddr};
+use nix::sys::socket::{
+    connect, shutdown, socket, AddressFamily, Shutdown, SockFlag, SockType, VsockAddr,
+};
 
 pub fn run(cid: u32, port: u32) -> io::Result<()> {
     let fd: OwnedFd = socket(

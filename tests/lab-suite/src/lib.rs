@@ -154,3 +154,97 @@ pub fn exec_request(argv: &[&str]) -> husk_agent::ExecRequest {
         ..Default::default()
     }
 }
+
+/// A state root and bundles for OCI tests; everything under one temp dir.
+pub struct Oci {
+    pub dir: tempfile::TempDir,
+}
+
+/// What a command printed and how it ended.
+#[derive(Debug)]
+pub struct Out {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Oci {
+    pub fn new() -> Oci {
+        require_lab();
+        Oci {
+            dir: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+
+    pub fn root(&self) -> PathBuf {
+        self.dir.path().join("state")
+    }
+
+    /// Writes a busybox bundle running `args` (examples/busybox/bundle.sh) and returns its dir.
+    pub fn bundle(&self, name: &str, args: &[&str]) -> PathBuf {
+        let dir = self.dir.path().join(name);
+        let st = Command::new(repo_root().join("examples/busybox/bundle.sh"))
+            .arg(&dir)
+            .args(args)
+            .stderr(Stdio::null())
+            .status()
+            .expect("bundle.sh");
+        assert!(st.success(), "bundle.sh failed");
+        dir
+    }
+
+    /// Edits a bundle's config.json.
+    pub fn edit(&self, bundle: &Path, f: impl FnOnce(&mut serde_json::Value)) {
+        let path = bundle.join("config.json");
+        let mut v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        f(&mut v);
+        std::fs::write(&path, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+    }
+
+    /// Runs `husk --root <root> ARGS` with empty stdin.
+    pub fn husk(&self, args: &[&str]) -> Out {
+        self.husk_with_input(args, b"")
+    }
+
+    pub fn husk_with_input(&self, args: &[&str], input: &[u8]) -> Out {
+        let mut cmd = Command::new(husk_bin());
+        cmd.arg("--root").arg(self.root()).args(args);
+        run_with_input(cmd, input)
+    }
+
+    /// Runs `runc --root <root>/runc ARGS` (the reference).
+    pub fn runc(&self, args: &[&str]) -> Out {
+        let mut cmd = Command::new("runc");
+        cmd.arg("--root").arg(self.dir.path().join("runc")).args(args);
+        run_with_input(cmd, b"")
+    }
+}
+
+impl Default for Oci {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn run_with_input(mut cmd: Command, input: &[u8]) -> Out {
+    use std::io::Write;
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    let mut stdin = child.stdin.take().unwrap();
+    let input = input.to_vec();
+    let feeder = std::thread::spawn(move || {
+        let _ = stdin.write_all(&input);
+    });
+    let out = child.wait_with_output().expect("wait");
+    let _ = feeder.join();
+    Out {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}

@@ -46,7 +46,10 @@ pub fn main(fd: &str) -> ExitCode {
 
 /// Becomes the container's init: namespaces, filesystem, process set-up, wait for start.
 fn init(sync: &SyncSocket, spec: &Spec, rootfs: &Path) -> HelperResult<Infallible> {
-    let process = spec.process().as_ref().ok_or("config.json has no process")?;
+    let process = spec
+        .process()
+        .as_ref()
+        .ok_or("config.json has no process")?;
     nix::unistd::setsid().map_err(|e| format!("setsid: {e}"))?;
     ns::join_paths(spec)?;
     if ns::has(spec, LinuxNamespaceType::Network) {
@@ -84,7 +87,12 @@ fn finish_mounts(spec: &Spec) -> HelperResult<()> {
         mounts::mask_paths(linux.masked_paths().as_deref().unwrap_or_default())?;
         mounts::readonly_paths(linux.readonly_paths().as_deref().unwrap_or_default())?;
     }
-    if spec.root().as_ref().and_then(|r| r.readonly()).unwrap_or(false) {
+    if spec
+        .root()
+        .as_ref()
+        .and_then(|r| r.readonly())
+        .unwrap_or(false)
+    {
         mounts::readonly_root()?;
     }
     Ok(())

@@ -127,7 +127,10 @@ impl Containers {
             return Err(format!("container with id {id:?} already exists"));
         }
         let spec: Spec = serde_json::from_value(spec).map_err(|e| format!("config.json: {e}"))?;
-        let process = spec.process().as_ref().ok_or("config.json has no process")?;
+        let process = spec
+            .process()
+            .as_ref()
+            .ok_or("config.json has no process")?;
         let flags = ns::clone_flags(&spec)?;
         let terminal = process.terminal().unwrap_or(false);
         let order = ToHelper::Init {

@@ -42,7 +42,12 @@ pub fn setup_rootfs(spec: &Spec, rootfs: &Path) -> HelperResult<()> {
         mount_one(rootfs, m)?;
     }
     if mounts.iter().any(is_dev_tmpfs) {
-        populate_dev(rootfs, linux.and_then(|l| l.devices().as_deref()).unwrap_or_default())?;
+        populate_dev(
+            rootfs,
+            linux
+                .and_then(|l| l.devices().as_deref())
+                .unwrap_or_default(),
+        )?;
     }
     enter_root(rootfs)
 }
@@ -59,7 +64,11 @@ fn mount_one(rootfs: &Path, m: &Mount) -> HelperResult<()> {
     let is_bind = flags.contains(MsFlags::MS_BIND) || typ == "bind";
     let source = m.source().clone().unwrap_or_else(|| PathBuf::from(typ));
     make_mount_point(&dest, is_bind.then_some(source.as_path()))?;
-    let what = format!("mount {} on {}", source.display(), m.destination().display());
+    let what = format!(
+        "mount {} on {}",
+        source.display(),
+        m.destination().display()
+    );
     let data = (!data.is_empty()).then_some(data.as_str());
     let propagation = flags & propagation_flags();
     let flags = flags - propagation;
@@ -68,11 +77,18 @@ fn mount_one(rootfs: &Path, m: &Mount) -> HelperResult<()> {
     } else {
         // The spec says "cgroup"; the guest offers the unified hierarchy.
         let fstype = if typ == "cgroup" { "cgroup2" } else { typ };
-        let source = if typ == "cgroup" { Path::new("cgroup2") } else { &source };
+        let source = if typ == "cgroup" {
+            Path::new("cgroup2")
+        } else {
+            &source
+        };
         sys(mount(Some(source), &dest, Some(fstype), flags, data), &what)?;
     }
     if !propagation.is_empty() {
-        sys(mount(None::<&str>, &dest, None::<&str>, propagation, None::<&str>), &what)?;
+        sys(
+            mount(None::<&str>, &dest, None::<&str>, propagation, None::<&str>),
+            &what,
+        )?;
     }
     Ok(())
 }
@@ -81,13 +97,22 @@ fn mount_one(rootfs: &Path, m: &Mount) -> HelperResult<()> {
 fn bind(source: &Path, dest: &Path, flags: MsFlags, what: &str) -> HelperResult<()> {
     let rec = flags & MsFlags::MS_REC;
     sys(
-        mount(Some(source), dest, None::<&str>, MsFlags::MS_BIND | rec, None::<&str>),
+        mount(
+            Some(source),
+            dest,
+            None::<&str>,
+            MsFlags::MS_BIND | rec,
+            None::<&str>,
+        ),
         what,
     )?;
     let extra = flags - MsFlags::MS_BIND - MsFlags::MS_REC;
     if !extra.is_empty() {
         let flags = extra | MsFlags::MS_BIND | MsFlags::MS_REMOUNT | rec;
-        sys(mount(None::<&str>, dest, None::<&str>, flags, None::<&str>), what)?;
+        sys(
+            mount(None::<&str>, dest, None::<&str>, flags, None::<&str>),
+            what,
+        )?;
     }
     Ok(())
 }
@@ -228,7 +253,12 @@ fn populate_dev(rootfs: &Path, devices: &[LinuxDevice]) -> HelperResult<()> {
 fn make_node(path: &Path, kind: SFlag, major: u64, minor: u64, mode: u32) -> HelperResult<()> {
     let _ = fs::remove_file(path);
     sys(
-        mknod(path, kind, Mode::from_bits_truncate(mode), makedev(major, minor)),
+        mknod(
+            path,
+            kind,
+            Mode::from_bits_truncate(mode),
+            makedev(major, minor),
+        ),
         &format!("mknod {}", path.display()),
     )?;
     // mknod is subject to the umask; set the exact mode asked for.
@@ -243,7 +273,13 @@ fn enter_root(rootfs: &Path) -> HelperResult<()> {
     // The old root is now mounted over the new one at "/": make it private before detaching,
     // so the unmount does not propagate to the agent's namespace.
     sys(
-        mount(None::<&str>, ".", None::<&str>, MsFlags::MS_SLAVE | MsFlags::MS_REC, None::<&str>),
+        mount(
+            None::<&str>,
+            ".",
+            None::<&str>,
+            MsFlags::MS_SLAVE | MsFlags::MS_REC,
+            None::<&str>,
+        ),
         "make old root slave",
     )?;
     sys(umount2(".", MntFlags::MNT_DETACH), "unmount old root")?;
@@ -257,11 +293,22 @@ pub fn mask_paths(paths: &[String]) -> HelperResult<()> {
         let what = format!("mask {p}");
         if meta.is_dir() {
             sys(
-                mount(Some("tmpfs"), p.as_str(), Some("tmpfs"), MsFlags::MS_RDONLY, None::<&str>),
+                mount(
+                    Some("tmpfs"),
+                    p.as_str(),
+                    Some("tmpfs"),
+                    MsFlags::MS_RDONLY,
+                    None::<&str>,
+                ),
                 &what,
             )?;
         } else {
-            bind(Path::new("/dev/null"), Path::new(p), MsFlags::empty(), &what)?;
+            bind(
+                Path::new("/dev/null"),
+                Path::new(p),
+                MsFlags::empty(),
+                &what,
+            )?;
         }
     }
     Ok(())
@@ -282,7 +329,10 @@ pub fn readonly_paths(paths: &[String]) -> HelperResult<()> {
 /// Remounts `/` read-only (`root.readonly`).
 pub fn readonly_root() -> HelperResult<()> {
     let flags = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
-    sys(mount(None::<&str>, "/", None::<&str>, flags, None::<&str>), "remount / read-only")
+    sys(
+        mount(None::<&str>, "/", None::<&str>, flags, None::<&str>),
+        "remount / read-only",
+    )
 }
 
 fn sys<T>(r: nix::Result<T>, what: &str) -> HelperResult<T> {

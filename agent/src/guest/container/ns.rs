@@ -100,7 +100,10 @@ pub fn set_names(spec: &Spec) -> HelperResult<()> {
         // SAFETY: the pointer and length describe the live string.
         let rc = unsafe { libc::setdomainname(domain.as_ptr().cast(), domain.len()) };
         if rc != 0 {
-            return Err(format!("setdomainname: {}", std::io::Error::last_os_error()));
+            return Err(format!(
+                "setdomainname: {}",
+                std::io::Error::last_os_error()
+            ));
         }
     }
     Ok(())
@@ -165,7 +168,12 @@ pub fn processes(init: i32, own_pidns: bool) -> Vec<i32> {
     let mut i = 0;
     while i < found.len() {
         let parent = found[i];
-        found.extend(parents.iter().filter(|(_, pp)| *pp == parent).map(|(p, _)| *p));
+        found.extend(
+            parents
+                .iter()
+                .filter(|(_, pp)| *pp == parent)
+                .map(|(p, _)| *p),
+        );
         i += 1;
     }
     found.retain(|p| Path::new(&format!("/proc/{p}")).exists());

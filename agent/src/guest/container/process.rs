@@ -40,7 +40,10 @@ pub fn prepare(process: &Process, profile: Option<&LinuxSeccomp>) -> HelperResul
     if args.is_empty() {
         return Err("args must not be empty".into());
     }
-    let programs = profile.map(seccomp::compile).transpose()?.unwrap_or_default();
+    let programs = profile
+        .map(seccomp::compile)
+        .transpose()?
+        .unwrap_or_default();
     set_oom_score_adj(process.oom_score_adj())?;
     set_rlimits(process)?;
     let master = match process.terminal().unwrap_or(false) {
@@ -71,8 +74,14 @@ pub fn prepare(process: &Process, profile: Option<&LinuxSeccomp>) -> HelperResul
     let path = lookup(&args[0], env)?;
     Ok(Prepared {
         path: cstring(path.as_os_str().as_bytes())?,
-        argv: args.iter().map(|a| cstring(a.as_bytes())).collect::<HelperResult<_>>()?,
-        env: env.iter().map(|e| cstring(e.as_bytes())).collect::<HelperResult<_>>()?,
+        argv: args
+            .iter()
+            .map(|a| cstring(a.as_bytes()))
+            .collect::<HelperResult<_>>()?,
+        env: env
+            .iter()
+            .map(|e| cstring(e.as_bytes()))
+            .collect::<HelperResult<_>>()?,
         late_seccomp: if early { Vec::new() } else { programs },
         master,
     })
@@ -97,7 +106,7 @@ fn cstring(bytes: &[u8]) -> HelperResult<CString> {
 /// The helper is a Rust program, which ignores SIGPIPE; the container process must start
 /// with default dispositions and an empty mask, as if forked by a shell.
 fn reset_signals() {
-    use nix::sys::signal::{signal, sigprocmask, SigHandler, SigmaskHow, Signal, SigSet};
+    use nix::sys::signal::{signal, sigprocmask, SigHandler, SigSet, SigmaskHow, Signal};
     for sig in Signal::iterator() {
         if !matches!(sig, Signal::SIGKILL | Signal::SIGSTOP) {
             // SAFETY: setting the default disposition installs no Rust handler.
@@ -187,13 +196,14 @@ fn set_bounding(wanted: Option<&Capabilities>) -> HelperResult<()> {
     Ok(())
 }
 
-/// Order matters for capset(2): inheritable while permitted is still full, then permitted
-/// (which must still cover effective), then effective, then ambient (needs both).
+/// Order matters for capset(2), which checks effective against permitted on every call:
+/// shrink effective first (root still has all of it), then permitted, then inheritable
+/// (bounded by permitted), then ambient (needs both).
 fn set_process_caps(c: &LinuxCapabilities) -> HelperResult<()> {
     let sets = [
-        (CapSet::Inheritable, c.inheritable()),
-        (CapSet::Permitted, c.permitted()),
         (CapSet::Effective, c.effective()),
+        (CapSet::Permitted, c.permitted()),
+        (CapSet::Inheritable, c.inheritable()),
         (CapSet::Ambient, c.ambient()),
     ];
     for (set, wanted) in sets {

@@ -7,7 +7,7 @@ use std::os::unix::fs::OpenOptionsExt;
 
 use nix::fcntl::OFlag;
 use nix::pty::{grantpt, posix_openpt, ptsname_r, unlockpt};
-use nix::unistd::{dup2_stdin, dup2_stdout, dup2_stderr, fchown, setsid, Gid, Uid};
+use nix::unistd::{dup2_stderr, dup2_stdin, dup2_stdout, fchown, setsid, Gid, Uid};
 use oci_spec::runtime::Process;
 
 use super::HelperResult;
@@ -30,8 +30,7 @@ pub fn attach_new(process: &Process) -> HelperResult<OwnedFd> {
         .open(&name)
         .map_err(|e| format!("console: open {name}: {e}"))?;
     let user = process.user();
-    fchown(&slave, Some(Uid::from_raw(user.uid())), None::<Gid>)
-        .map_err(|e| err("chown", e))?;
+    fchown(&slave, Some(Uid::from_raw(user.uid())), None::<Gid>).map_err(|e| err("chown", e))?;
     if let Some(size) = process.console_size() {
         resize(&slave, size.height() as u16, size.width() as u16).map_err(|e| err("resize", e))?;
     }
@@ -39,7 +38,10 @@ pub fn attach_new(process: &Process) -> HelperResult<OwnedFd> {
     let _ = setsid();
     // SAFETY: TIOCSCTTY takes an int argument; the fd is a valid open terminal.
     if unsafe { libc::ioctl(slave.as_raw_fd(), libc::TIOCSCTTY, 0) } < 0 {
-        return Err(format!("console: set controlling terminal: {}", std::io::Error::last_os_error()));
+        return Err(format!(
+            "console: set controlling terminal: {}",
+            std::io::Error::last_os_error()
+        ));
     }
     dup2_stdin(&slave).map_err(|e| err("dup2", e))?;
     dup2_stdout(&slave).map_err(|e| err("dup2", e))?;

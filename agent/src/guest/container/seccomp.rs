@@ -96,7 +96,11 @@ fn add(rules: &mut Rules, number: i64, conds: &[SeccompRule]) {
     }
 }
 
-fn build(rules: Rules, mismatch: SeccompAction, matched: SeccompAction) -> HelperResult<BpfProgram> {
+fn build(
+    rules: Rules,
+    mismatch: SeccompAction,
+    matched: SeccompAction,
+) -> HelperResult<BpfProgram> {
     let filter = SeccompFilter::new(rules, mismatch, matched, TargetArch::x86_64)
         .map_err(|e| format!("seccomp: {e}"))?;
     BpfProgram::try_from(filter).map_err(|e| format!("seccomp: {e}"))
@@ -109,21 +113,27 @@ fn check_arch(profile: &LinuxSeccomp) -> HelperResult<()> {
     if arches.is_empty() || arches.iter().any(|a| native.contains(a)) {
         Ok(())
     } else {
-        Err(format!("seccomp: no supported architecture in {arches:?} (want SCMP_ARCH_X86_64)"))
+        Err(format!(
+            "seccomp: no supported architecture in {arches:?} (want SCMP_ARCH_X86_64)"
+        ))
     }
 }
 
 fn action(act: LinuxSeccompAction, errno: Option<u32>) -> HelperResult<SeccompAction> {
     Ok(match act {
         LinuxSeccompAction::ScmpActAllow => SeccompAction::Allow,
-        LinuxSeccompAction::ScmpActErrno => SeccompAction::Errno(errno.unwrap_or(libc::EPERM as u32)),
+        LinuxSeccompAction::ScmpActErrno => {
+            SeccompAction::Errno(errno.unwrap_or(libc::EPERM as u32))
+        }
         LinuxSeccompAction::ScmpActKill | LinuxSeccompAction::ScmpActKillThread => {
             SeccompAction::KillThread
         }
         LinuxSeccompAction::ScmpActKillProcess => SeccompAction::KillProcess,
         LinuxSeccompAction::ScmpActTrap => SeccompAction::Trap,
         LinuxSeccompAction::ScmpActLog => SeccompAction::Log,
-        LinuxSeccompAction::ScmpActTrace => SeccompAction::Trace(errno.unwrap_or(libc::EPERM as u32)),
+        LinuxSeccompAction::ScmpActTrace => {
+            SeccompAction::Trace(errno.unwrap_or(libc::EPERM as u32))
+        }
         LinuxSeccompAction::ScmpActNotify => {
             return Err("seccomp: SCMP_ACT_NOTIFY is not supported".into())
         }
@@ -137,7 +147,9 @@ fn rule_numbers(rule: &LinuxSyscall) -> HelperResult<Vec<i64>> {
     let mut out = Vec::new();
     for name in rule.names() {
         let plausible = !name.is_empty()
-            && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_');
         if !plausible {
             return Err(format!("seccomp: invalid syscall name {name:?}"));
         }
@@ -154,10 +166,16 @@ fn rule_conditions(rule: &LinuxSyscall) -> HelperResult<Vec<SeccompRule>> {
     if args.is_empty() {
         return Ok(Vec::new());
     }
-    let conds = args.iter().map(condition).collect::<HelperResult<Vec<_>>>()?;
+    let conds = args
+        .iter()
+        .map(condition)
+        .collect::<HelperResult<Vec<_>>>()?;
     let same_index = args.len() > 1 && args.iter().all(|a| a.index() == args[0].index());
     let rules = if same_index {
-        conds.into_iter().map(|c| SeccompRule::new(vec![c])).collect()
+        conds
+            .into_iter()
+            .map(|c| SeccompRule::new(vec![c]))
+            .collect()
     } else {
         vec![SeccompRule::new(conds)]
     };

@@ -99,8 +99,12 @@ impl SyncSocket {
         let mut cmsg = nix::cmsg_space!([RawFd; 1]);
         let mut iov = [IoSliceMut::new(&mut buf)];
         let msg = loop {
-            match recvmsg::<()>(self.raw(), &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC)
-            {
+            match recvmsg::<()>(
+                self.raw(),
+                &mut iov,
+                Some(&mut cmsg),
+                MsgFlags::MSG_CMSG_CLOEXEC,
+            ) {
                 Err(nix::errno::Errno::EINTR) => continue,
                 other => break other?,
             }

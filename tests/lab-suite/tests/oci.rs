@@ -1,0 +1,257 @@
+//! The OCI runtime in the lab: runc's command line and behaviour, each spec field checked from
+//! inside the container, and compared with runc where runc's semantics apply.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use husk_lab_tests::{Oci, Out};
+use serde_json::json;
+
+fn run(oci: &Oci, bundle: &Path, id: &str) -> Out {
+    oci.husk(&["run", "--bundle", bundle.to_str().unwrap(), id])
+}
+
+/// Runs `sh -c script` in a fresh busybox container under both runtimes; returns both outputs.
+fn both(oci: &Oci, name: &str, script: &str, edit: impl Fn(&mut serde_json::Value)) -> (Out, Out) {
+    let b = oci.bundle(name, &["sh", "-c", script]);
+    oci.edit(&b, edit);
+    let husk = run(oci, &b, &format!("{name}-h"));
+    let runc = oci.runc(&["run", "--bundle", b.to_str().unwrap(), &format!("{name}-r")]);
+    (husk, runc)
+}
+
+fn same(name: &str, script: &str, edit: impl Fn(&mut serde_json::Value)) -> String {
+    let oci = Oci::new();
+    let (h, r) = both(&oci, name, script, edit);
+    assert_eq!(r.code, 0, "runc failed: {}", r.stderr);
+    assert_eq!(h.code, 0, "husk failed: {}", h.stderr);
+    assert_eq!(h.stdout, r.stdout, "husk and runc differ");
+    h.stdout
+}
+
+#[test]
+fn run_prints_hi_and_exits_0() {
+    let oci = Oci::new();
+    let b = oci.bundle("b", &["echo", "hi"]);
+    let out = run(&oci, &b, "t1");
+    assert_eq!((out.code, out.stdout.as_str()), (0, "hi\n"), "{}", out.stderr);
+    // `run` deletes the container afterwards.
+    assert_eq!(oci.husk(&["state", "t1"]).code, 1);
+}
+
+#[test]
+fn exit_codes_come_back() {
+    let oci = Oci::new();
+    for (script, code) in [("exit 7", 7), ("exit 1", 1), ("kill -9 $$", 137)] {
+        let b = oci.bundle("b", &["sh", "-c", script]);
+        assert_eq!(run(&oci, &b, "codes").code, code, "{script}");
+    }
+}
+
+#[test]
+fn lifecycle_create_start_state_kill_delete() {
+    let oci = Oci::new();
+    let b = oci.bundle("b", &["sleep", "300"]);
+    let pid_file = oci.dir.path().join("pid");
+    let out = oci.husk(&[
+        "create",
+        "--bundle",
+        b.to_str().unwrap(),
+        "--pid-file",
+        pid_file.to_str().unwrap(),
+        "c1",
+    ]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let created = state(&oci, "c1");
+    assert_eq!(created["status"], "created");
+    let pid: i64 = std::fs::read_to_string(&pid_file).unwrap().parse().unwrap();
+    assert_eq!(created["pid"], pid);
+    assert_eq!(created["bundle"], b.to_str().unwrap());
+    assert!(Path::new(&format!("/proc/{pid}")).exists());
+
+    assert_eq!(oci.husk(&["start", "c1"]).code, 0);
+    assert_eq!(state(&oci, "c1")["status"], "running");
+    let again = oci.husk(&["start", "c1"]);
+    assert_eq!(again.code, 1);
+    assert!(again.stderr.contains("level=error"), "{}", again.stderr);
+
+    let list = oci.husk(&["list", "--format", "json"]);
+    let list: serde_json::Value = serde_json::from_str(&list.stdout).unwrap();
+    assert_eq!(list[0]["id"], "c1");
+
+    assert_eq!(oci.husk(&["kill", "c1", "KILL"]).code, 0);
+    wait_status(&oci, "c1", "stopped");
+    assert!(!Path::new(&format!("/proc/{pid}")).exists(), "monitor still alive");
+    let killed = oci.husk(&["kill", "c1", "9"]);
+    assert_eq!(killed.code, 1, "kill of a stopped container succeeded");
+    assert_eq!(oci.husk(&["delete", "c1"]).code, 0);
+    let gone = oci.husk(&["state", "c1"]);
+    assert!(gone.stderr.contains("container does not exist"), "{}", gone.stderr);
+    assert!(!oci.root().join("c1").exists());
+}
+
+#[test]
+fn errors_follow_runcs_shape_and_leave_nothing() {
+    let oci = Oci::new();
+    let b = oci.bundle("b", &["true"]);
+    let cases: Vec<(&str, Box<dyn Fn(&Path)>)> = vec![
+        ("syntax", Box::new(|b| std::fs::write(b.join("config.json"), "{bad").unwrap())),
+        ("no process", Box::new(|b| edit_raw(b, |v| { v.as_object_mut().unwrap().remove("process"); }))),
+        ("no rootfs", Box::new(|b| edit_raw(b, |v| v["root"]["path"] = json!("nope")))),
+        ("bad uid", Box::new(|b| edit_raw(b, |v| v["process"]["user"]["uid"] = json!("abc")))),
+    ];
+    for (what, break_it) in cases {
+        let b2 = oci.bundle(&format!("bad-{}", what.replace(' ', "-")), &["true"]);
+        break_it(&b2);
+        let out = oci.husk(&["create", "--bundle", b2.to_str().unwrap(), "bad"]);
+        assert_eq!(out.code, 1, "{what}: {}", out.stderr);
+        assert_eq!(out.stderr.lines().count(), 1, "{what}: {}", out.stderr);
+        assert!(out.stderr.starts_with("time=\"") && out.stderr.contains("level=error msg="));
+        assert!(!oci.root().join("bad").exists(), "{what}: state left behind");
+        let json = oci.husk(&["--log-format", "json", "create", "--bundle", b2.to_str().unwrap(), "bad"]);
+        let v: serde_json::Value = serde_json::from_str(json.stderr.trim()).expect("json error");
+        assert_eq!(v["level"], "error");
+    }
+    // A duplicate id.
+    let ok = oci.husk(&["create", "--bundle", b.to_str().unwrap(), "dup"]);
+    assert_eq!(ok.code, 0, "{}", ok.stderr);
+    let dup = oci.husk(&["create", "--bundle", b.to_str().unwrap(), "dup"]);
+    assert_eq!(dup.code, 1);
+    assert!(dup.stderr.contains("already exists"), "{}", dup.stderr);
+    assert_eq!(oci.husk(&["delete", "--force", "dup"]).code, 0);
+}
+
+fn edit_raw(b: &Path, f: impl FnOnce(&mut serde_json::Value)) {
+    let path = b.join("config.json");
+    let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    f(&mut v);
+    std::fs::write(path, v.to_string()).unwrap();
+}
+
+fn state(oci: &Oci, id: &str) -> serde_json::Value {
+    let out = oci.husk(&["state", id]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    serde_json::from_str(&out.stdout).unwrap()
+}
+
+fn wait_status(oci: &Oci, id: &str, want: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while state(oci, id)["status"] != want {
+        assert!(Instant::now() < deadline, "{id} never became {want}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn process_fields_match_runc() {
+    let script = "id; hostname; pwd; umask; ulimit -n; env | sort; \
+                  grep -E '^(Cap|NoNewPrivs)' /proc/self/status; cat /proc/self/oom_score_adj";
+    same("fields", script, |v| {
+        v["process"]["user"] = json!({"uid": 1000, "gid": 1000, "additionalGids": [5, 7]});
+        v["process"]["cwd"] = json!("/tmp");
+        v["process"]["env"].as_array_mut().unwrap().push(json!("FOO=bar"));
+        v["process"]["rlimits"] = json!([{"type": "RLIMIT_NOFILE", "hard": 4321, "soft": 1234}]);
+        v["process"]["oomScoreAdj"] = json!(100);
+        v["process"]["user"]["umask"] = json!(63);
+        v["hostname"] = json!("box1");
+    });
+}
+
+#[test]
+fn security_fields_match_runc() {
+    let script = "touch /rootfile 2>/dev/null && echo root-writable; \
+                  echo 1 > /proc/sys/kernel/ostype 2>/dev/null && echo sys-writable; \
+                  wc -c < /proc/kcore; cat /proc/sys/net/ipv4/ip_forward; \
+                  grep Seccomp: /proc/self/status; mkdir /tmp/x 2>&1 | sed 's/.*: //'";
+    let out = same("sec", script, |v| {
+        v["linux"]["sysctl"] = json!({"net.ipv4.ip_forward": "1"});
+        v["linux"]["seccomp"] = json!({
+            "defaultAction": "SCMP_ACT_ALLOW",
+            "architectures": ["SCMP_ARCH_X86_64"],
+            "syscalls": [{"names": ["mkdir", "mkdirat"], "action": "SCMP_ACT_ERRNO", "errnoRet": 1}]
+        });
+    });
+    assert!(!out.contains("writable"), "{out}");
+    assert!(out.contains("Seccomp:\t2"), "{out}");
+    assert!(out.contains("Operation not permitted"), "{out}");
+}
+
+#[test]
+fn namespaces_and_mounts_match_runc() {
+    same("ns", "echo $$; grep -c . /proc/mounts >/dev/null; mount | grep -E ' on /(proc|dev|sys|tmp) ' | cut -d' ' -f3,5 | sort", |v| {
+        v["mounts"].as_array_mut().unwrap().push(json!({
+            "destination": "/tmp", "type": "tmpfs", "source": "tmpfs", "options": ["nosuid", "size=1m"]
+        }));
+    });
+}
+
+#[test]
+fn bind_mounts_read_write_and_read_only() {
+    let oci = Oci::new();
+    let host_rw = oci.dir.path().join("rw");
+    let host_ro = oci.dir.path().join("ro");
+    std::fs::create_dir_all(&host_rw).unwrap();
+    std::fs::create_dir_all(&host_ro).unwrap();
+    std::fs::write(host_ro.join("in"), "from host\n").unwrap();
+    let file = oci.dir.path().join("hosts");
+    std::fs::write(&file, "127.0.0.1 husk-test\n").unwrap();
+    let b = oci.bundle("b", &["sh", "-c", "cat /ro/in /etc/hosts; echo written > /rw/out; \
+        echo x > /ro/in 2>/dev/null || echo ro-refused"]);
+    oci.edit(&b, |v| {
+        let m = v["mounts"].as_array_mut().unwrap();
+        m.push(json!({"destination": "/rw", "type": "bind", "source": host_rw, "options": ["rbind", "rw"]}));
+        m.push(json!({"destination": "/ro", "type": "bind", "source": host_ro, "options": ["rbind", "ro"]}));
+        m.push(json!({"destination": "/etc/hosts", "type": "bind", "source": file, "options": ["bind", "ro"]}));
+    });
+    let out = run(&oci, &b, "binds");
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert_eq!(out.stdout, "from host\n127.0.0.1 husk-test\nro-refused\n");
+    assert_eq!(std::fs::read_to_string(host_rw.join("out")).unwrap(), "written\n");
+    assert_eq!(std::fs::read_to_string(host_ro.join("in")).unwrap(), "from host\n");
+}
+
+#[test]
+fn stdin_reaches_the_process_and_output_is_complete() {
+    let oci = Oci::new();
+    let b = oci.bundle("b", &["sh", "-c", "cat; seq 1 100000; echo done >&2"]);
+    let out = oci.husk_with_input(&["run", "--bundle", b.to_str().unwrap(), "io"], b"typed\n");
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let mut want = String::from("typed\n");
+    (1..=100000).for_each(|i| want += &format!("{i}\n"));
+    assert!(out.stdout == want, "stdout differs ({} bytes)", out.stdout.len());
+    assert_eq!(out.stderr, "done\n");
+}
+
+#[test]
+fn exec_ps_pause_resume() {
+    let oci = Oci::new();
+    let b = oci.bundle("b", &["sleep", "300"]);
+    assert_eq!(oci.husk(&["run", "-d", "--bundle", b.to_str().unwrap(), "ex"]).code, 0);
+    let out = oci.husk(&["exec", "ex", "echo", "in-container"]);
+    assert_eq!((out.code, out.stdout.as_str()), (0, "in-container\n"), "{}", out.stderr);
+    assert_eq!(oci.husk(&["exec", "ex", "sh", "-c", "exit 5"]).code, 5);
+    let out = oci.husk(&["exec", "--env", "FOO=bar", "--cwd", "/tmp", "--user", "1000:1000", "ex",
+        "sh", "-c", "echo $FOO; pwd; id -u"]);
+    assert_eq!(out.stdout, "bar\n/tmp\n1000\n", "{}", out.stderr);
+    let missing = oci.husk(&["exec", "ex", "nosuch"]);
+    assert_ne!(missing.code, 0);
+    assert!(missing.stderr.contains("nosuch"), "{}", missing.stderr);
+    let ps = oci.husk(&["ps", "--format", "json", "ex"]);
+    let pids: Vec<i64> = serde_json::from_str(&ps.stdout).expect("ps json");
+    assert!(!pids.is_empty());
+    assert_eq!(oci.husk(&["pause", "ex"]).code, 0);
+    assert_eq!(state(&oci, "ex")["status"], "paused");
+    assert_eq!(oci.husk(&["resume", "ex"]).code, 0);
+    assert_eq!(state(&oci, "ex")["status"], "running");
+    assert_eq!(oci.husk(&["delete", "--force", "ex"]).code, 0);
+    assert!(!oci.root().join("ex").exists());
+}
+
+#[test]
+fn features_lists_what_husk_honours() {
+    let oci = Oci::new();
+    let out = oci.husk(&["features"]);
+    let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(v["linux"]["seccomp"]["enabled"], true);
+    assert!(v["linux"]["namespaces"].as_array().unwrap().contains(&json!("pid")));
+}
