@@ -263,7 +263,7 @@ fn make_node(path: &Path, kind: SFlag, major: u64, minor: u64, mode: u32) -> Hel
     )?;
     // mknod is subject to the umask; set the exact mode asked for.
     fs::set_permissions(path, fs::Permissions::from_mode(mode & 0o7777))
-        .map_err(|e| format!("chmod {}: {e}", path.display()).into())
+        .map_err(|e| format!("chmod {}: {e}", path.display()))
 }
 
 /// `pivot_root` into `rootfs` with the old root stacked underneath, then detach the old root.
@@ -336,5 +336,5 @@ pub fn readonly_root() -> HelperResult<()> {
 }
 
 fn sys<T>(r: nix::Result<T>, what: &str) -> HelperResult<T> {
-    r.map_err(|e| format!("{what}: {}", e.desc()).into())
+    r.map_err(|e| format!("{what}: {}", e.desc()))
 }
