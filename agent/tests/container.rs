@@ -19,9 +19,14 @@ struct Agent {
 
 impl Agent {
     fn start() -> Self {
+        Self::start_with_env(&[])
+    }
+
+    fn start_with_env(env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("agent.sock");
         let child = Command::new(env!("CARGO_BIN_EXE_husk-agent"))
+            .envs(env.iter().copied())
             .arg("--unix")
             .arg(&socket)
             .stderr(Stdio::null())
@@ -460,4 +465,21 @@ fn errors_leave_nothing_behind() {
     assert!(!alive(pid));
     assert!(!mountinfo_mentions(&rootfs));
     assert!(err(agent.client().delete_container("cwd")).contains("does not exist"));
+}
+
+/// The guest's root is an initramfs, where pivot_root fails: the move-and-chroot fallback
+/// must give the same view.
+#[test]
+fn no_pivot_fallback_gives_the_same_view() {
+    let agent = Agent::start_with_env(&[("HUSK_AGENT_NO_PIVOT", "1")]);
+    let rootfs = agent.rootfs();
+    let script = "ls /; hostname; echo pid=$$; touch /x 2>/dev/null || echo ro=yes; \
+                  echo proc=$(awk '$2==\"/proc\" {print $3}' /proc/mounts)";
+    let (out, err, status) = agent.run("nopivot", &spec(script));
+    assert!(status.success(), "{out} {err}");
+    assert!(out.lines().any(|l| l == "bin") && out.contains("runc\n"), "{out}");
+    assert_eq!(line(&out, "pid="), "1");
+    assert_eq!(line(&out, "ro="), "yes");
+    assert_eq!(line(&out, "proc="), "proc");
+    assert!(!mountinfo_mentions(&rootfs));
 }

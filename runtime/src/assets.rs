@@ -12,12 +12,22 @@ pub const INITRAMFS_FILE: &str = "initramfs.cpio";
 
 /// The guest kernel to boot.
 pub fn kernel(explicit: Option<&Path>) -> Result<PathBuf> {
-    find(explicit, "HUSK_KERNEL", KERNEL_FILE, "guest-kernel/build.sh")
+    find(
+        explicit,
+        "HUSK_KERNEL",
+        KERNEL_FILE,
+        "guest-kernel/build.sh",
+    )
 }
 
 /// The initramfs holding the agent.
 pub fn initramfs(explicit: Option<&Path>) -> Result<PathBuf> {
-    find(explicit, "HUSK_INITRAMFS", INITRAMFS_FILE, "agent/build-initramfs.sh")
+    find(
+        explicit,
+        "HUSK_INITRAMFS",
+        INITRAMFS_FILE,
+        "agent/build-initramfs.sh",
+    )
 }
 
 fn find(explicit: Option<&Path>, var: &str, file: &str, builder: &str) -> Result<PathBuf> {

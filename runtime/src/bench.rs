@@ -15,6 +15,18 @@ use crate::assets;
 pub enum BenchCmd {
     /// Process start → agent ready, Husk against QEMU microvm booting the same kernel+initramfs.
     Boot(BootBench),
+    /// `husk run` against `runc run` of the same busybox bundle, and `podman run` with each.
+    Run(RunBench),
+}
+
+#[derive(Args, Debug)]
+pub struct RunBench {
+    /// `run`s of each runtime.
+    #[arg(long, default_value_t = 20)]
+    runs: usize,
+    /// `podman run --rm`s with each runtime (0 skips podman).
+    #[arg(long, default_value_t = 10)]
+    podman_runs: usize,
 }
 
 #[derive(Args, Debug)]
@@ -37,6 +49,7 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
 pub fn run(cmd: BenchCmd) -> Result<()> {
     match cmd {
         BenchCmd::Boot(b) => boot(&b),
+        BenchCmd::Run(b) => crate::bench_run::run(&b.runs, &b.podman_runs),
     }
 }
 
@@ -145,7 +158,7 @@ fn wait_for_line(child: &mut Child, needle: &str, start: Instant) -> Result<Dura
         .context("the ready marker never arrived")
 }
 
-fn ms(d: Duration) -> f64 {
+pub fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 

@@ -1,9 +1,10 @@
 //! Husk's runtime: the `husk` command line and the library under it.
 pub mod assets;
 pub mod bench;
+pub mod bench_run;
 pub mod boot;
+pub mod container;
+pub mod logging;
 pub mod microvm;
 pub mod vm;
 pub mod vsock;
-pub mod container;
-pub mod logging;

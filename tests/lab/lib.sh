@@ -2,13 +2,17 @@
 #
 # Builds and locates the lab cache:
 #   ${HUSK_CACHE:-/var/cache/husk}/lab-<hash>/
-#     vmlinuz          Debian's stock kernel (linux-image-amd64's current 6.1 package)
+#     vmlinuz          Debian's stock kernel (linux-image-amd64's current 6.1 package; hard link)
 #     initrd.cpio      busybox-static + tests/lab/init + the modules it loads (cpio newc, uncompressed)
-#     modules/<kver>/  the package's whole module tree, uncompressed, with a busybox modules.dep
-#                      (bind-mounted at /lib/modules/<kver> inside the lab: `busybox modprobe X`)
+#     modules ->       ../lab-kernel-<ver>/lib/modules: the package's whole module tree, plain .ko,
+#                      with a busybox modules.dep; bind-mounted at /lib/modules/<kver> in the lab,
+#                      where `modprobe` (busybox, if the host has none) and kernel autoload use it
 #     kernel-version   <kver>   (uname -r inside the lab)
 #     manifest         what went in (package, version, module load order)
+#     ok               written last
 # <hash> covers the files in tests/lab/ (not *.md), the kernel package and version, and busybox.
+# ${HUSK_CACHE:-/var/cache/husk}/lab-kernel-<ver>/ holds the extracted package (about 400 MB),
+# shared by every lab-<hash> built from the same package version.
 
 LAB_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 LAB_CACHE_ROOT=${HUSK_CACHE:-/var/cache/husk}
@@ -90,18 +94,14 @@ lab_module_visit() {
     LAB_ORDER+=("$f")
 }
 
-# Builds $LAB_CACHE if it is not there yet (atomically, under a lock).
-lab_build_cache() {
-    [ -f "$LAB_CACHE/ok" ] && return 0
-    lab_host_tools
-    mkdir -p "$LAB_CACHE_ROOT"
-    exec {lockfd}>"$LAB_CACHE_ROOT/.lab.lock"
-    flock "$lockfd"
-    if [ -f "$LAB_CACHE/ok" ]; then exec {lockfd}>&-; return 0; fi
-    lab_log "building $LAB_CACHE ($LAB_KPKG $LAB_KPKG_VERSION)"
-    local t0=$SECONDS
-    local tmp=$LAB_CACHE.tmp.$$
-    rm -rf "$tmp" "$LAB_CACHE"
+# Extracts the kernel package once per package version into
+# $LAB_CACHE_ROOT/lab-kernel-<version>/ (vmlinuz, lib/modules/<kver>/ with plain .ko files and
+# a busybox modules.dep, kernel-version). Sets LAB_KDIR. Called with the cache lock held.
+lab_build_kernel() {
+    LAB_KDIR=$LAB_CACHE_ROOT/lab-kernel-${LAB_KPKG#linux-image-}_${LAB_KPKG_VERSION//[^A-Za-z0-9.+-]/_}
+    [ -f "$LAB_KDIR/ok" ] && return 0
+    local tmp=$LAB_KDIR.tmp.$$
+    rm -rf "$tmp" "$LAB_KDIR"
     mkdir -p "$tmp/dl" "$tmp/x"
     chmod 777 "$tmp/dl"  # apt-get download runs as _apt when it can
     (cd "$tmp/dl" && apt-get download -q "$LAB_KPKG=$LAB_KPKG_VERSION" 2>&1 \
@@ -112,10 +112,10 @@ lab_build_cache() {
     kver=$(ls "$tmp/x/lib/modules" | head -n1)
     [ -n "$kver" ] && [ -f "$tmp/x/boot/vmlinuz-$kver" ] || lab_die "unexpected package layout"
     mv "$tmp/x/boot/vmlinuz-$kver" "$tmp/vmlinuz"
-    mkdir -p "$tmp/modules"
-    mv "$tmp/x/lib/modules/$kver" "$tmp/modules/$kver"
+    mkdir -p "$tmp/lib/modules"
+    mv "$tmp/x/lib/modules/$kver" "$tmp/lib/modules/$kver"
     rm -rf "$tmp/x" "$tmp/dl"
-    local md=$tmp/modules/$kver
+    local md=$tmp/lib/modules/$kver
     # busybox insmod handles plain .ko only: decompress compressed modules once, here.
     if find "$md" -name '*.ko.xz' | grep -q .; then
         lab_log "decompressing .ko.xz modules"
@@ -128,10 +128,33 @@ lab_build_cache() {
     if find "$md" -name '*.ko.gz' | grep -q .; then
         find "$md" -name '*.ko.gz' -print0 | xargs -0 -r -P2 -n64 gzip -d
     fi
-    # modules.dep for `busybox modprobe` inside the lab (optional; boot does not need it).
-    /bin/busybox depmod -b "$tmp/modules" "$kver" 2>/dev/null \
-        || /bin/busybox depmod -b "$tmp" "$kver" 2>/dev/null || true
+    # modules.dep for `modprobe` (busybox) inside the lab; boot itself does not need it.
+    /bin/busybox depmod -b "$tmp" "$kver" || lab_log "warning: busybox depmod failed"
+    echo "$kver" > "$tmp/kernel-version"
+    echo "$LAB_KPKG $LAB_KPKG_VERSION" > "$tmp/package"
+    touch "$tmp/ok"
+    mv "$tmp" "$LAB_KDIR"
+}
 
+# Builds $LAB_CACHE if it is not there yet (atomically, under a lock).
+lab_build_cache() {
+    [ -f "$LAB_CACHE/ok" ] && return 0
+    lab_host_tools
+    mkdir -p "$LAB_CACHE_ROOT"
+    exec {lockfd}>"$LAB_CACHE_ROOT/.lab.lock"
+    flock "$lockfd"
+    if [ -f "$LAB_CACHE/ok" ]; then exec {lockfd}>&-; return 0; fi
+    lab_log "building $LAB_CACHE ($LAB_KPKG $LAB_KPKG_VERSION)"
+    local t0=$SECONDS
+    lab_build_kernel
+    local tmp=$LAB_CACHE.tmp.$$
+    rm -rf "$tmp" "$LAB_CACHE"
+    mkdir -p "$tmp"
+    local kver
+    kver=$(cat "$LAB_KDIR/kernel-version")
+    local md=$LAB_KDIR/lib/modules/$kver
+    ln "$LAB_KDIR/vmlinuz" "$tmp/vmlinuz" 2>/dev/null || cp "$LAB_KDIR/vmlinuz" "$tmp/vmlinuz"
+    ln -s "../${LAB_KDIR##*/}/lib/modules" "$tmp/modules"
     lab_module_order "$md"
     local ird=$tmp/initrd
     mkdir -p "$ird"/{bin,dev,proc,sys,mnt,newroot,modules}

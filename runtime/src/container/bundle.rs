@@ -19,8 +19,8 @@ pub struct Bundle {
 
 impl Bundle {
     pub fn load(dir: &Path) -> Result<Bundle> {
-        let dir = std::path::absolute(dir)
-            .with_context(|| format!("bundle path {}", dir.display()))?;
+        let dir =
+            std::path::absolute(dir).with_context(|| format!("bundle path {}", dir.display()))?;
         let config = dir.join("config.json");
         let text = match std::fs::read_to_string(&config) {
             Ok(t) => t,
@@ -31,8 +31,8 @@ impl Bundle {
         };
         let raw: serde_json::Value =
             serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("config.json: {e}"))?;
-        let spec: Spec = serde_json::from_value(raw.clone())
-            .map_err(|e| anyhow::anyhow!("config.json: {e}"))?;
+        let spec: Spec =
+            serde_json::from_value(raw.clone()).map_err(|e| anyhow::anyhow!("config.json: {e}"))?;
         let rootfs = check(&spec, &dir)?;
         Ok(Bundle {
             dir,

@@ -63,7 +63,10 @@ fn spawn_monitor(root: &Path, opts: &CreateOpts, bundle: &Path) -> Result<i32> {
     let write_fd = high_fd(write)?;
     let mut cmd = Command::new(std::env::current_exe()?);
     cmd.arg("--root").arg(root).arg("monitor");
-    cmd.arg("--bundle").arg(bundle).arg("--ready-fd").arg(write_fd.to_string());
+    cmd.arg("--bundle")
+        .arg(bundle)
+        .arg("--ready-fd")
+        .arg(write_fd.to_string());
     if let Some(s) = &opts.console_socket {
         cmd.arg("--console-socket").arg(s);
     }
@@ -193,7 +196,13 @@ pub fn delete(root: &Path, id: &str, force: bool) -> Result<()> {
 /// Kills the container and, failing a clean end within a few seconds, its monitor.
 fn stop_monitor(store: &Store, st: &ContainerState) {
     let dir = store.dir(&st.id);
-    let _ = control::call(&dir, &Request::Kill { signal: libc::SIGKILL, all: true });
+    let _ = control::call(
+        &dir,
+        &Request::Kill {
+            signal: libc::SIGKILL,
+            all: true,
+        },
+    );
     let deadline = Instant::now() + Duration::from_secs(10);
     while monitor_alive(st) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
@@ -261,7 +270,6 @@ pub fn list(root: &Path, json: bool, quiet: bool) -> Result<()> {
     Ok(())
 }
 
-
 /// runc's `features` JSON, listing only what Husk honours.
 pub fn features() -> Result<()> {
     let caps: Vec<String> = caps_all();
@@ -302,15 +310,47 @@ fn caps_all() -> Vec<String> {
 
 fn cap_name(n: u32) -> Option<&'static str> {
     const NAMES: [&str; 41] = [
-        "CAP_CHOWN", "CAP_DAC_OVERRIDE", "CAP_DAC_READ_SEARCH", "CAP_FOWNER", "CAP_FSETID",
-        "CAP_KILL", "CAP_SETGID", "CAP_SETUID", "CAP_SETPCAP", "CAP_LINUX_IMMUTABLE",
-        "CAP_NET_BIND_SERVICE", "CAP_NET_BROADCAST", "CAP_NET_ADMIN", "CAP_NET_RAW",
-        "CAP_IPC_LOCK", "CAP_IPC_OWNER", "CAP_SYS_MODULE", "CAP_SYS_RAWIO", "CAP_SYS_CHROOT",
-        "CAP_SYS_PTRACE", "CAP_SYS_PACCT", "CAP_SYS_ADMIN", "CAP_SYS_BOOT", "CAP_SYS_NICE",
-        "CAP_SYS_RESOURCE", "CAP_SYS_TIME", "CAP_SYS_TTY_CONFIG", "CAP_MKNOD", "CAP_LEASE",
-        "CAP_AUDIT_WRITE", "CAP_AUDIT_CONTROL", "CAP_SETFCAP", "CAP_MAC_OVERRIDE",
-        "CAP_MAC_ADMIN", "CAP_SYSLOG", "CAP_WAKE_ALARM", "CAP_BLOCK_SUSPEND", "CAP_AUDIT_READ",
-        "CAP_PERFMON", "CAP_BPF", "CAP_CHECKPOINT_RESTORE",
+        "CAP_CHOWN",
+        "CAP_DAC_OVERRIDE",
+        "CAP_DAC_READ_SEARCH",
+        "CAP_FOWNER",
+        "CAP_FSETID",
+        "CAP_KILL",
+        "CAP_SETGID",
+        "CAP_SETUID",
+        "CAP_SETPCAP",
+        "CAP_LINUX_IMMUTABLE",
+        "CAP_NET_BIND_SERVICE",
+        "CAP_NET_BROADCAST",
+        "CAP_NET_ADMIN",
+        "CAP_NET_RAW",
+        "CAP_IPC_LOCK",
+        "CAP_IPC_OWNER",
+        "CAP_SYS_MODULE",
+        "CAP_SYS_RAWIO",
+        "CAP_SYS_CHROOT",
+        "CAP_SYS_PTRACE",
+        "CAP_SYS_PACCT",
+        "CAP_SYS_ADMIN",
+        "CAP_SYS_BOOT",
+        "CAP_SYS_NICE",
+        "CAP_SYS_RESOURCE",
+        "CAP_SYS_TIME",
+        "CAP_SYS_TTY_CONFIG",
+        "CAP_MKNOD",
+        "CAP_LEASE",
+        "CAP_AUDIT_WRITE",
+        "CAP_AUDIT_CONTROL",
+        "CAP_SETFCAP",
+        "CAP_MAC_OVERRIDE",
+        "CAP_MAC_ADMIN",
+        "CAP_SYSLOG",
+        "CAP_WAKE_ALARM",
+        "CAP_BLOCK_SUSPEND",
+        "CAP_AUDIT_READ",
+        "CAP_PERFMON",
+        "CAP_BPF",
+        "CAP_CHECKPOINT_RESTORE",
     ];
     NAMES.get(n as usize).copied()
 }

@@ -102,7 +102,9 @@ impl GuestPlan {
             argv: vec!["/bin/sh".into(), "-c".into(), script],
             ..Default::default()
         };
-        let out = agent.exec(&req).context("mounting the shares in the guest")?;
+        let out = agent
+            .exec(&req)
+            .context("mounting the shares in the guest")?;
         if !out.status.success() {
             bail!(
                 "mounting the shares in the guest failed: {}",

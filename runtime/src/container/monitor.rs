@@ -79,7 +79,9 @@ fn start(args: &MonitorArgs, store: &Store) -> Result<Started> {
     let plan = GuestPlan::new(&bundle)?;
     let dir = store.dir(&args.id);
     let mut vm = MicroVm::start(options(&bundle, &dir, &plan)?)?;
-    let mut agent = vm.agent(AGENT_TIMEOUT).context("waiting for the guest agent")?;
+    let mut agent = vm
+        .agent(AGENT_TIMEOUT)
+        .context("waiting for the guest agent")?;
     plan.mount_shares(&mut agent)?;
     agent
         .create_container(&args.id, &plan.spec, GUEST_ROOTFS)
@@ -92,7 +94,12 @@ fn start(args: &MonitorArgs, store: &Store) -> Result<Started> {
     let exit = stdio::bridge(attach.into_inner(), host)?;
     let state = Arc::new(Mutex::new(initial_state(args, &bundle)?));
     store.save(&state.lock().unwrap())?;
-    serve_control(&dir, vm.vsock_path().to_path_buf(), state.clone(), &args.root)?;
+    serve_control(
+        &dir,
+        vm.vsock_path().to_path_buf(),
+        state.clone(),
+        &args.root,
+    )?;
     Ok(Started { vm, state, exit })
 }
 
@@ -134,11 +141,19 @@ fn vm_agent(vm: &MicroVm) -> Result<Client<UnixStream>> {
 /// VM size from `linux.resources`: memory limit (at least 128 MiB) and CPU quota.
 fn options(bundle: &Bundle, dir: &Path, plan: &GuestPlan) -> Result<Options> {
     let res = &bundle.raw["linux"]["resources"];
-    let limit_mib = res["memory"]["limit"].as_i64().filter(|l| *l > 0).map(|l| l >> 20);
+    let limit_mib = res["memory"]["limit"]
+        .as_i64()
+        .filter(|l| *l > 0)
+        .map(|l| l >> 20);
     let memory_mib = limit_mib.unwrap_or(256).clamp(128, 64 << 10) as u32;
     let quota = res["cpu"]["quota"].as_i64().filter(|q| *q > 0);
-    let period = res["cpu"]["period"].as_u64().filter(|p| *p > 0).unwrap_or(100_000);
-    let vcpus = quota.map_or(1, |q| (q as u64).div_ceil(period)).clamp(1, 32) as u8;
+    let period = res["cpu"]["period"]
+        .as_u64()
+        .filter(|p| *p > 0)
+        .unwrap_or(100_000);
+    let vcpus = quota
+        .map_or(1, |q| (q as u64).div_ceil(period))
+        .clamp(1, 32) as u8;
     Ok(Options {
         vcpus,
         memory_mib,
@@ -176,8 +191,8 @@ fn serve_control(
 ) -> Result<()> {
     let path = dir.join(control::SOCKET);
     let _ = std::fs::remove_file(&path);
-    let listener = UnixListener::bind(&path)
-        .with_context(|| format!("binding {}", path.display()))?;
+    let listener =
+        UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?;
     let root = root.to_path_buf();
     std::thread::Builder::new()
         .name("control".into())

@@ -100,16 +100,16 @@ impl Guest {
                 c.ping().context("ping")?;
                 Ok(c)
             }
-            (Err(e), Some(status)) => bail!("VMM exited ({status}) before the agent answered: {e:#}"),
+            (Err(e), Some(status)) => {
+                bail!("VMM exited ({status}) before the agent answered: {e:#}")
+            }
             (Err(e), None) => Err(e),
         }
     }
 
     /// Runs a command in the guest and returns (stdout, stderr, exit code).
     pub fn sh(&mut self, script: &str) -> Result<(String, String, i32)> {
-        let out = self
-            .agent()?
-            .exec(&exec_request(&["sh", "-c", script]))?;
+        let out = self.agent()?.exec(&exec_request(&["sh", "-c", script]))?;
         Ok((
             String::from_utf8_lossy(&out.stdout).into_owned(),
             String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -216,7 +216,9 @@ impl Oci {
     /// Runs `runc --root <root>/runc ARGS` (the reference).
     pub fn runc(&self, args: &[&str]) -> Out {
         let mut cmd = Command::new("runc");
-        cmd.arg("--root").arg(self.dir.path().join("runc")).args(args);
+        cmd.arg("--root")
+            .arg(self.dir.path().join("runc"))
+            .args(args);
         run_with_input(cmd, b"")
     }
 }

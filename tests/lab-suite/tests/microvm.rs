@@ -28,7 +28,10 @@ fn exec_uname_reports_the_guest_kernel() {
     assert_eq!(code, 0);
     assert!(out.starts_with("Linux "), "uname said {out:?}");
     let host = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap();
-    assert!(!out.contains(host.trim()), "uname shows the lab's kernel, not the guest's");
+    assert!(
+        !out.contains(host.trim()),
+        "uname shows the lab's kernel, not the guest's"
+    );
     g.poweroff().unwrap();
 }
 
@@ -127,7 +130,11 @@ fn read_only_blk_device_refuses_writes() {
         .unwrap();
     assert_ne!(code, 0, "a write to a read-only disk succeeded");
     g.poweroff().unwrap();
-    assert_eq!(std::fs::read(&img).unwrap(), pattern, "read-only image changed");
+    assert_eq!(
+        std::fs::read(&img).unwrap(),
+        pattern,
+        "read-only image changed"
+    );
 }
 
 #[test]
@@ -137,7 +144,10 @@ fn guest_panic_is_a_failure_with_the_console_tail() {
     // The connection dies with the guest; the exec itself has no answer to give.
     let _ = agent.exec(&req("echo c > /proc/sysrq-trigger"));
     let (status, err) = g.wait().unwrap();
-    assert!(!status.success(), "a panicked guest ended the VMM with success");
+    assert!(
+        !status.success(),
+        "a panicked guest ended the VMM with success"
+    );
     assert!(err.contains("Kernel panic"), "no console tail in: {err}");
 }
 
@@ -181,4 +191,3 @@ fn debugfs_cat(img: &std::path::Path, path: &str) -> String {
         .expect("debugfs (apt-get install e2fsprogs)");
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
-

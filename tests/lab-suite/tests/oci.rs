@@ -34,7 +34,12 @@ fn run_prints_hi_and_exits_0() {
     let oci = Oci::new();
     let b = oci.bundle("b", &["echo", "hi"]);
     let out = run(&oci, &b, "t1");
-    assert_eq!((out.code, out.stdout.as_str()), (0, "hi\n"), "{}", out.stderr);
+    assert_eq!(
+        (out.code, out.stdout.as_str()),
+        (0, "hi\n"),
+        "{}",
+        out.stderr
+    );
     // `run` deletes the container afterwards.
     assert_eq!(oci.husk(&["state", "t1"]).code, 1);
 }
@@ -81,12 +86,19 @@ fn lifecycle_create_start_state_kill_delete() {
 
     assert_eq!(oci.husk(&["kill", "c1", "KILL"]).code, 0);
     wait_status(&oci, "c1", "stopped");
-    assert!(!Path::new(&format!("/proc/{pid}")).exists(), "monitor still alive");
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "monitor still alive"
+    );
     let killed = oci.husk(&["kill", "c1", "9"]);
     assert_eq!(killed.code, 1, "kill of a stopped container succeeded");
     assert_eq!(oci.husk(&["delete", "c1"]).code, 0);
     let gone = oci.husk(&["state", "c1"]);
-    assert!(gone.stderr.contains("container does not exist"), "{}", gone.stderr);
+    assert!(
+        gone.stderr.contains("container does not exist"),
+        "{}",
+        gone.stderr
+    );
     assert!(!oci.root().join("c1").exists());
 }
 
@@ -95,10 +107,26 @@ fn errors_follow_runcs_shape_and_leave_nothing() {
     let oci = Oci::new();
     let b = oci.bundle("b", &["true"]);
     let cases: Vec<(&str, Box<dyn Fn(&Path)>)> = vec![
-        ("syntax", Box::new(|b| std::fs::write(b.join("config.json"), "{bad").unwrap())),
-        ("no process", Box::new(|b| edit_raw(b, |v| { v.as_object_mut().unwrap().remove("process"); }))),
-        ("no rootfs", Box::new(|b| edit_raw(b, |v| v["root"]["path"] = json!("nope")))),
-        ("bad uid", Box::new(|b| edit_raw(b, |v| v["process"]["user"]["uid"] = json!("abc")))),
+        (
+            "syntax",
+            Box::new(|b| std::fs::write(b.join("config.json"), "{bad").unwrap()),
+        ),
+        (
+            "no process",
+            Box::new(|b| {
+                edit_raw(b, |v| {
+                    v.as_object_mut().unwrap().remove("process");
+                })
+            }),
+        ),
+        (
+            "no rootfs",
+            Box::new(|b| edit_raw(b, |v| v["root"]["path"] = json!("nope"))),
+        ),
+        (
+            "bad uid",
+            Box::new(|b| edit_raw(b, |v| v["process"]["user"]["uid"] = json!("abc"))),
+        ),
     ];
     for (what, break_it) in cases {
         let b2 = oci.bundle(&format!("bad-{}", what.replace(' ', "-")), &["true"]);
@@ -107,8 +135,18 @@ fn errors_follow_runcs_shape_and_leave_nothing() {
         assert_eq!(out.code, 1, "{what}: {}", out.stderr);
         assert_eq!(out.stderr.lines().count(), 1, "{what}: {}", out.stderr);
         assert!(out.stderr.starts_with("time=\"") && out.stderr.contains("level=error msg="));
-        assert!(!oci.root().join("bad").exists(), "{what}: state left behind");
-        let json = oci.husk(&["--log-format", "json", "create", "--bundle", b2.to_str().unwrap(), "bad"]);
+        assert!(
+            !oci.root().join("bad").exists(),
+            "{what}: state left behind"
+        );
+        let json = oci.husk(&[
+            "--log-format",
+            "json",
+            "create",
+            "--bundle",
+            b2.to_str().unwrap(),
+            "bad",
+        ]);
         let v: serde_json::Value = serde_json::from_str(json.stderr.trim()).expect("json error");
         assert_eq!(v["level"], "error");
     }
@@ -149,7 +187,10 @@ fn process_fields_match_runc() {
     same("fields", script, |v| {
         v["process"]["user"] = json!({"uid": 1000, "gid": 1000, "additionalGids": [5, 7]});
         v["process"]["cwd"] = json!("/tmp");
-        v["process"]["env"].as_array_mut().unwrap().push(json!("FOO=bar"));
+        v["process"]["env"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!("FOO=bar"));
         v["process"]["rlimits"] = json!([{"type": "RLIMIT_NOFILE", "hard": 4321, "soft": 1234}]);
         v["process"]["oomScoreAdj"] = json!(100);
         v["process"]["user"]["umask"] = json!(63);
@@ -195,8 +236,15 @@ fn bind_mounts_read_write_and_read_only() {
     std::fs::write(host_ro.join("in"), "from host\n").unwrap();
     let file = oci.dir.path().join("hosts");
     std::fs::write(&file, "127.0.0.1 husk-test\n").unwrap();
-    let b = oci.bundle("b", &["sh", "-c", "cat /ro/in /etc/hosts; echo written > /rw/out; \
-        echo x > /ro/in 2>/dev/null || echo ro-refused"]);
+    let b = oci.bundle(
+        "b",
+        &[
+            "sh",
+            "-c",
+            "cat /ro/in /etc/hosts; echo written > /rw/out; \
+        echo x > /ro/in 2>/dev/null || echo ro-refused",
+        ],
+    );
     oci.edit(&b, |v| {
         let m = v["mounts"].as_array_mut().unwrap();
         m.push(json!({"destination": "/rw", "type": "bind", "source": host_rw, "options": ["rbind", "rw"]}));
@@ -206,8 +254,14 @@ fn bind_mounts_read_write_and_read_only() {
     let out = run(&oci, &b, "binds");
     assert_eq!(out.code, 0, "{}", out.stderr);
     assert_eq!(out.stdout, "from host\n127.0.0.1 husk-test\nro-refused\n");
-    assert_eq!(std::fs::read_to_string(host_rw.join("out")).unwrap(), "written\n");
-    assert_eq!(std::fs::read_to_string(host_ro.join("in")).unwrap(), "from host\n");
+    assert_eq!(
+        std::fs::read_to_string(host_rw.join("out")).unwrap(),
+        "written\n"
+    );
+    assert_eq!(
+        std::fs::read_to_string(host_ro.join("in")).unwrap(),
+        "from host\n"
+    );
 }
 
 #[test]
@@ -218,7 +272,11 @@ fn stdin_reaches_the_process_and_output_is_complete() {
     assert_eq!(out.code, 0, "{}", out.stderr);
     let mut want = String::from("typed\n");
     (1..=100000).for_each(|i| want += &format!("{i}\n"));
-    assert!(out.stdout == want, "stdout differs ({} bytes)", out.stdout.len());
+    assert!(
+        out.stdout == want,
+        "stdout differs ({} bytes)",
+        out.stdout.len()
+    );
     assert_eq!(out.stderr, "done\n");
 }
 
@@ -226,12 +284,32 @@ fn stdin_reaches_the_process_and_output_is_complete() {
 fn exec_ps_pause_resume() {
     let oci = Oci::new();
     let b = oci.bundle("b", &["sleep", "300"]);
-    assert_eq!(oci.husk(&["run", "-d", "--bundle", b.to_str().unwrap(), "ex"]).code, 0);
+    assert_eq!(
+        oci.husk(&["run", "-d", "--bundle", b.to_str().unwrap(), "ex"])
+            .code,
+        0
+    );
     let out = oci.husk(&["exec", "ex", "echo", "in-container"]);
-    assert_eq!((out.code, out.stdout.as_str()), (0, "in-container\n"), "{}", out.stderr);
+    assert_eq!(
+        (out.code, out.stdout.as_str()),
+        (0, "in-container\n"),
+        "{}",
+        out.stderr
+    );
     assert_eq!(oci.husk(&["exec", "ex", "sh", "-c", "exit 5"]).code, 5);
-    let out = oci.husk(&["exec", "--env", "FOO=bar", "--cwd", "/tmp", "--user", "1000:1000", "ex",
-        "sh", "-c", "echo $FOO; pwd; id -u"]);
+    let out = oci.husk(&[
+        "exec",
+        "--env",
+        "FOO=bar",
+        "--cwd",
+        "/tmp",
+        "--user",
+        "1000:1000",
+        "ex",
+        "sh",
+        "-c",
+        "echo $FOO; pwd; id -u",
+    ]);
     assert_eq!(out.stdout, "bar\n/tmp\n1000\n", "{}", out.stderr);
     let missing = oci.husk(&["exec", "ex", "nosuch"]);
     assert_ne!(missing.code, 0);
@@ -253,5 +331,8 @@ fn features_lists_what_husk_honours() {
     let out = oci.husk(&["features"]);
     let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
     assert_eq!(v["linux"]["seccomp"]["enabled"], true);
-    assert!(v["linux"]["namespaces"].as_array().unwrap().contains(&json!("pid")));
+    assert!(v["linux"]["namespaces"]
+        .as_array()
+        .unwrap()
+        .contains(&json!("pid")));
 }

@@ -75,13 +75,29 @@ fn run(args: &[&str]) -> Out {
 #[test]
 fn podman_run_echo_hi() {
     let out = run(&[IMAGE, "echo", "hi"]);
-    assert_eq!((out.code, out.stdout.as_str()), (0, "hi\n"), "{}", out.stderr);
+    assert_eq!(
+        (out.code, out.stdout.as_str()),
+        (0, "hi\n"),
+        "{}",
+        out.stderr
+    );
 }
 
 #[test]
 fn podman_exit_codes_env_workdir_user() {
     assert_eq!(run(&[IMAGE, "sh", "-c", "exit 3"]).code, 3);
-    let out = run(&["-e", "FOO=bar", "-w", "/tmp", "-u", "1000", IMAGE, "sh", "-c", "echo $FOO; pwd; id -u"]);
+    let out = run(&[
+        "-e",
+        "FOO=bar",
+        "-w",
+        "/tmp",
+        "-u",
+        "1000",
+        IMAGE,
+        "sh",
+        "-c",
+        "echo $FOO; pwd; id -u",
+    ]);
     assert_eq!(out.stdout, "bar\n/tmp\n1000\n", "{}", out.stderr);
 }
 
@@ -90,10 +106,31 @@ fn podman_volume_and_read_only() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("in"), "from host\n").unwrap();
     let vol = format!("{}:/data", dir.path().display());
-    let out = run(&["-v", &vol, IMAGE, "sh", "-c", "cat /data/in; echo out > /data/out"]);
-    assert_eq!((out.code, out.stdout.as_str()), (0, "from host\n"), "{}", out.stderr);
-    assert_eq!(std::fs::read_to_string(dir.path().join("out")).unwrap(), "out\n");
-    let ro = run(&["--read-only", IMAGE, "sh", "-c", "touch /x 2>/dev/null || echo refused"]);
+    let out = run(&[
+        "-v",
+        &vol,
+        IMAGE,
+        "sh",
+        "-c",
+        "cat /data/in; echo out > /data/out",
+    ]);
+    assert_eq!(
+        (out.code, out.stdout.as_str()),
+        (0, "from host\n"),
+        "{}",
+        out.stderr
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("out")).unwrap(),
+        "out\n"
+    );
+    let ro = run(&[
+        "--read-only",
+        IMAGE,
+        "sh",
+        "-c",
+        "touch /x 2>/dev/null || echo refused",
+    ]);
     assert_eq!(ro.stdout, "refused\n", "{}", ro.stderr);
 }
 
@@ -101,7 +138,17 @@ fn podman_volume_and_read_only() {
 fn podman_exec_stop_kill_pause_rm() {
     let name = "husk-lifecycle";
     let _ = podman(&["rm", "-f", name]);
-    let out = podman(&["run", "-d", "--network", "none", "--name", name, IMAGE, "sleep", "300"]);
+    let out = podman(&[
+        "run",
+        "-d",
+        "--network",
+        "none",
+        "--name",
+        name,
+        IMAGE,
+        "sleep",
+        "300",
+    ]);
     assert_eq!(out.code, 0, "{}", out.stderr);
     let ex = podman(&["exec", name, "echo", "in-exec"]);
     assert_eq!(ex.stdout, "in-exec\n", "{}", ex.stderr);

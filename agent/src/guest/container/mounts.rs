@@ -266,10 +266,23 @@ fn make_node(path: &Path, kind: SFlag, major: u64, minor: u64, mode: u32) -> Hel
         .map_err(|e| format!("chmod {}: {e}", path.display()))
 }
 
+/// Set (to anything) in the agent's environment to take the no-pivot path even where
+/// `pivot_root` works, so host tests cover what the guest's initramfs root needs.
+pub const NO_PIVOT_ENV: &str = "HUSK_AGENT_NO_PIVOT";
+
 /// `pivot_root` into `rootfs` with the old root stacked underneath, then detach the old root.
+/// The guest's root is the initramfs, which `pivot_root` refuses (EINVAL); there, like
+/// `runc --no-pivot`, move the rootfs mount over `/` and chroot into it.
 fn enter_root(rootfs: &Path) -> HelperResult<()> {
     sys(chdir(rootfs), "chdir to rootfs")?;
-    sys(pivot_root(".", "."), "pivot_root")?;
+    let pivoted = match std::env::var_os(NO_PIVOT_ENV) {
+        Some(_) => Err(nix::errno::Errno::EINVAL),
+        None => pivot_root(".", "."),
+    };
+    match pivoted {
+        Err(nix::errno::Errno::EINVAL) => return move_root(rootfs),
+        other => sys(other, "pivot_root")?,
+    }
     // The old root is now mounted over the new one at "/": make it private before detaching,
     // so the unmount does not propagate to the agent's namespace.
     sys(
@@ -283,6 +296,17 @@ fn enter_root(rootfs: &Path) -> HelperResult<()> {
         "make old root slave",
     )?;
     sys(umount2(".", MntFlags::MNT_DETACH), "unmount old root")?;
+    sys(chdir("/"), "chdir /")
+}
+
+/// The no-pivot way in: the old root stays underneath, unreachable without CAP_SYS_CHROOT
+/// tricks; the VM around the container is the security boundary that matters here.
+fn move_root(rootfs: &Path) -> HelperResult<()> {
+    sys(
+        mount(Some(rootfs), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>),
+        "move rootfs to /",
+    )?;
+    sys(nix::unistd::chroot("."), "chroot into rootfs")?;
     sys(chdir("/"), "chdir /")
 }
 
