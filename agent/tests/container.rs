@@ -477,7 +477,10 @@ fn no_pivot_fallback_gives_the_same_view() {
                   echo proc=$(awk '$2==\"/proc\" {print $3}' /proc/mounts)";
     let (out, err, status) = agent.run("nopivot", &spec(script));
     assert!(status.success(), "{out} {err}");
-    assert!(out.lines().any(|l| l == "bin") && out.contains("runc\n"), "{out}");
+    assert!(
+        out.lines().any(|l| l == "bin") && out.contains("runc\n"),
+        "{out}"
+    );
     assert_eq!(line(&out, "pid="), "1");
     assert_eq!(line(&out, "ro="), "yes");
     assert_eq!(line(&out, "proc="), "proc");

@@ -18,8 +18,8 @@ LAB_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 LAB_CACHE_ROOT=${HUSK_CACHE:-/var/cache/husk}
 
 # Modules the lab loads at boot (dependencies are resolved and prepended automatically).
-LAB_MODULES=(virtio_mmio virtio_pci virtio_console 9p 9pnet_virtio overlay kvm_amd
-             tun veth bridge loop)
+# Others (veth, bridge, nf_tables...) load on demand: `modprobe X` or kernel autoload.
+LAB_MODULES=(virtio_mmio virtio_pci virtio_console 9p 9pnet_virtio overlay kvm_amd tun loop)
 
 lab_die() { echo "lab: $*" >&2; exit 125; }
 lab_log() { [ -n "${LAB_QUIET:-}" ] || echo "lab: $*" >&2; }
@@ -40,7 +40,14 @@ lab_host_tools() {
 }
 
 # Sets LAB_KPKG and LAB_KPKG_VERSION: the kernel package linux-image-amd64 currently points to.
+# apt-cache takes a second or two, so the answer is remembered until the apt lists change.
 lab_kernel_pkg() {
+    local memo=$LAB_CACHE_ROOT/.lab-kernel-pkg stamp
+    stamp="${LAB_KERNEL_PKG:-} $(stat -c %Y /var/lib/apt/lists /var/cache/apt/pkgcache.bin 2>/dev/null | tr '\n' ' ')"
+    if [ -f "$memo" ] && [ "$(sed -n 1p "$memo")" = "$stamp" ]; then
+        LAB_KPKG=$(sed -n 2p "$memo"); LAB_KPKG_VERSION=$(sed -n 3p "$memo")
+        [ -n "$LAB_KPKG" ] && [ -n "$LAB_KPKG_VERSION" ] && return 0
+    fi
     if [ -n "${LAB_KERNEL_PKG:-}" ]; then
         LAB_KPKG=$LAB_KERNEL_PKG
     else
@@ -51,6 +58,9 @@ lab_kernel_pkg() {
     LAB_KPKG_VERSION=$(apt-cache show --no-all-versions "$LAB_KPKG" 2>/dev/null \
         | sed -n 's/^Version: //p' | head -n1)
     [ -n "$LAB_KPKG_VERSION" ] || lab_die "apt-cache knows no version of $LAB_KPKG"
+    mkdir -p "$LAB_CACHE_ROOT" 2>/dev/null \
+        && printf '%s\n' "$stamp" "$LAB_KPKG" "$LAB_KPKG_VERSION" > "$memo.$$" \
+        && mv "$memo.$$" "$memo"
 }
 
 # Sets LAB_CACHE: the cache directory for the current scripts and kernel.

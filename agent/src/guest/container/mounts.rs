@@ -303,7 +303,13 @@ fn enter_root(rootfs: &Path) -> HelperResult<()> {
 /// tricks; the VM around the container is the security boundary that matters here.
 fn move_root(rootfs: &Path) -> HelperResult<()> {
     sys(
-        mount(Some(rootfs), "/", None::<&str>, MsFlags::MS_MOVE, None::<&str>),
+        mount(
+            Some(rootfs),
+            "/",
+            None::<&str>,
+            MsFlags::MS_MOVE,
+            None::<&str>,
+        ),
         "move rootfs to /",
     )?;
     sys(nix::unistd::chroot("."), "chroot into rootfs")?;
