@@ -27,7 +27,9 @@ fn main() -> ExitCode {
         [helper, fd] if helper == guest::container::spawn::HELPER_ARG => {
             return guest::container::helper::main(fd)
         }
-        [] if std::process::id() == 1 => Mode::Init,
+        // The kernel hands init every command-line word it does not know (e.g. `nomodules`)
+        // as an argument: as PID 1 they mean nothing to us.
+        _ if std::process::id() == 1 => Mode::Init,
         [flag, path] if flag == "--unix" => Mode::Unix(PathBuf::from(path)),
         [tool, cid, port] if tool == "vsock-send" => return vsock_send(cid, port),
         [flag] if flag == "--version" => {
