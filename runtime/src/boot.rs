@@ -30,6 +30,9 @@ pub struct BootArgs {
     /// Write the guest's serial console to this file ("-" for stdout).
     #[arg(long)]
     pub console: Option<PathBuf>,
+    /// Run this shell command in the guest once the agent is ready, and print its output.
+    #[arg(long)]
+    pub exec: Option<String>,
 }
 
 impl BootArgs {
@@ -60,8 +63,20 @@ pub fn serial_output(console: Option<&PathBuf>) -> SerialOutput {
 
 pub fn run(args: &BootArgs, started: Instant) -> Result<()> {
     let mut vm = MicroVm::start(args.options()?)?;
+    if std::env::var_os("HUSK_TRACE").is_some() {
+        eprintln!("husk: VM built in {} ms", started.elapsed().as_millis());
+    }
     let mut agent = vm.agent(AGENT_TIMEOUT).context("waiting for the agent")?;
     println!("agent ready in {} ms", started.elapsed().as_millis());
+    if let Some(script) = &args.exec {
+        let req = husk_agent::ExecRequest {
+            argv: vec!["sh".into(), "-c".into(), script.clone()],
+            ..Default::default()
+        };
+        let mut out = std::io::stdout();
+        let mut err = std::io::stderr();
+        agent.exec_streaming(&req, &mut out, &mut err)?;
+    }
     agent.poweroff().context("asking the agent to power off")?;
     drop(agent);
     vm.wait()

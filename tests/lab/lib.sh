@@ -3,6 +3,7 @@
 # Builds and locates the lab cache:
 #   ${HUSK_CACHE:-/var/cache/husk}/lab-<hash>/
 #     vmlinuz          Debian's stock kernel (linux-image-amd64's current 6.1 package; hard link)
+#     vmlinux          the same, uncompressed ELF, booted through its PVH entry (4 s faster)
 #     initrd.cpio      busybox-static + tests/lab/init + the modules it loads (cpio newc, uncompressed)
 #     modules ->       ../lab-kernel-<ver>/lib/modules: the package's whole module tree, plain .ko,
 #                      with a busybox modules.dep; bind-mounted at /lib/modules/<kver> in the lab,
@@ -109,7 +110,14 @@ lab_module_visit() {
 # a busybox modules.dep, kernel-version). Sets LAB_KDIR. Called with the cache lock held.
 lab_build_kernel() {
     LAB_KDIR=$LAB_CACHE_ROOT/lab-kernel-${LAB_KPKG#linux-image-}_${LAB_KPKG_VERSION//[^A-Za-z0-9.+-]/_}
-    [ -f "$LAB_KDIR/ok" ] && return 0
+    if [ -f "$LAB_KDIR/ok" ]; then
+        # Directories built before vmlinux extraction existed get it now.
+        [ -f "$LAB_KDIR/vmlinux" ] || [ -f "$LAB_KDIR/no-vmlinux" ] \
+            || lab_extract_vmlinux "$LAB_KDIR/vmlinuz" "$LAB_KDIR/vmlinux.tmp.$$" \
+                && mv "$LAB_KDIR/vmlinux.tmp.$$" "$LAB_KDIR/vmlinux" \
+            || { rm -f "$LAB_KDIR/vmlinux.tmp.$$"; touch "$LAB_KDIR/no-vmlinux"; }
+        return 0
+    fi
     local tmp=$LAB_KDIR.tmp.$$
     rm -rf "$tmp" "$LAB_KDIR"
     mkdir -p "$tmp/dl" "$tmp/x"
@@ -124,6 +132,10 @@ lab_build_kernel() {
     mv "$tmp/x/boot/vmlinuz-$kver" "$tmp/vmlinuz"
     mkdir -p "$tmp/lib/modules"
     mv "$tmp/x/lib/modules/$kver" "$tmp/lib/modules/$kver"
+    # The uncompressed ELF boots through its PVH entry (QEMU -kernel), which skips the
+    # decompressor: about 4 s less per boot under TCG. Without it, vmlinuz is used.
+    lab_extract_vmlinux "$tmp/vmlinuz" "$tmp/vmlinux" \
+        || { rm -f "$tmp/vmlinux"; touch "$tmp/no-vmlinux"; lab_log "warning: no PVH vmlinux, booting vmlinuz"; }
     rm -rf "$tmp/x" "$tmp/dl"
     local md=$tmp/lib/modules/$kver
     # busybox insmod handles plain .ko only: decompress compressed modules once, here.
@@ -146,6 +158,51 @@ lab_build_kernel() {
     mv "$tmp" "$LAB_KDIR"
 }
 
+# Extracts the ELF vmlinux from a bzImage; fails unless it has a PVH entry note.
+lab_extract_vmlinux() {
+    python3 - "$1" "$2" <<'PY'
+import gzip, lzma, struct, sys, zlib
+data = open(sys.argv[1], "rb").read()
+def elf_has_pvh(e):
+    # ELF64 program headers: find PT_NOTE segments, look for a "Xen" note of type 18
+    # (XEN_ELFNOTE_PHYS32_ENTRY), which is what QEMU needs to boot the ELF directly.
+    if e[:4] != b"\x7fELF" or e[4] != 2:
+        return False
+    phoff, = struct.unpack_from("<Q", e, 0x20)
+    phentsize, phnum = struct.unpack_from("<HH", e, 0x36)
+    for i in range(phnum):
+        ptype, = struct.unpack_from("<I", e, phoff + i * phentsize)
+        if ptype != 4:
+            continue
+        off, = struct.unpack_from("<Q", e, phoff + i * phentsize + 8)
+        size, = struct.unpack_from("<Q", e, phoff + i * phentsize + 32)
+        p, end = off, off + size
+        while p + 12 <= end:
+            namesz, descsz, ntype = struct.unpack_from("<III", e, p)
+            name = e[p + 12:p + 12 + namesz]
+            if name.rstrip(b"\0") == b"Xen" and ntype == 18:
+                return True
+            p += 12 + ((namesz + 3) & ~3) + ((descsz + 3) & ~3)
+    return False
+def tries():
+    i = data.find(b"\xfd7zXZ\x00")
+    if i >= 0:
+        yield lambda: lzma.LZMADecompressor(format=lzma.FORMAT_XZ).decompress(data[i:])
+    j = data.find(b"\x1f\x8b\x08")
+    if j >= 0:
+        yield lambda: zlib.decompressobj(16 + zlib.MAX_WBITS).decompress(data[j:])
+for t in tries():
+    try:
+        out = t()
+    except Exception:
+        continue
+    if elf_has_pvh(out):
+        open(sys.argv[2], "wb").write(out)
+        sys.exit(0)
+sys.exit(1)
+PY
+}
+
 # Builds $LAB_CACHE if it is not there yet (atomically, under a lock).
 lab_build_cache() {
     [ -f "$LAB_CACHE/ok" ] && return 0
@@ -163,7 +220,11 @@ lab_build_cache() {
     local kver
     kver=$(cat "$LAB_KDIR/kernel-version")
     local md=$LAB_KDIR/lib/modules/$kver
-    ln "$LAB_KDIR/vmlinuz" "$tmp/vmlinuz" 2>/dev/null || cp "$LAB_KDIR/vmlinuz" "$tmp/vmlinuz"
+    local k
+    for k in vmlinuz vmlinux; do
+        [ -f "$LAB_KDIR/$k" ] || continue
+        ln "$LAB_KDIR/$k" "$tmp/$k" 2>/dev/null || cp "$LAB_KDIR/$k" "$tmp/$k"
+    done
     ln -s "../${LAB_KDIR##*/}/lib/modules" "$tmp/modules"
     lab_module_order "$md"
     local ird=$tmp/initrd

@@ -35,7 +35,7 @@ use crate::vcpu::{self, Vcpu, VcpuShared};
 use crate::{cpuid, mptable};
 
 /// Kernel parameters every Husk guest gets, before the per-device and caller parts.
-pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=0 quiet pci=off no_timer_check";
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=0 quiet no_timer_check";
 /// Where KVM puts its private TSS and identity map (Intel needs them below 4 GiB, off RAM).
 const KVM_TSS_ADDR: usize = 0xfffb_d000;
 /// Queue notify register of virtio-mmio (for ioeventfd).
