@@ -235,6 +235,13 @@ pub struct LinuxImage {
     pub entry: EntryPoint,
 }
 
+/// A kernel and initramfs already in guest memory, waiting for their command line.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadedLinux {
+    pvh_entry: u64,
+    module: Option<(u64, u64)>,
+}
+
 /// Loads a vmlinux with a PVH note, its initramfs and command line, and the PVH start info.
 pub fn load_linux(
     mem: &GuestMemory,
@@ -242,17 +249,36 @@ pub fn load_linux(
     initramfs: Option<&Path>,
     cmdline: &str,
 ) -> Result<LinuxImage, VmError> {
-    let kernel_end = load_kernel_elf(mem, kernel)?;
-    let (pvh_entry, kernel_end) = kernel_end;
+    let loaded = load_linux_images(mem, kernel, initramfs)?;
+    finish_linux(mem, &loaded, cmdline)
+}
+
+/// The slow half of `load_linux` (reading and copying the images), which needs only memory, so
+/// the builder runs it while KVM creates the VM.
+pub fn load_linux_images(
+    mem: &GuestMemory,
+    kernel: &Path,
+    initramfs: Option<&Path>,
+) -> Result<LoadedLinux, VmError> {
+    let (pvh_entry, kernel_end) = load_kernel_elf(mem, kernel)?;
     let module = match initramfs {
         Some(path) => Some(load_initramfs(mem, path, kernel_end)?),
         None => None,
     };
+    Ok(LoadedLinux { pvh_entry, module })
+}
+
+/// Writes the command line and PVH start info for images loaded by `load_linux_images`.
+pub fn finish_linux(
+    mem: &GuestMemory,
+    loaded: &LoadedLinux,
+    cmdline: &str,
+) -> Result<LinuxImage, VmError> {
     write_cmdline(mem, cmdline)?;
-    write_start_info(mem, module)?;
+    write_start_info(mem, loaded.module)?;
     Ok(LinuxImage {
         entry: EntryPoint {
-            addr: pvh_entry,
+            addr: loaded.pvh_entry,
             mode: CpuMode::Protected,
             boot_arg: Some(START_INFO_ADDR),
         },

@@ -270,17 +270,58 @@ pub struct VmBuilder {
     virtio_count: u32,
     vsock: Option<VsockControl>,
     leftovers: Leftovers,
+    /// The kernel and initramfs being copied into memory while the VM is set up.
+    preload: Option<JoinHandle<Result<boot::LoadedLinux, VmError>>>,
+}
+
+type Preload = Option<JoinHandle<Result<boot::LoadedLinux, VmError>>>;
+
+/// Starts copying a Linux guest's images into memory on another thread: under nested
+/// virtualisation creating the VM and copying ~20 MB each take a good part of a second.
+fn start_preload(cfg: &VmConfig, mem: &Arc<GuestMemory>) -> Result<Preload, VmError> {
+    let Boot::Linux {
+        kernel, initramfs, ..
+    } = &cfg.boot
+    else {
+        return Ok(None);
+    };
+    let (mem, kernel, initramfs) = (mem.clone(), kernel.clone(), initramfs.clone());
+    let handle = std::thread::Builder::new()
+        .name("load-guest".into())
+        .spawn(move || boot::load_linux_images(&mem, &kernel, initramfs.as_deref()))
+        .map_err(|e| VmError::Host(format!("spawning the loader thread: {e}")))?;
+    Ok(Some(handle))
+}
+
+/// Waits for the loader thread; a panic there is reported as a host error.
+fn join_preload(preload: Preload) -> Option<Result<boot::LoadedLinux, VmError>> {
+    preload.map(|h| {
+        h.join()
+            .unwrap_or_else(|_| Err(VmError::Host("the loader thread panicked".into())))
+    })
 }
 
 impl VmBuilder {
     /// Checks `cfg`, opens KVM, maps RAM, creates interrupt controllers and legacy devices.
     pub fn new(cfg: VmConfig) -> Result<Self, VmError> {
         validate(&cfg)?;
-        let kvm = open_kvm(&cfg.kvm_device)?;
-        let vm_fd = kvm.create_vm().map_err(VmError::kvm("create VM"))?;
         let mem = Arc::new(memory::create_guest_memory(cfg.memory_mib)?);
-        register_memory(&vm_fd, &mem)?;
-        let irqchip = create_irqchip(&vm_fd, matches!(cfg.boot, Boot::Linux { .. }))?;
+        let mut preload = start_preload(&cfg, &mem)?;
+        let vm = (|| {
+            let kvm = open_kvm(&cfg.kvm_device)?;
+            let vm_fd = kvm.create_vm().map_err(VmError::kvm("create VM"))?;
+            register_memory(&vm_fd, &mem)?;
+            let irqchip = create_irqchip(&vm_fd, matches!(cfg.boot, Boot::Linux { .. }))?;
+            Ok((kvm, vm_fd, irqchip))
+        })();
+        let (kvm, vm_fd, irqchip) = match vm {
+            Ok(v) => v,
+            Err(e) => {
+                // Leave no thread behind.
+                let _ = join_preload(preload.take());
+                return Err(e);
+            }
+        };
         let mut builder = Self {
             cfg,
             kvm,
@@ -295,8 +336,12 @@ impl VmBuilder {
             virtio_count: 0,
             vsock: None,
             leftovers: Leftovers::default(),
+            preload,
         };
-        builder.add_legacy_devices()?;
+        if let Err(e) = builder.add_legacy_devices() {
+            let _ = join_preload(builder.preload.take());
+            return Err(e);
+        }
         Ok(builder)
     }
 
@@ -483,7 +528,7 @@ impl VmBuilder {
     }
 
     /// Loads the kernel or raw image; returns the entry and the real-mode code base.
-    fn load_guest(&self) -> Result<(EntryPoint, u64), VmError> {
+    fn load_guest(&mut self) -> Result<(EntryPoint, u64), VmError> {
         match &self.cfg.boot {
             Boot::Raw {
                 image,
@@ -504,9 +549,13 @@ impl VmBuilder {
                 initramfs,
                 cmdline,
             } => {
+                let loaded = match join_preload(self.preload.take()) {
+                    Some(loaded) => loaded?,
+                    None => boot::load_linux_images(&self.mem, kernel, initramfs.as_deref())?,
+                };
                 mptable::write(&self.mem, self.cfg.vcpus)?;
                 let cmdline = self.full_cmdline(cmdline);
-                let image = boot::load_linux(&self.mem, kernel, initramfs.as_deref(), &cmdline)?;
+                let image = boot::finish_linux(&self.mem, &loaded, &cmdline)?;
                 Ok((image.entry, 0))
             }
         }
