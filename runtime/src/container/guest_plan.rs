@@ -44,6 +44,20 @@ impl GuestPlan {
         Ok(plan)
     }
 
+    /// Shares `host` (once per directory and mode: podman binds several files of one
+    /// directory, and every share costs the guest a device and an interrupt line); returns the
+    /// guest directory it is mounted on.
+    fn share(&mut self, host: &Path, read_only: bool) -> String {
+        let same = |s: &ShareConfig| s.path == host && s.read_only == read_only;
+        if let Some(i) = self.shares.iter().position(same) {
+            return self.mounts[i].1.clone();
+        }
+        let n = self.shares.len();
+        let guest = format!("{GUEST_SHARES}/{n}");
+        self.add_share(&format!("share{n}"), host, &guest, read_only);
+        guest
+    }
+
     fn add_share(&mut self, tag: &str, host: &Path, guest: &str, read_only: bool) {
         self.shares.push(ShareConfig {
             tag: tag.to_string(),
@@ -71,16 +85,12 @@ impl GuestPlan {
         let meta = std::fs::metadata(&host)
             .with_context(|| format!("bind mount source {}", host.display()))?;
         let read_only = has_option(&m, "ro");
-        let tag = format!("bind{i}");
-        let guest_dir = format!("{GUEST_SHARES}/{i}");
         let guest_source = if meta.is_dir() {
-            self.add_share(&tag, &host, &guest_dir, read_only);
-            guest_dir
+            self.share(&host, read_only)
         } else {
             let parent = host.parent().unwrap_or(Path::new("/"));
             let name = host.file_name().map(PathBuf::from).unwrap_or_default();
-            self.add_share(&tag, parent, &guest_dir, read_only);
-            format!("{guest_dir}/{}", name.display())
+            format!("{}/{}", self.share(parent, read_only), name.display())
         };
         m["source"] = serde_json::Value::String(guest_source);
         Ok(m)
@@ -123,4 +133,65 @@ fn has_option(m: &serde_json::Value, opt: &str) -> bool {
     m["options"]
         .as_array()
         .is_some_and(|o| o.iter().any(|v| v.as_str() == Some(opt)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn binds_become_shares_once_per_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = dir.path();
+        std::fs::create_dir_all(b.join("rootfs")).unwrap();
+        std::fs::create_dir_all(b.join("data")).unwrap();
+        std::fs::write(b.join("hosts"), "").unwrap();
+        std::fs::write(b.join("hostname"), "").unwrap();
+        let spec = json!({
+            "ociVersion": "1.0.2",
+            "process": {"args": ["sh"], "cwd": "/", "user": {"uid": 0, "gid": 0}},
+            "root": {"path": "rootfs"},
+            "mounts": [
+                {"destination": "/proc", "type": "proc", "source": "proc"},
+                {"destination": "/data", "type": "bind", "source": b.join("data"), "options": ["rbind", "ro"]},
+                {"destination": "/etc/hosts", "type": "bind", "source": b.join("hosts"), "options": ["bind"]},
+                {"destination": "/etc/hostname", "type": "bind", "source": "hostname", "options": ["bind"]}
+            ]
+        });
+        std::fs::write(b.join("config.json"), spec.to_string()).unwrap();
+        let plan = GuestPlan::new(&Bundle::load(b).unwrap()).unwrap();
+        let m = &plan.spec["mounts"];
+        assert_eq!(m[0]["source"], "proc");
+        assert_eq!(m[1]["source"], "/run/husk/shares/1");
+        assert_eq!(m[2]["source"], "/run/husk/shares/2/hosts");
+        assert_eq!(m[3]["source"], "/run/husk/shares/2/hostname");
+        let tags: Vec<_> = plan
+            .shares
+            .iter()
+            .map(|s| (s.tag.as_str(), s.read_only))
+            .collect();
+        assert_eq!(
+            tags,
+            [("rootfs", false), ("share1", true), ("share2", false)]
+        );
+    }
+
+    #[test]
+    fn a_missing_bind_source_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = dir.path();
+        std::fs::create_dir_all(b.join("rootfs")).unwrap();
+        let spec = json!({
+            "ociVersion": "1.0.2",
+            "process": {"args": ["sh"], "cwd": "/", "user": {"uid": 0, "gid": 0}},
+            "root": {"path": "rootfs"},
+            "mounts": [{"destination": "/x", "type": "bind", "source": "/nonexistent/src"}]
+        });
+        std::fs::write(b.join("config.json"), spec.to_string()).unwrap();
+        let Err(e) = GuestPlan::new(&Bundle::load(b).unwrap()) else {
+            panic!("accepted a missing bind source");
+        };
+        assert!(format!("{e:#}").contains("/nonexistent/src"), "{e:#}");
+    }
 }
