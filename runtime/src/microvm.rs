@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
 use husk_agent::client::Client;
-use husk_vmm::{BlockConfig, Boot, SerialOutput, ShareConfig, Vm, VmConfig, VsockConfig};
+use husk_vmm::{
+    BlockConfig, Boot, SerialOutput, ShareConfig, Vm, VmConfig, VmControl, VsockConfig,
+};
 
 /// The guest's vsock context id; every VM has its own socket, so one id serves all.
 pub const GUEST_CID: u32 = 3;
@@ -34,6 +36,7 @@ pub struct Options {
 /// A running micro-VM. Dropping it without `wait` leaves the VMM thread to end with the guest.
 pub struct MicroVm {
     uds: PathBuf,
+    control: VmControl,
     thread: Option<JoinHandle<Result<()>>>,
     // Holds the socket directory, if we made it; removed on drop so nothing is left behind.
     _dir: Option<tempfile::TempDir>,
@@ -59,8 +62,9 @@ impl MicroVm {
             .name("vmm".into())
             .spawn(move || run_vm(config, built_tx))?;
         match built_rx.recv() {
-            Ok(Ok(())) => Ok(MicroVm {
+            Ok(Ok(control)) => Ok(MicroVm {
                 uds,
+                control,
                 thread: Some(thread),
                 _dir: dir,
             }),
@@ -70,6 +74,11 @@ impl MicroVm {
             }
             Err(_) => Err(join_error(thread)),
         }
+    }
+
+    /// Pauses and resumes the vCPUs.
+    pub fn control(&self) -> &VmControl {
+        &self.control
     }
 
     /// The VM's vsock Unix socket (Firecracker's `CONNECT <port>` convention).
@@ -129,7 +138,7 @@ fn vm_config(opts: Options, uds: &Path) -> VmConfig {
 }
 
 /// Thread body: report the build result first, then run the guest to its end.
-fn run_vm(config: VmConfig, built: mpsc::Sender<Result<()>>) -> Result<()> {
+fn run_vm(config: VmConfig, built: mpsc::Sender<Result<VmControl>>) -> Result<()> {
     let vm = match Vm::new(config) {
         Ok(vm) => vm,
         Err(e) => {
@@ -137,7 +146,7 @@ fn run_vm(config: VmConfig, built: mpsc::Sender<Result<()>>) -> Result<()> {
             return Ok(());
         }
     };
-    let _ = built.send(Ok(()));
+    let _ = built.send(Ok(vm.control()));
     vm.run().map(|_| ()).map_err(|e| anyhow!("{e}"))
 }
 

@@ -10,6 +10,7 @@ pub mod error;
 pub mod i8042;
 pub mod memory;
 pub mod mptable;
+pub mod pause;
 pub mod serial;
 pub mod stop;
 pub mod vcpu;
@@ -17,5 +18,6 @@ pub mod vm;
 
 pub use boot::CpuMode;
 pub use error::VmError;
+pub use pause::VmControl;
 pub use stop::VmExit;
 pub use vm::{BlockConfig, Boot, SerialOutput, ShareConfig, Vm, VmBuilder, VmConfig, VsockConfig};

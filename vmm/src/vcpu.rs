@@ -71,6 +71,8 @@ pub struct VcpuShared {
     pub stop: Arc<StopState>,
     /// Console lines for error reports.
     pub console: Arc<Mutex<ConsoleLog>>,
+    /// Where vCPUs park while the VM is paused.
+    pub gate: Arc<crate::pause::PauseGate>,
 }
 
 /// One vCPU, moved into its thread.
@@ -118,13 +120,16 @@ impl Vcpu {
     /// Runs the guest until the VM stops; reports this vCPU's outcome to the stop state.
     pub fn run(mut self) {
         KVM_RUN_PTR.with(|p| p.set(self.fd.get_kvm_run()));
+        self.shared.gate.register_current_thread();
         while !self.shared.stop.is_stopping() {
+            self.shared.gate.park_while_paused(&self.shared.stop);
             if let Some(stop) = self.step() {
                 let outcome = self.outcome(stop);
                 self.shared.stop.request(outcome);
                 break;
             }
         }
+        self.shared.gate.unregister_current_thread();
         KVM_RUN_PTR.with(|p| p.set(std::ptr::null_mut()));
     }
 

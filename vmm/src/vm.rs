@@ -29,6 +29,7 @@ use crate::i8042::{I8042, I8042_BASE, I8042_LEN};
 use crate::memory::{
     self, GuestMemory, VIRTIO_IRQ_BASE, VIRTIO_IRQ_LAST, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE,
 };
+use crate::pause::{PauseGate, VmControl};
 use crate::serial::{self, CaptureWriter, ConsoleLog, ConsoleWriter, SerialDevice};
 use crate::stop::{StopState, VmExit};
 use crate::vcpu::{self, Vcpu, VcpuShared};
@@ -174,6 +175,11 @@ impl Vm {
     /// Guest memory (for tests and snapshots).
     pub fn memory(&self) -> &Arc<GuestMemory> {
         &self.mem
+    }
+
+    /// A handle that pauses and resumes the vCPUs while `run` runs.
+    pub fn control(&self) -> VmControl {
+        VmControl::new(self.shared.gate.clone(), self.stop.clone())
     }
 
     /// The vsock device's control handle (transport reset, CID change), if there is one.
@@ -508,6 +514,7 @@ impl VmBuilder {
             mmio: Arc::new(std::mem::take(&mut self.mmio)),
             stop: self.stop.clone(),
             console: self.console.clone(),
+            gate: Arc::new(PauseGate::default()),
         });
         let mut vcpus = Vec::with_capacity(self.cfg.vcpus.into());
         for i in 0..self.cfg.vcpus {

@@ -338,3 +338,50 @@ fn serial_output_goes_to_a_file() {
     assert_eq!(std::fs::read_to_string(&path).unwrap(), "hello\n");
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn a_paused_vm_stops_counting_and_resumes() {
+    require_kvm();
+    const COUNTER: u64 = 0x20_0000;
+    let image = Asm::new(false)
+        .mov_rbx(COUNTER)
+        .bytes(&[0xf0, 0xff, 0x03]) // count: lock inc dword [rbx]
+        .bytes(&[0x83, 0x7b, 0x04, 0x00]) // cmp dword [rbx+4], 0 (the quit flag)
+        .bytes(&[0x74, 0xf7]) // je count
+        .reset()
+        .spin()
+        .finish();
+    let (cfg, _out) = raw_config(image, LOAD, CpuMode::Long);
+    let vm = Vm::new(cfg).unwrap();
+    let control = vm.control();
+    let mem = vm.memory().clone();
+    let flag_mem = mem.clone();
+    let counter = move || {
+        use vm_memory::Bytes;
+        mem.read_obj::<u32>(vm_memory::GuestAddress(COUNTER))
+            .unwrap()
+    };
+    let runner = std::thread::spawn(move || vm.run());
+    let wait_past = |n: u32| {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while counter() <= n {
+            assert!(Instant::now() < deadline, "the guest is not counting");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    wait_past(0);
+    control.pause().unwrap();
+    assert!(control.is_paused());
+    let frozen = counter();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(counter(), frozen, "a paused guest kept running");
+    control.resume();
+    wait_past(frozen);
+    {
+        use vm_memory::Bytes;
+        flag_mem
+            .write_obj(1u32, vm_memory::GuestAddress(COUNTER + 4))
+            .unwrap();
+    }
+    assert_eq!(runner.join().unwrap().unwrap(), VmExit::Reset);
+}

@@ -94,12 +94,13 @@ fn start(args: &MonitorArgs, store: &Store) -> Result<Started> {
     let exit = stdio::bridge(attach.into_inner(), host)?;
     let state = Arc::new(Mutex::new(initial_state(args, &bundle)?));
     store.save(&state.lock().unwrap())?;
-    serve_control(
-        &dir,
-        vm.vsock_path().to_path_buf(),
-        state.clone(),
-        &args.root,
-    )?;
+    let ctx = Control {
+        uds: vm.vsock_path().to_path_buf(),
+        vm: vm.control().clone(),
+        state: state.clone(),
+        root: args.root.clone(),
+    };
+    serve_control(&dir, ctx)?;
     Ok(Started { vm, state, exit })
 }
 
@@ -182,24 +183,28 @@ fn initial_state(args: &MonitorArgs, bundle: &Bundle) -> Result<ContainerState> 
     })
 }
 
-/// Serves `monitor.sock` on a thread: each request gets a fresh agent connection.
-fn serve_control(
-    dir: &Path,
+/// What the control server needs to act on the container.
+struct Control {
     uds: PathBuf,
+    vm: husk_vmm::VmControl,
     state: Arc<Mutex<ContainerState>>,
-    root: &Path,
-) -> Result<()> {
+    root: PathBuf,
+}
+
+/// Serves `monitor.sock` on a thread: each request gets a fresh agent connection.
+fn serve_control(dir: &Path, ctx: Control) -> Result<()> {
     let path = dir.join(control::SOCKET);
     let _ = std::fs::remove_file(&path);
     let listener =
         UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?;
-    let root = root.to_path_buf();
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
             for conn in listener.incoming().flatten() {
                 let reply = match control::read_request(&conn) {
-                    Ok(req) => handle(req, &uds, &state, &root),
+                    Ok(req) => ctx.handle(req).unwrap_or_else(|e| Reply::Error {
+                        message: format!("{e:#}"),
+                    }),
                     Err(e) => Reply::Error {
                         message: format!("bad request: {e:#}"),
                     },
@@ -210,47 +215,43 @@ fn serve_control(
     Ok(())
 }
 
-fn handle(req: Request, uds: &Path, state: &Mutex<ContainerState>, root: &Path) -> Reply {
-    match handle_inner(req, uds, state, root) {
-        Ok(r) => r,
-        Err(e) => Reply::Error {
-            message: format!("{e:#}"),
-        },
+impl Control {
+    fn handle(&self, req: Request) -> Result<Reply> {
+        let id = self.state.lock().unwrap().id.clone();
+        match req {
+            Request::Start => {
+                self.agent()?.start_container(&id)?;
+                self.set(Status::Running)?;
+            }
+            Request::Kill { signal, all } => self.agent()?.signal_container(&id, signal, all)?,
+            // Pausing freezes the whole VM: no guest code runs until resume.
+            Request::Pause => {
+                self.vm.pause()?;
+                self.set(Status::Paused)?;
+            }
+            Request::Resume => {
+                self.vm.resume();
+                self.set(Status::Running)?;
+            }
+            Request::Ps => {
+                return Ok(Reply::Pids {
+                    pids: self.agent()?.list_processes(&id)?,
+                })
+            }
+        }
+        Ok(Reply::Ok)
     }
-}
 
-fn handle_inner(
-    req: Request,
-    uds: &Path,
-    state: &Mutex<ContainerState>,
-    root: &Path,
-) -> Result<Reply> {
-    let mut agent = Client::new(vsock::connect(uds, husk_agent::AGENT_VSOCK_PORT)?);
-    let id = state.lock().unwrap().id.clone();
-    let set = |status| -> Result<()> {
-        let mut st = state.lock().unwrap();
-        st.status = status;
-        Store::new(root).save(&st)
-    };
-    match req {
-        Request::Start => {
-            agent.start_container(&id)?;
-            set(Status::Running)?;
-        }
-        Request::Kill { signal, all } => agent.signal_container(&id, signal, all)?,
-        Request::Pause => {
-            agent.signal_container(&id, libc::SIGSTOP, true)?;
-            set(Status::Paused)?;
-        }
-        Request::Resume => {
-            agent.signal_container(&id, libc::SIGCONT, true)?;
-            set(Status::Running)?;
-        }
-        Request::Ps => {
-            return Ok(Reply::Pids {
-                pids: agent.list_processes(&id)?,
-            })
-        }
+    fn agent(&self) -> Result<Client<UnixStream>> {
+        Ok(Client::new(vsock::connect(
+            &self.uds,
+            husk_agent::AGENT_VSOCK_PORT,
+        )?))
     }
-    Ok(Reply::Ok)
+
+    fn set(&self, status: Status) -> Result<()> {
+        let mut st = self.state.lock().unwrap();
+        st.status = status;
+        Store::new(&self.root).save(&st)
+    }
 }
