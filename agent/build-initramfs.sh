@@ -12,7 +12,7 @@ repo=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 out=${1:-$repo/target/husk/initramfs.cpio}
 target=x86_64-unknown-linux-gnu
 target_dir=${CARGO_TARGET_DIR:-$repo/target}
-agent=$target_dir/$target/release/husk-agent
+agent=$target_dir/$target/guest/husk-agent
 busybox=/bin/busybox
 
 log() { echo "build-initramfs: $*" >&2; }
@@ -35,7 +35,7 @@ need_tools() {
 # away from proc-macros and build scripts, which must stay dynamic host binaries.
 build_agent() {
     (cd "$repo" && RUSTFLAGS="-C target-feature=+crt-static" \
-        cargo build --release --quiet -p husk-agent --target "$target")
+        cargo build --profile guest --quiet -p husk-agent --target "$target")
     if ! file "$agent" | grep -Eq 'statically linked|static-pie linked' ||
         ldd "$agent" 2>&1 | grep -q '=>'; then
         log "$agent is not static:"
