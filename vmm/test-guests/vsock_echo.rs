@@ -7,15 +7,20 @@
 //! The test patches `PARAMS` in the image (found by its magic) to pick what the guest does:
 //! - `MODE_ECHO`: full driver init, connect to host CID 2 port `port`, send `PAYLOAD`, expect
 //!   it echoed back, shut down, wait for the device's RST; prints "vsock echo ok".
+//! - `MODE_ECHO_IRQ`: the same, but the guest sleeps in `hlt` and learns of completions from
+//!   real interrupts (IOAPIC pin `irq` -> LAPIC -> IDT vector `IRQ_VECTOR`).
 //! - `MODE_REGS`: the register protocol alone (feature negotiation, queue registers, config
 //!   space); prints "register protocol ok".
 //!
-//! Every failure prints "FAIL: <what>" and resets, so the host sees why in the serial text. The
-//! guest runs with interrupts off: completions are found by reading InterruptStatus, acking it,
-//! and only then looking at the used rings, as an interrupt handler would.
+//! Every failure prints "FAIL: <what>" and resets, so the host sees why in the serial text. In the
+//! polling modes the guest runs with interrupts off and finds completions by reading
+//! InterruptStatus, acking it, and only then looking at the used rings, as an interrupt handler
+//! would.
 //!
 //! Everything that the device also touches is accessed with volatile loads and stores, field by
-//! field, so the device never races a wide copy.
+//! field, so the device never races a wide copy. `build.rs` compiles this file without SSE: on
+//! the PVM host every guest instruction goes through KVM's emulator, which has no SSE
+//! arithmetic (the `xorps` LLVM uses to zero a struct stops the VM with an emulation failure).
 
 #![no_std]
 #![no_main]
@@ -23,27 +28,44 @@
 use core::ptr::{addr_of, addr_of_mut, read_volatile, write_volatile};
 use core::sync::atomic::{compiler_fence, Ordering};
 
-// The VMM starts us in long mode with paging on but no stack and SSE disabled. Take a stack
-// from the linker script, and enable SSE (CR0.EM off, CR0.MP on, CR4.OSFXSR and OSXMMEXCPT on):
-// the compiler uses SSE registers for plain struct copies and zeroing even in integer code.
+// The VMM starts us in long mode with paging on but no stack: take one from the linker script
+// and call into Rust. `guest_main` never returns.
 core::arch::global_asm!(
     ".section .text.entry, \"ax\"",
     ".global _start",
     "_start:",
     "    lea rsp, [rip + __stack_top]",
-    "    mov rax, cr0",
-    "    and rax, ~(1 << 2)",
-    "    or rax, 1 << 1",
-    "    mov cr0, rax",
-    "    mov rax, cr4",
-    "    or rax, (1 << 9) | (1 << 10)",
-    "    mov cr4, rax",
     "    call guest_main",
     "2:  jmp 2b",
+    // The interrupt entry: save the registers the C ABI lets `irq_handler` clobber (nine
+    // pushes on the 40-byte frame keep the stack 16-byte aligned at the call), return by iretq.
+    ".global irq_entry",
+    "irq_entry:",
+    "    push rax",
+    "    push rcx",
+    "    push rdx",
+    "    push rsi",
+    "    push rdi",
+    "    push r8",
+    "    push r9",
+    "    push r10",
+    "    push r11",
+    "    call irq_handler",
+    "    pop r11",
+    "    pop r10",
+    "    pop r9",
+    "    pop r8",
+    "    pop rdi",
+    "    pop rsi",
+    "    pop rdx",
+    "    pop rcx",
+    "    pop rax",
+    "    iretq",
 );
 
 const MODE_ECHO: u32 = 1;
 const MODE_REGS: u32 = 2;
+const MODE_ECHO_IRQ: u32 = 3;
 
 /// Parameters the host test patches into the image before booting it.
 #[repr(C)]
@@ -56,6 +78,8 @@ struct Params {
     port: u32,
     /// The CID the test configured; config space must report it.
     cid: u32,
+    /// The device's IOAPIC pin (GSI), for `MODE_ECHO_IRQ`.
+    irq: u32,
 }
 
 #[no_mangle]
@@ -65,6 +89,7 @@ static PARAMS: Params = Params {
     mode: 0,
     port: 0,
     cid: 0,
+    irq: 0,
 };
 
 /// What the echo test sends; the host test expects exactly these bytes.
@@ -106,7 +131,14 @@ fn print_hex(v: u64) {
         let nib = ((v >> (shift * 4)) & 0xf) as u8;
         if nib != 0 || started || shift == 0 {
             started = true;
-            outb(0x3f8, if nib < 10 { b'0' + nib } else { b'a' + nib - 10 });
+            outb(
+                0x3f8,
+                if nib < 10 {
+                    b'0' + nib
+                } else {
+                    b'a' + nib - 10
+                },
+            );
         }
     }
 }
@@ -388,6 +420,8 @@ struct Driver {
     used_covered: [u16; NUM_QUEUES],
     /// Times InterruptStatus showed a used-ring notification.
     interrupts: u32,
+    /// Sleep until a real interrupt instead of polling InterruptStatus.
+    use_irq: bool,
 }
 
 /// Polls of InterruptStatus before a wait gives up (each is a VM exit, tens of µs).
@@ -434,7 +468,10 @@ impl Driver {
             write_volatile(addr_of_mut!((*d).len), len as u32);
             write_volatile(addr_of_mut!((*d).flags), flags);
             write_volatile(addr_of_mut!((*d).next), 0);
-            write_volatile(addr_of_mut!((*v).avail.ring[idx as usize % QSZ]), slot as u16);
+            write_volatile(
+                addr_of_mut!((*v).avail.ring[idx as usize % QSZ]),
+                slot as u16,
+            );
             // The ring entry must be visible before the index that publishes it. x86 keeps
             // stores in order; this stops the compiler from reordering them.
             compiler_fence(Ordering::SeqCst);
@@ -468,20 +505,46 @@ impl Driver {
         }
     }
 
+    /// Sleeps until the interrupt handler has run (it reads and acks InterruptStatus), then
+    /// notes how far every used ring has got.
+    fn wait_interrupt(&mut self) {
+        let before = irq_count();
+        // SAFETY: `sti; hlt` sleeps until an interrupt (sti's one-instruction shadow means one
+        // cannot slip in between); the handler saves every register it uses. Interrupts are off
+        // again before we touch state the handler shares.
+        unsafe { core::arch::asm!("sti", "hlt", "cli", options(nomem, nostack)) };
+        if irq_count() != before {
+            self.interrupts += 1;
+            compiler_fence(Ordering::SeqCst);
+            for q in 0..NUM_QUEUES {
+                self.used_covered[q] = self.used_idx(q);
+            }
+        }
+    }
+
     /// Waits for the next used entry of queue `q` that an interrupt announced; returns
     /// `(descriptor id, length written)`.
     fn wait_used(&mut self, q: usize, what: &[u8]) -> (usize, usize) {
         let mut polls = 0;
         while self.used_covered[q] == self.used_seen[q] {
-            self.poll_interrupt();
+            if self.use_irq {
+                self.wait_interrupt();
+            } else {
+                self.poll_interrupt();
+            }
             polls += 1;
             if polls == WAIT_POLLS {
+                let why: &[u8] = if self.used_idx(q) != self.used_seen[q] {
+                    b"used ring advanced but InterruptStatus never said so"
+                } else {
+                    b"timed out waiting for the device"
+                };
                 print(b"FAIL: ");
                 print(what);
-                if self.used_idx(q) != self.used_seen[q] {
-                    fail(b": used ring advanced but InterruptStatus never said so");
-                }
-                fail(b": timed out waiting for the device");
+                print(b": ");
+                print(why);
+                print(b"\n");
+                reset();
             }
         }
         let v = vq(q);
@@ -491,10 +554,100 @@ impl Driver {
         // device published it (used idx) before raising InterruptStatus.
         let (id, len) = unsafe {
             let e = addr_of!((*v).used.ring[i]);
-            (read_volatile(addr_of!((*e).id)), read_volatile(addr_of!((*e).len)))
+            (
+                read_volatile(addr_of!((*e).id)),
+                read_volatile(addr_of!((*e).len)),
+            )
         };
         (id as usize, len as usize)
     }
+}
+
+// ---- real interrupts: IOAPIC -> LAPIC -> IDT -----------------------------------------------
+
+const IRQ_VECTOR: usize = 0x30;
+const SPURIOUS_VECTOR: u32 = 0xff;
+const LAPIC_BASE: u64 = 0xfee0_0000;
+const LAPIC_TPR: u64 = 0x80;
+const LAPIC_EOI: u64 = 0xb0;
+const LAPIC_SVR: u64 = 0xf0;
+const LAPIC_LVT0: u64 = 0x350;
+const IOAPIC_BASE: u64 = 0xfec0_0000;
+
+/// The vsock window the interrupt handler reads and acks.
+static mut IRQ_DEV: u64 = 0;
+/// Interrupts the handler saw with a used-ring bit in InterruptStatus.
+static mut IRQ_COUNT: u32 = 0;
+/// 16-byte long-mode gate descriptors, up to `IRQ_VECTOR`.
+static mut IDT: [[u64; 2]; IRQ_VECTOR + 1] = [[0; 2]; IRQ_VECTOR + 1];
+
+extern "C" {
+    /// The assembly entry in the stub above.
+    fn irq_entry();
+}
+
+fn irq_count() -> u32 {
+    // SAFETY: a plain static the handler updates; volatile because it changes behind us.
+    unsafe { read_volatile(addr_of!(IRQ_COUNT)) }
+}
+
+fn mmio_write(addr: u64, v: u32) {
+    // SAFETY: LAPIC and IOAPIC registers, emulated by KVM's in-kernel irqchip and
+    // identity-mapped like all of the low 4 GiB.
+    unsafe { write_volatile(addr as *mut u32, v) }
+}
+
+/// Called from `irq_entry` with interrupts off: the driver's interrupt handler.
+#[no_mangle]
+extern "C" fn irq_handler() {
+    // SAFETY: set before interrupts were enabled, never changed after.
+    let dev = Mmio(unsafe { read_volatile(addr_of!(IRQ_DEV)) });
+    let isr = dev.read(INTERRUPT_STATUS);
+    if isr != 0 {
+        dev.write(INTERRUPT_ACK, isr);
+    }
+    if isr & INT_USED_RING != 0 {
+        // SAFETY: the main flow only reads IRQ_COUNT; the guest has one vCPU.
+        unsafe { write_volatile(addr_of_mut!(IRQ_COUNT), irq_count() + 1) };
+    }
+    mmio_write(LAPIC_BASE + LAPIC_EOI, 0);
+}
+
+/// Routes IOAPIC pin `gsi` to `IRQ_VECTOR` on this CPU and installs the handler. Interrupts
+/// stay disabled (IF=0) except inside `wait_interrupt`.
+fn setup_interrupts(gsi: u32) {
+    if !(1..24).contains(&gsi) {
+        fail_val(b"bad IOAPIC pin", gsi.into());
+    }
+    // The legacy PICs would deliver the same line as ExtINT with an unprogrammed vector:
+    // mask them all, and LINT0 too.
+    outb(0x21, 0xff);
+    outb(0xa1, 0xff);
+    let handler = irq_entry as *const () as u64;
+    // Present, DPL 0, 64-bit interrupt gate (IF cleared on entry), code selector 0x08.
+    let low =
+        (handler & 0xffff) | (0x08 << 16) | (0x8e00u64 << 32) | ((handler >> 16) & 0xffff) << 48;
+    // SAFETY: IDT is only written here, before any interrupt can arrive; `lidt` gets its exact
+    // size and address (identity-mapped, so linear = physical).
+    unsafe {
+        let idt = addr_of_mut!(IDT);
+        write_volatile(addr_of_mut!((*idt)[IRQ_VECTOR][0]), low);
+        write_volatile(addr_of_mut!((*idt)[IRQ_VECTOR][1]), handler >> 32);
+        let mut desc = [0u8; 10];
+        let limit = core::mem::size_of::<[[u64; 2]; IRQ_VECTOR + 1]>() - 1;
+        desc[..2].copy_from_slice(&(limit as u16).to_le_bytes());
+        desc[2..].copy_from_slice(&(idt as u64).to_le_bytes());
+        core::arch::asm!("lidt [{}]", in(reg) desc.as_ptr(), options(readonly, nostack));
+    }
+    mmio_write(LAPIC_BASE + LAPIC_TPR, 0);
+    mmio_write(LAPIC_BASE + LAPIC_LVT0, 1 << 16);
+    mmio_write(LAPIC_BASE + LAPIC_SVR, 0x100 | SPURIOUS_VECTOR);
+    // Redirection entry: fixed delivery, physical destination APIC 0, edge, unmasked.
+    let select = 0x10 + 2 * gsi;
+    mmio_write(IOAPIC_BASE, select + 1);
+    mmio_write(IOAPIC_BASE + 0x10, 0);
+    mmio_write(IOAPIC_BASE, select);
+    mmio_write(IOAPIC_BASE + 0x10, IRQ_VECTOR as u32);
 }
 
 // ---- vsock packets (virtio 1.2, 5.10.6) -----------------------------------------------------
@@ -625,8 +778,7 @@ impl Conn {
     }
 
     fn repost(&mut self, id: usize) {
-        self.drv
-            .post(RXQ, id, rx_buf(id), BUF_SIZE, DESC_F_WRITE);
+        self.drv.post(RXQ, id, rx_buf(id), BUF_SIZE, DESC_F_WRITE);
     }
 }
 
@@ -652,6 +804,7 @@ fn init_device(dev: Mmio) -> Driver {
         used_seen: [0; NUM_QUEUES],
         used_covered: [0; NUM_QUEUES],
         interrupts: 0,
+        use_irq: false,
     };
     for q in 0..NUM_QUEUES {
         drv.setup_queue(q);
@@ -664,11 +817,20 @@ fn init_device(dev: Mmio) -> Driver {
     drv
 }
 
-fn echo(params: &Params) -> ! {
+fn echo(params: &Params, use_irq: bool) -> ! {
     let dev = find_vsock();
     let mut drv = init_device(dev);
+    if use_irq {
+        // SAFETY: single-threaded; the handler only runs once interrupts are enabled below.
+        unsafe { write_volatile(addr_of_mut!(IRQ_DEV), dev.0) };
+        setup_interrupts(params.irq);
+        drv.use_irq = true;
+    }
     let cid = dev.config_cid();
-    check(cid == u64::from(params.cid), b"config guest_cid is not the configured CID");
+    check(
+        cid == u64::from(params.cid),
+        b"config guest_cid is not the configured CID",
+    );
     for i in 0..RX_BUFS {
         drv.post(RXQ, i, rx_buf(i), BUF_SIZE, DESC_F_WRITE);
     }
@@ -729,6 +891,11 @@ fn echo(params: &Params) -> ! {
             OP_CREDIT_UPDATE | OP_SHUTDOWN => {}
             op => fail_val(b"unexpected op after SHUTDOWN:", op.into()),
         }
+    }
+    if use_irq {
+        print(b"interrupts delivered: ");
+        print_dec(irq_count().into());
+        print(b"\n");
     }
     print(b"interrupts seen: ");
     print_dec(conn.drv.interrupts.into());
@@ -807,13 +974,17 @@ fn registers(params: &Params) -> ! {
         used_seen: [0; NUM_QUEUES],
         used_covered: [0; NUM_QUEUES],
         interrupts: 0,
+        use_irq: false,
     };
     drv.setup_queue(1);
     dev.write(QUEUE_SEL, 0);
     check(dev.read(QUEUE_READY) == 0, b"QueueReady leaked to queue 0");
     dev.write(QUEUE_SEL, 1);
     dev.write(QUEUE_READY, 0);
-    check(dev.read(QUEUE_READY) == 0, b"QueueReady could not be cleared");
+    check(
+        dev.read(QUEUE_READY) == 0,
+        b"QueueReady could not be cleared",
+    );
     dev.write(QUEUE_READY, 1);
     print(b"queue setup read back\n");
 
@@ -865,10 +1036,12 @@ extern "C" fn guest_main() -> ! {
             mode: read_volatile(addr_of!(PARAMS.mode)),
             port: read_volatile(addr_of!(PARAMS.port)),
             cid: read_volatile(addr_of!(PARAMS.cid)),
+            irq: read_volatile(addr_of!(PARAMS.irq)),
         }
     };
     match params.mode {
-        MODE_ECHO => echo(&params),
+        MODE_ECHO => echo(&params, false),
+        MODE_ECHO_IRQ => echo(&params, true),
         MODE_REGS => registers(&params),
         m => fail_val(b"unknown mode", m.into()),
     }
