@@ -204,11 +204,21 @@ fn set_process_caps(c: &LinuxCapabilities) -> HelperResult<()> {
         (CapSet::Effective, c.effective()),
         (CapSet::Permitted, c.permitted()),
         (CapSet::Inheritable, c.inheritable()),
-        (CapSet::Ambient, c.ambient()),
     ];
     for (set, wanted) in sets {
         let wanted = to_caps(wanted.as_ref())?;
         caps::set(None, set, &wanted).map_err(|e| format!("set {set:?} capabilities: {e}"))?;
+    }
+    set_ambient(&to_caps(c.ambient().as_ref())?)
+}
+
+/// The kernel raises an ambient capability only if it is also permitted and inheritable;
+/// runc's default spec lists ambient caps without inheritable ones, and runc ignores each
+/// refused raise, so specs written for runc run here the same way.
+fn set_ambient(wanted: &CapsHashSet) -> HelperResult<()> {
+    caps::clear(None, CapSet::Ambient).map_err(|e| format!("clear ambient capabilities: {e}"))?;
+    for cap in wanted {
+        let _ = caps::raise(None, CapSet::Ambient, *cap);
     }
     Ok(())
 }
