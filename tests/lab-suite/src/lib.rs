@@ -213,6 +213,27 @@ impl Oci {
         run_with_input(cmd, input)
     }
 
+    /// Runs a husk command that leaves a container behind (`create`, `run -d`): the container's
+    /// monitor inherits stdio, so output goes to files and only husk's own exit is awaited.
+    pub fn husk_detached(&self, args: &[&str]) -> Out {
+        let out_path = self.dir.path().join("detached.out");
+        let err_path = self.dir.path().join("detached.err");
+        let status = Command::new(husk_bin())
+            .arg("--root")
+            .arg(self.root())
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&out_path).unwrap())
+            .stderr(std::fs::File::create(&err_path).unwrap())
+            .status()
+            .expect("spawn husk");
+        Out {
+            code: status.code().unwrap_or(-1),
+            stdout: std::fs::read_to_string(&out_path).unwrap_or_default(),
+            stderr: std::fs::read_to_string(&err_path).unwrap_or_default(),
+        }
+    }
+
     /// Runs `runc --root <root>/runc ARGS` (the reference).
     pub fn runc(&self, args: &[&str]) -> Out {
         let mut cmd = Command::new("runc");

@@ -47,7 +47,12 @@ fn run_prints_hi_and_exits_0() {
 #[test]
 fn exit_codes_come_back() {
     let oci = Oci::new();
-    for (script, code) in [("exit 7", 7), ("exit 1", 1), ("kill -9 $$", 137)] {
+    // (A pid namespace's init ignores SIGKILL from inside, so a child takes the signal.)
+    for (script, code) in [
+        ("exit 7", 7),
+        ("exit 1", 1),
+        ("sh -c 'kill -9 $$'; exit $?", 137),
+    ] {
         let b = oci.bundle("b", &["sh", "-c", script]);
         assert_eq!(run(&oci, &b, "codes").code, code, "{script}");
     }
@@ -58,7 +63,7 @@ fn lifecycle_create_start_state_kill_delete() {
     let oci = Oci::new();
     let b = oci.bundle("b", &["sleep", "300"]);
     let pid_file = oci.dir.path().join("pid");
-    let out = oci.husk(&[
+    let out = oci.husk_detached(&[
         "create",
         "--bundle",
         b.to_str().unwrap(),
@@ -151,9 +156,9 @@ fn errors_follow_runcs_shape_and_leave_nothing() {
         assert_eq!(v["level"], "error");
     }
     // A duplicate id.
-    let ok = oci.husk(&["create", "--bundle", b.to_str().unwrap(), "dup"]);
+    let ok = oci.husk_detached(&["create", "--bundle", b.to_str().unwrap(), "dup"]);
     assert_eq!(ok.code, 0, "{}", ok.stderr);
-    let dup = oci.husk(&["create", "--bundle", b.to_str().unwrap(), "dup"]);
+    let dup = oci.husk_detached(&["create", "--bundle", b.to_str().unwrap(), "dup"]);
     assert_eq!(dup.code, 1);
     assert!(dup.stderr.contains("already exists"), "{}", dup.stderr);
     assert_eq!(oci.husk(&["delete", "--force", "dup"]).code, 0);
@@ -202,10 +207,14 @@ fn process_fields_match_runc() {
 fn security_fields_match_runc() {
     let script = "touch /rootfile 2>/dev/null && echo root-writable; \
                   echo 1 > /proc/sys/kernel/ostype 2>/dev/null && echo sys-writable; \
-                  wc -c < /proc/kcore; cat /proc/sys/net/ipv4/ip_forward; \
+                  wc -c < /etc/group; cat /proc/sys/net/ipv4/ip_forward; \
                   grep Seccomp: /proc/self/status; mkdir /tmp/x 2>&1 | sed 's/.*: //'";
     let out = same("sec", script, |v| {
         v["linux"]["sysctl"] = json!({"net.ipv4.ip_forward": "1"});
+        v["linux"]["maskedPaths"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!("/etc/group"));
         v["linux"]["seccomp"] = json!({
             "defaultAction": "SCMP_ACT_ALLOW",
             "architectures": ["SCMP_ARCH_X86_64"],
@@ -284,11 +293,8 @@ fn stdin_reaches_the_process_and_output_is_complete() {
 fn exec_ps_pause_resume() {
     let oci = Oci::new();
     let b = oci.bundle("b", &["sleep", "300"]);
-    assert_eq!(
-        oci.husk(&["run", "-d", "--bundle", b.to_str().unwrap(), "ex"])
-            .code,
-        0
-    );
+    let started = oci.husk_detached(&["run", "-d", "--bundle", b.to_str().unwrap(), "ex"]);
+    assert_eq!(started.code, 0, "{}", started.stderr);
     let out = oci.husk(&["exec", "ex", "echo", "in-container"]);
     assert_eq!(
         (out.code, out.stdout.as_str()),

@@ -56,6 +56,10 @@ pub fn prepare(process: &Process, profile: Option<&LinuxSeccomp>) -> HelperResul
     if early {
         seccomp::install(&programs)?;
     }
+    let env = with_home(
+        process.env().as_deref().unwrap_or_default(),
+        process.user().uid(),
+    );
     set_identity(process)?;
     if nnp {
         nix::sys::prctl::set_no_new_privs().map_err(|e| format!("set no_new_privs: {e}"))?;
@@ -70,8 +74,7 @@ pub fn prepare(process: &Process, profile: Option<&LinuxSeccomp>) -> HelperResul
             e.desc().to_lowercase()
         )
     })?;
-    let env = process.env().as_deref().unwrap_or_default();
-    let path = lookup(&args[0], env)?;
+    let path = lookup(&args[0], &env)?;
     Ok(Prepared {
         path: cstring(path.as_os_str().as_bytes())?,
         argv: args
@@ -84,6 +87,24 @@ pub fn prepare(process: &Process, profile: Option<&LinuxSeccomp>) -> HelperResul
             .collect::<HelperResult<_>>()?,
         late_seccomp: if early { Vec::new() } else { programs },
         master,
+    })
+}
+
+/// Adds `HOME` as runc does when the spec leaves it out: the user's home from the container's
+/// /etc/passwd, else `/`. Read before the identity change, while /etc/passwd is surely readable.
+fn with_home(env: &[String], uid: u32) -> Vec<String> {
+    let mut env = env.to_vec();
+    if !env.iter().any(|e| e.starts_with("HOME=")) {
+        env.push(format!("HOME={}", home_of(uid).unwrap_or_else(|| "/".into())));
+    }
+    env
+}
+
+fn home_of(uid: u32) -> Option<String> {
+    let passwd = fs::read_to_string("/etc/passwd").ok()?;
+    passwd.lines().find_map(|line| {
+        let f: Vec<&str> = line.split(':').collect();
+        (f.len() >= 6 && f[2].parse() == Ok(uid)).then(|| f[5].to_string())
     })
 }
 
