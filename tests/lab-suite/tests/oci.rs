@@ -111,7 +111,7 @@ fn lifecycle_create_start_state_kill_delete() {
 fn errors_follow_runcs_shape_and_leave_nothing() {
     let oci = Oci::new();
     let b = oci.bundle("b", &["true"]);
-    let cases: Vec<(&str, Box<dyn Fn(&Path)>)> = vec![
+    let cases: Vec<(&str, Breaker)> = vec![
         (
             "syntax",
             Box::new(|b| std::fs::write(b.join("config.json"), "{bad").unwrap()),
@@ -163,6 +163,9 @@ fn errors_follow_runcs_shape_and_leave_nothing() {
     assert!(dup.stderr.contains("already exists"), "{}", dup.stderr);
     assert_eq!(oci.husk(&["delete", "--force", "dup"]).code, 0);
 }
+
+/// Breaks a bundle's config.json in one way.
+type Breaker = Box<dyn Fn(&Path)>;
 
 fn edit_raw(b: &Path, f: impl FnOnce(&mut serde_json::Value)) {
     let path = b.join("config.json");

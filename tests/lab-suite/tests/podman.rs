@@ -28,7 +28,7 @@ fn setup() -> &'static PathBuf {
         .unwrap();
         let oci = Oci::new();
         let bundle = oci.bundle("img", &["sh"]);
-        let tar = Command::new("tar")
+        let mut tar = Command::new("tar")
             .arg("-C")
             .arg(bundle.join("rootfs"))
             .args(["-c", "."])
@@ -38,10 +38,11 @@ fn setup() -> &'static PathBuf {
         let st = Command::new("podman")
             .env("CONTAINERS_CONF", &conf)
             .args(["import", "-", IMAGE])
-            .stdin(tar.stdout.unwrap())
+            .stdin(tar.stdout.take().unwrap())
             .stdout(Stdio::null())
             .status()
             .unwrap();
+        assert!(tar.wait().unwrap().success(), "tar of the rootfs failed");
         assert!(st.success(), "podman import failed");
         conf
     })

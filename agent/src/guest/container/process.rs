@@ -95,7 +95,10 @@ pub fn prepare(process: &Process, profile: Option<&LinuxSeccomp>) -> HelperResul
 fn with_home(env: &[String], uid: u32) -> Vec<String> {
     let mut env = env.to_vec();
     if !env.iter().any(|e| e.starts_with("HOME=")) {
-        env.push(format!("HOME={}", home_of(uid).unwrap_or_else(|| "/".into())));
+        env.push(format!(
+            "HOME={}",
+            home_of(uid).unwrap_or_else(|| "/".into())
+        ));
     }
     env
 }
