@@ -191,34 +191,45 @@ fn podman_interactive_tty() {
     let mut child = cmd.spawn().unwrap();
     drop(pty.slave);
     let mut master = std::fs::File::from(pty.master);
-    let reader = {
+    // The reader is never joined: podman's helpers (conmon) may keep the terminal open after
+    // podman itself exits, so the screen is read from what has arrived by then.
+    let screen = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    {
         let mut m = master.try_clone().unwrap();
+        let screen = screen.clone();
         std::thread::spawn(move || {
-            let mut all = Vec::new();
             let mut buf = [0u8; 4096];
             while let Ok(n) = m.read(&mut buf) {
                 if n == 0 {
                     break;
                 }
-                all.extend_from_slice(&buf[..n]);
+                screen.lock().unwrap().extend_from_slice(&buf[..n]);
             }
-            String::from_utf8_lossy(&all).into_owned()
-        })
-    };
+        });
+    }
+    let text = || String::from_utf8_lossy(&screen.lock().unwrap()).into_owned();
     std::thread::sleep(Duration::from_secs(2));
     master.write_all(b"tty; echo marker-$((6*7))\n").unwrap();
-    master.write_all(b"exit 4\n").unwrap();
     let deadline = Instant::now() + Duration::from_secs(120);
+    while !text().contains("marker-42") {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("no answer from the container's shell: {}", text());
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    master.write_all(b"exit 4\n").unwrap();
     let status = loop {
         if let Some(s) = child.try_wait().unwrap() {
             break s;
         }
-        assert!(Instant::now() < deadline, "podman -it did not exit");
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("podman -it did not exit: {}", text());
+        }
         std::thread::sleep(Duration::from_millis(100));
     };
-    drop(master);
-    let screen = reader.join().unwrap();
+    let screen = text();
     assert!(screen.contains("/dev/pts/"), "{screen}");
-    assert!(screen.contains("marker-42"), "{screen}");
     assert_eq!(status.code(), Some(4), "{screen}");
 }
