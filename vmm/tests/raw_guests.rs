@@ -236,9 +236,10 @@ fn two_vcpus_both_run_and_the_parked_one_is_stopped() {
     const COUNTER: u64 = 0x20_0000;
     let image = Asm::new(false)
         .mov_rbx(COUNTER)
-        .bytes(&[0xf0, 0xff, 0x03]) // lock inc dword [rbx]
         .mov_dx(0x3f8)
         .bytes(&[0x89, 0xf8, 0x04, b'0', 0xee]) // mov eax, edi; add al, '0'; out dx, al
+        // Count only after printing, so vCPU 0 cannot end the VM before vCPU 1's digit is out.
+        .bytes(&[0xf0, 0xff, 0x03]) // lock inc dword [rbx]
         .bytes(&[0x85, 0xff, 0x75, 0x0b]) // test edi, edi; jnz park (+11)
         .bytes(&[0x83, 0x3b, 0x02, 0x75, 0xfb]) // wait: cmp dword [rbx], 2; jne wait
         .bytes(&[0xb0, b'\n', 0xee]) // mov al, '\n'; out dx, al
