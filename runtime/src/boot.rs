@@ -12,6 +12,8 @@ use crate::microvm::{MicroVm, Options};
 
 /// How long a guest may take to reach its agent. Generous: the nested lab is ~20x slower.
 pub const AGENT_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a guest may take to power off once the agent has acknowledged.
+pub const POWEROFF_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Args, Debug, Clone)]
 pub struct BootArgs {
@@ -79,5 +81,5 @@ pub fn run(args: &BootArgs, started: Instant) -> Result<()> {
     }
     agent.poweroff().context("asking the agent to power off")?;
     drop(agent);
-    vm.wait()
+    vm.wait_timeout(POWEROFF_TIMEOUT)
 }

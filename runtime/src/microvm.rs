@@ -108,6 +108,20 @@ impl MicroVm {
         Ok(client)
     }
 
+    /// Waits up to `timeout` for the guest to stop after a poweroff; past it the VM is abandoned
+    /// to the end of this process (its threads die with it), so a guest that ignores the
+    /// poweroff cannot hang the caller.
+    pub fn wait_timeout(&mut self, timeout: Duration) -> Result<()> {
+        let deadline = std::time::Instant::now() + timeout;
+        while self.is_running() {
+            if std::time::Instant::now() >= deadline {
+                anyhow::bail!("the guest did not power off within {timeout:?}");
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        self.wait()
+    }
+
     /// Waits for the guest to stop; an error carries the VMM's reason (panic, triple fault…).
     pub fn wait(&mut self) -> Result<()> {
         match self.thread.take() {

@@ -130,12 +130,18 @@ fn finish(mut s: Started, store: &Store) -> i32 {
     if let Ok(mut agent) = vm_agent(&s.vm) {
         let _ = agent.poweroff();
     }
-    let _ = s.vm.wait();
+    // The container's status is recorded: a guest slow to power off must not keep the
+    // monitor (and the caller waiting on it) alive; the VM ends with this process.
+    if let Err(e) = s.vm.wait_timeout(crate::boot::POWEROFF_TIMEOUT) {
+        eprintln!("husk: {e:#}");
+    }
     stdio::exit_code(&status)
 }
 
 fn vm_agent(vm: &MicroVm) -> Result<Client<UnixStream>> {
     let stream = vsock::connect(vm.vsock_path(), husk_agent::AGENT_VSOCK_PORT)?;
+    // A wedged guest must not block the monitor's exit on the poweroff reply.
+    stream.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
     Ok(Client::new(stream))
 }
 
