@@ -8,17 +8,15 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{FileExt, MetadataExt};
-use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use virtio_queue::{DescriptorChain, Queue, QueueT};
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::{
-    check_queues, read_config_bytes, ActivateError, GuestMemoryMmap, Interrupt, VirtioDevice,
-    Worker, TYPE_BLOCK, VIRTIO_F_VERSION_1,
+    check_queues, read_config_bytes, serve_queue, ActivateError, GuestMemoryMmap, Interrupt,
+    VirtioDevice, Worker, TYPE_BLOCK, VIRTIO_F_VERSION_1,
 };
 
 /// Bytes in a virtio-blk sector, whatever the image's block size.
@@ -194,9 +192,6 @@ struct BlockWorker {
     interrupt: Arc<Interrupt>,
 }
 
-const TOKEN_NOTIFY: u64 = 0;
-const TOKEN_STOP: u64 = 1;
-
 impl BlockWorker {
     fn run(mut self, stop: &EventFd, notify: &EventFd) {
         if let Err(e) = self.event_loop(stop, notify) {
@@ -205,33 +200,7 @@ impl BlockWorker {
     }
 
     fn event_loop(&mut self, stop: &EventFd, notify: &EventFd) -> io::Result<()> {
-        let epoll = Epoll::new()?;
-        for (fd, token) in [
-            (notify.as_raw_fd(), TOKEN_NOTIFY),
-            (stop.as_raw_fd(), TOKEN_STOP),
-        ] {
-            epoll.ctl(
-                ControlOperation::Add,
-                fd,
-                EpollEvent::new(EventSet::IN, token),
-            )?;
-        }
-        // The driver may have queued requests before we started listening.
-        self.process_queue();
-        let mut events = [EpollEvent::default(); 2];
-        loop {
-            let n = match epoll.wait(-1, &mut events) {
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                other => other?,
-            };
-            for ev in &events[..n] {
-                if ev.data() == TOKEN_STOP {
-                    return Ok(());
-                }
-                let _ = notify.read();
-                self.process_queue();
-            }
-        }
+        serve_queue(stop, notify, || self.process_queue())
     }
 
     fn process_queue(&mut self) {

@@ -233,3 +233,42 @@ pub(crate) fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
         *byte = idx.and_then(|i| config.get(i)).copied().unwrap_or(0);
     }
 }
+
+/// The worker loop of a one-queue device: runs `process` once (the driver may have queued
+/// requests before the worker listened), then after every notification, until `stop` fires.
+pub(crate) fn serve_queue(
+    stop: &EventFd,
+    notify: &EventFd,
+    mut process: impl FnMut(),
+) -> io::Result<()> {
+    use std::os::unix::io::AsRawFd;
+    use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
+    const TOKEN_NOTIFY: u64 = 0;
+    const TOKEN_STOP: u64 = 1;
+    let epoll = Epoll::new()?;
+    for (fd, token) in [
+        (notify.as_raw_fd(), TOKEN_NOTIFY),
+        (stop.as_raw_fd(), TOKEN_STOP),
+    ] {
+        epoll.ctl(
+            ControlOperation::Add,
+            fd,
+            EpollEvent::new(EventSet::IN, token),
+        )?;
+    }
+    process();
+    let mut events = [EpollEvent::default(); 2];
+    loop {
+        let n = match epoll.wait(-1, &mut events) {
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            other => other?,
+        };
+        for ev in &events[..n] {
+            if ev.data() == TOKEN_STOP {
+                return Ok(());
+            }
+            let _ = notify.read();
+            process();
+        }
+    }
+}

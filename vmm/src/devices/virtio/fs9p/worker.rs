@@ -3,7 +3,6 @@
 
 use std::fs::File;
 use std::io::{self, Write};
-use std::os::unix::io::AsRawFd;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -11,16 +10,12 @@ use nix::sched::{unshare, CloneFlags};
 use nix::sys::stat::{umask, Mode};
 use nix::unistd::{chroot, fchdir};
 use virtio_queue::{DescriptorChain, Queue, QueueT};
-use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::wire;
-use crate::devices::virtio::{GuestMemoryMmap, Interrupt};
+use crate::devices::virtio::{serve_queue, GuestMemoryMmap, Interrupt};
 
 type Writer<'a> = virtio_queue::Writer<'a, ()>;
-
-const TOKEN_NOTIFY: u64 = 0;
-const TOKEN_STOP: u64 = 1;
 
 /// Builds a p9 server whose whole view of the host is `root`.
 ///
@@ -61,33 +56,7 @@ impl Fs9pWorker {
     }
 
     fn event_loop(&mut self, stop: &EventFd, notify: &EventFd) -> io::Result<()> {
-        let epoll = Epoll::new()?;
-        for (fd, token) in [
-            (notify.as_raw_fd(), TOKEN_NOTIFY),
-            (stop.as_raw_fd(), TOKEN_STOP),
-        ] {
-            epoll.ctl(
-                ControlOperation::Add,
-                fd,
-                EpollEvent::new(EventSet::IN, token),
-            )?;
-        }
-        // The driver may have queued requests before we started listening.
-        self.process_queue();
-        let mut events = [EpollEvent::default(); 2];
-        loop {
-            let n = match epoll.wait(-1, &mut events) {
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                other => other?,
-            };
-            for ev in &events[..n] {
-                if ev.data() == TOKEN_STOP {
-                    return Ok(());
-                }
-                let _ = notify.read();
-                self.process_queue();
-            }
-        }
+        serve_queue(stop, notify, || self.process_queue())
     }
 
     fn process_queue(&mut self) {
