@@ -81,6 +81,78 @@ pub enum VmError {
     /// A host resource (thread, eventfd, signal handler) could not be set up.
     #[error("host setup failed: {0}")]
     Host(String),
+    /// A snapshot file cannot be read or written.
+    #[error("snapshot file {path}: {source}")]
+    SnapshotIo {
+        /// The file.
+        path: PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// The state file is not a Husk snapshot, or its body does not decode.
+    #[error("snapshot {path} is unreadable: {reason}")]
+    SnapshotFormat {
+        /// The state file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+    /// The snapshot was written in another format version.
+    #[error("snapshot {path} has format version {found}; this VMM reads version {expected}")]
+    SnapshotVersion {
+        /// The state file.
+        path: PathBuf,
+        /// The version in the file.
+        found: u32,
+        /// The version this build reads.
+        expected: u32,
+    },
+    /// The state body does not match its checksum (a damaged or edited file).
+    #[error(
+        "snapshot {path} is corrupt: body checksum {found:#010x}, header says {expected:#010x}"
+    )]
+    SnapshotChecksum {
+        /// The state file.
+        path: PathBuf,
+        /// The checksum of the body as read.
+        found: u32,
+        /// The checksum in the header.
+        expected: u32,
+    },
+    /// The snapshot was taken on a host whose KVM offers other CPU features.
+    #[error("snapshot {path} was taken on another CPU (feature fingerprint {found:#010x}, this host {host:#010x})")]
+    SnapshotCpu {
+        /// The state file.
+        path: PathBuf,
+        /// The fingerprint in the snapshot.
+        found: u32,
+        /// This host's fingerprint.
+        host: u32,
+    },
+    /// The guest memory file does not have the size the state file describes.
+    #[error("snapshot memory file {path} has {found} bytes, expected {expected}")]
+    SnapshotMemorySize {
+        /// The memory file.
+        path: PathBuf,
+        /// Its size.
+        found: u64,
+        /// The size the state file describes.
+        expected: u64,
+    },
+    /// The snapshot holds state this host's KVM cannot take.
+    #[error("snapshot state not accepted by this host's KVM: {0}")]
+    SnapshotUnsupported(String),
+    /// A device's state could not be saved or restored.
+    #[error("snapshot of device {id}: {reason}")]
+    SnapshotDevice {
+        /// The device (bus and address).
+        id: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// The VM is not in a state that can be snapshotted (not running, vCPUs not parked).
+    #[error("cannot snapshot the VM: {0}")]
+    SnapshotState(String),
     /// The guest triple-faulted (KVM_EXIT_SHUTDOWN).
     #[error("guest triple fault (KVM_EXIT_SHUTDOWN) on vCPU {vcpu}; {regs}")]
     TripleFault {

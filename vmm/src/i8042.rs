@@ -29,6 +29,21 @@ impl I8042 {
     }
 }
 
+/// The reset-only controller has no state of its own: a snapshot records it as empty.
+impl crate::snapshot::Persist for I8042 {
+    fn save_state(&mut self) -> Result<Vec<u8>, String> {
+        Ok(Vec::new())
+    }
+
+    fn restore_state(&mut self, state: &[u8]) -> Result<(), String> {
+        if state.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("unexpected {} bytes of i8042 state", state.len()))
+        }
+    }
+}
+
 impl BusDevice for I8042 {
     fn read(&mut self, _offset: u64, data: &mut [u8]) {
         // Status 0: output buffer empty, input buffer empty (ready for commands).

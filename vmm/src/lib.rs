@@ -12,6 +12,7 @@ pub mod memory;
 pub mod mptable;
 pub mod pause;
 pub mod serial;
+pub mod snapshot;
 pub mod stop;
 pub mod vcpu;
 pub mod vm;

@@ -1,9 +1,15 @@
 //! Pausing a running VM: every vCPU thread is kicked out of KVM_RUN and parks until resumed.
 //! The guest sees time stand still (kvmclock keeps counting, as after a host suspend); devices
 //! keep their state and their worker threads idle with no queue notifications.
+//!
+//! While parked, a vCPU thread also runs jobs posted for it ([`VmControl::on_each_vcpu`]): KVM
+//! vCPU ioctls belong on the thread that runs the vCPU, so snapshots read the state there.
 
-use std::sync::{Arc, Condvar, Mutex};
+use std::collections::HashMap;
+use std::sync::{mpsc, Arc, Condvar, Mutex, Weak};
 use std::time::{Duration, Instant};
+
+use kvm_ioctls::VcpuFd;
 
 use crate::error::VmError;
 use crate::stop::StopState;
@@ -21,7 +27,12 @@ struct GateState {
     paused: bool,
     parked: usize,
     threads: Vec<libc::pthread_t>,
+    /// Work for parked vCPUs, by vCPU index.
+    jobs: HashMap<u8, VcpuJob>,
 }
+
+/// Work a parked vCPU thread runs on its own vCPU.
+pub type VcpuJob = Box<dyn FnOnce(&mut VcpuFd) + Send>;
 
 /// Shared by the vCPU threads and every `VmControl`.
 #[derive(Default)]
@@ -47,8 +58,9 @@ impl PauseGate {
         self.changed.notify_all();
     }
 
-    /// vCPU side: blocks while the VM is paused (and not stopping).
-    pub fn park_while_paused(&self, stop: &StopState) {
+    /// vCPU side: blocks while the VM is paused (and not stopping), running the jobs posted for
+    /// vCPU `index` on `fd` meanwhile.
+    pub fn park_while_paused(&self, stop: &StopState, index: u8, fd: &mut VcpuFd) {
         let mut st = self.lock();
         if !st.paused {
             return;
@@ -56,6 +68,13 @@ impl PauseGate {
         st.parked += 1;
         self.changed.notify_all();
         while st.paused && !stop.is_stopping() {
+            if let Some(job) = st.jobs.remove(&index) {
+                // Jobs run unlocked: they issue slow ioctls and other vCPUs run theirs meanwhile.
+                drop(st);
+                job(fd);
+                st = self.lock();
+                continue;
+            }
             st = self
                 .changed
                 .wait_timeout(st, PARKED_POLL)
@@ -75,11 +94,25 @@ impl PauseGate {
 pub struct VmControl {
     gate: Arc<PauseGate>,
     stop: Arc<StopState>,
+    /// What a snapshot reads besides the vCPUs; weak, so a handle kept after the VM ended does
+    /// not keep its devices (and their sockets) alive.
+    parts: Weak<crate::snapshot::VmParts>,
 }
 
 impl VmControl {
-    pub(crate) fn new(gate: Arc<PauseGate>, stop: Arc<StopState>) -> Self {
-        Self { gate, stop }
+    pub(crate) fn new(
+        gate: Arc<PauseGate>,
+        stop: Arc<StopState>,
+        parts: Weak<crate::snapshot::VmParts>,
+    ) -> Self {
+        Self { gate, stop, parts }
+    }
+
+    /// The VM's parts, while the VM exists.
+    pub(crate) fn parts(&self) -> Result<Arc<crate::snapshot::VmParts>, VmError> {
+        self.parts
+            .upgrade()
+            .ok_or_else(|| VmError::SnapshotState("the VM has ended".into()))
     }
 
     /// Stops every vCPU; returns once all of them are out of the guest.
@@ -113,12 +146,63 @@ impl VmControl {
 
     /// Lets the vCPUs run again.
     pub fn resume(&self) {
-        self.gate.lock().paused = false;
+        let mut st = self.gate.lock();
+        st.paused = false;
+        // Jobs not taken yet are dropped: their callers see the channel close.
+        st.jobs.clear();
         self.gate.changed.notify_all();
+    }
+
+    /// Runs `job(index, fd)` on each of the `count` parked vCPU threads and returns the results
+    /// in vCPU order. The VM must be paused with all `count` vCPU threads parked.
+    pub(crate) fn on_each_vcpu<T, F>(&self, count: u8, job: F) -> Result<Vec<T>, VmError>
+    where
+        T: Send + 'static,
+        F: Fn(u8, &mut VcpuFd) -> T + Send + Sync + 'static,
+    {
+        let job = Arc::new(job);
+        let (tx, rx) = mpsc::channel();
+        {
+            let mut st = self.gate.lock();
+            if !st.paused || st.threads.len() != usize::from(count) || st.parked != st.threads.len()
+            {
+                return Err(VmError::SnapshotState(format!(
+                    "{} of {count} vCPU threads are parked",
+                    if st.paused { st.parked } else { 0 }
+                )));
+            }
+            for index in 0..count {
+                let (job, tx) = (job.clone(), tx.clone());
+                let run: VcpuJob = Box::new(move |fd| {
+                    let _ = tx.send((index, job(index, fd)));
+                });
+                st.jobs.insert(index, run);
+            }
+            self.gate.changed.notify_all();
+        }
+        drop(tx);
+        collect_in_order(&rx, count)
+    }
+
+    /// The stop state (a snapshot refuses to run on a stopping VM).
+    pub(crate) fn is_stopping(&self) -> bool {
+        self.stop.is_stopping()
     }
 
     /// True between `pause` and `resume`.
     pub fn is_paused(&self) -> bool {
         self.gate.lock().paused
     }
+}
+
+/// Waits for one result per vCPU and sorts them by vCPU index.
+fn collect_in_order<T>(rx: &mpsc::Receiver<(u8, T)>, count: u8) -> Result<Vec<T>, VmError> {
+    let mut slots: Vec<Option<T>> = (0..count).map(|_| None).collect();
+    for _ in 0..count {
+        let (index, value) = rx
+            .recv_timeout(PARK_TIMEOUT)
+            .map_err(|_| VmError::SnapshotState("a parked vCPU did not answer".into()))?;
+        slots[usize::from(index)] = Some(value);
+    }
+    Ok(slots.into_iter().flatten().collect())
 }

@@ -9,6 +9,7 @@ use std::io::{self, Write};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use vm_superio::serial::SerialState;
 use vm_superio::{Serial, Trigger};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -196,6 +197,55 @@ impl BusDevice for SerialDevice {
                 log::warn!("serial write failed: {e:?}");
             }
         }
+    }
+}
+
+/// The 16550 registers and receive FIFO: vm-superio's `SerialState`, which has no serde
+/// support of its own, serialized through serde's remote derive.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(remote = "SerialState")]
+struct UartState {
+    baud_divisor_low: u8,
+    baud_divisor_high: u8,
+    interrupt_enable: u8,
+    interrupt_identification: u8,
+    line_control: u8,
+    line_status: u8,
+    modem_control: u8,
+    modem_status: u8,
+    scratch: u8,
+    in_buffer: Vec<u8>,
+}
+
+/// The saved form of the UART.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SavedUart(#[serde(with = "UartState")] SerialState);
+
+impl crate::snapshot::Persist for SerialDevice {
+    fn save_state(&mut self) -> Result<Vec<u8>, String> {
+        crate::snapshot::encode_state(&SavedUart(self.uart.state()))
+    }
+
+    /// vm-superio restores a UART only by building a new one, which takes the output by
+    /// value: the current output moves over, a sink stands in for it meanwhile.
+    fn restore_state(&mut self, state: &[u8]) -> Result<(), String> {
+        let SavedUart(saved) = crate::snapshot::decode_state(state)?;
+        let irq = self
+            .uart
+            .interrupt_evt()
+            .0
+            .try_clone()
+            .map_err(|e| format!("cloning the UART eventfd: {e}"))?;
+        let writer = self.uart.writer_mut();
+        let stand_in = ConsoleWriter::new(
+            Box::new(io::sink()),
+            writer.log.clone(),
+            writer.stop.clone(),
+        );
+        let out = std::mem::replace(writer, stand_in);
+        self.uart = Serial::from_state(&saved, IrqTrigger(irq), vm_superio::serial::NoEvents, out)
+            .map_err(|e| format!("rebuilding the UART: {e:?}"))?;
+        Ok(())
     }
 }
 

@@ -122,7 +122,9 @@ impl Vcpu {
         KVM_RUN_PTR.with(|p| p.set(self.fd.get_kvm_run()));
         self.shared.gate.register_current_thread();
         while !self.shared.stop.is_stopping() {
-            self.shared.gate.park_while_paused(&self.shared.stop);
+            self.shared
+                .gate
+                .park_while_paused(&self.shared.stop, self.index, &mut self.fd);
             if let Some(stop) = self.step() {
                 let outcome = self.outcome(stop);
                 self.shared.stop.request(outcome);

@@ -31,6 +31,7 @@ use crate::memory::{
 };
 use crate::pause::{PauseGate, VmControl};
 use crate::serial::{self, CaptureWriter, ConsoleLog, ConsoleWriter, SerialDevice};
+use crate::snapshot::{PersistDevice, SavedConfig, VmParts};
 use crate::stop::{StopState, VmExit};
 use crate::vcpu::{self, Vcpu, VcpuShared};
 use crate::{cpuid, mptable};
@@ -159,9 +160,8 @@ pub struct Vm {
     stop: Arc<StopState>,
     console: Arc<Mutex<ConsoleLog>>,
     vsock: Option<VsockControl>,
-    _vm_fd: Arc<VmFd>,
-    _kvm: Kvm,
-    mem: Arc<GuestMemory>,
+    /// The VM fd, KVM, memory and the devices a snapshot saves.
+    parts: Arc<VmParts>,
 }
 
 impl Vm {
@@ -174,12 +174,16 @@ impl Vm {
 
     /// Guest memory (for tests and snapshots).
     pub fn memory(&self) -> &Arc<GuestMemory> {
-        &self.mem
+        &self.parts.mem
     }
 
-    /// A handle that pauses and resumes the vCPUs while `run` runs.
+    /// A handle that pauses, resumes and snapshots the vCPUs while `run` runs.
     pub fn control(&self) -> VmControl {
-        VmControl::new(self.shared.gate.clone(), self.stop.clone())
+        VmControl::new(
+            self.shared.gate.clone(),
+            self.stop.clone(),
+            Arc::downgrade(&self.parts),
+        )
     }
 
     /// The vsock device's control handle (transport reset, CID change), if there is one.
@@ -275,6 +279,8 @@ pub struct VmBuilder {
     cmdline_devices: Vec<String>,
     virtio_count: u32,
     vsock: Option<VsockControl>,
+    /// The devices a snapshot saves, by bus and address.
+    persist: Vec<PersistDevice>,
     leftovers: Leftovers,
     /// The kernel and initramfs being copied into memory while the VM is set up.
     preload: Option<JoinHandle<Result<boot::LoadedLinux, VmError>>>,
@@ -312,12 +318,27 @@ impl VmBuilder {
     pub fn new(cfg: VmConfig) -> Result<Self, VmError> {
         validate(&cfg)?;
         let mem = Arc::new(memory::create_guest_memory(cfg.memory_mib)?);
+        let required = matches!(cfg.boot, Boot::Linux { .. });
+        Self::with_memory(cfg, mem, IrqchipMode::Want { required })
+    }
+
+    /// Like `new`, with guest memory already mapped (a restored snapshot's) and the irqchip
+    /// decision made by the caller.
+    pub(crate) fn with_memory(
+        cfg: VmConfig,
+        mem: Arc<GuestMemory>,
+        irqchip: IrqchipMode,
+    ) -> Result<Self, VmError> {
         let mut preload = start_preload(&cfg, &mem)?;
         let vm = (|| {
             let kvm = open_kvm(&cfg.kvm_device)?;
             let vm_fd = kvm.create_vm().map_err(VmError::kvm("create VM"))?;
             register_memory(&vm_fd, &mem)?;
-            let irqchip = create_irqchip(&vm_fd, matches!(cfg.boot, Boot::Linux { .. }))?;
+            let irqchip = match irqchip {
+                IrqchipMode::Want { required } => create_irqchip(&vm_fd, required)?,
+                IrqchipMode::Exactly(true) => create_irqchip(&vm_fd, true)?,
+                IrqchipMode::Exactly(false) => false,
+            };
             Ok((kvm, vm_fd, irqchip))
         })();
         let (kvm, vm_fd, irqchip) = match vm {
@@ -341,6 +362,7 @@ impl VmBuilder {
             cmdline_devices: Vec::new(),
             virtio_count: 0,
             vsock: None,
+            persist: Vec::new(),
             leftovers: Leftovers::default(),
             preload,
         };
@@ -407,6 +429,8 @@ impl VmBuilder {
             .map_err(|e| dev_err(e.to_string()))?;
         let transport = Arc::new(Mutex::new(transport));
         self.add_mmio_device(base, VIRTIO_MMIO_SIZE, transport.clone())?;
+        self.persist
+            .push((format!("mmio@{base:#x}"), transport.clone()));
         self.cmdline_devices
             .push(format!("virtio_mmio.device=4K@{base:#x}:{gsi}"));
         self.virtio_count += 1;
@@ -483,9 +507,17 @@ impl VmBuilder {
         }
         let writer = ConsoleWriter::new(out, self.console.clone(), self.stop.clone());
         let uart = Arc::new(Mutex::new(SerialDevice::new(irq, writer)));
-        self.add_pio_device(serial::COM1_BASE as u16, serial::COM1_LEN as u16, uart)?;
+        self.add_pio_device(
+            serial::COM1_BASE as u16,
+            serial::COM1_LEN as u16,
+            uart.clone(),
+        )?;
+        self.persist
+            .push((format!("pio@{:#x}", serial::COM1_BASE), uart));
         let i8042 = Arc::new(Mutex::new(I8042::new(self.stop.clone())));
-        self.add_pio_device(I8042_BASE as u16, I8042_LEN as u16, i8042)
+        self.add_pio_device(I8042_BASE as u16, I8042_LEN as u16, i8042.clone())?;
+        self.persist.push((format!("pio@{I8042_BASE:#x}"), i8042));
+        Ok(())
     }
 
     fn console_output(&mut self) -> Result<Box<dyn Write + Send>, VmError> {
@@ -508,6 +540,16 @@ impl VmBuilder {
     pub fn build(mut self) -> Result<Vm, VmError> {
         boot::write_boot_tables(&self.mem)?;
         let (entry, code_base) = self.load_guest()?;
+        self.finish(|builder, index, base_cpuid| {
+            builder.create_vcpu(index, base_cpuid, &entry, code_base)
+        })
+    }
+
+    /// Creates the vCPUs with `make_vcpu` and hands everything over to a `Vm`.
+    pub(crate) fn finish(
+        mut self,
+        make_vcpu: impl Fn(&Self, u8, &kvm_bindings::CpuId) -> Result<VcpuFd, VmError>,
+    ) -> Result<Vm, VmError> {
         let base_cpuid = cpuid::supported(&self.kvm)?;
         let shared = Arc::new(VcpuShared {
             pio: Arc::new(std::mem::take(&mut self.pio)),
@@ -518,20 +560,56 @@ impl VmBuilder {
         });
         let mut vcpus = Vec::with_capacity(self.cfg.vcpus.into());
         for i in 0..self.cfg.vcpus {
-            let fd = self.create_vcpu(i, &base_cpuid, &entry, code_base)?;
+            let fd = make_vcpu(&self, i, &base_cpuid)?;
             vcpus.push(Vcpu::new(fd, i, shared.clone()));
         }
         self.leftovers.disarm();
+        let parts = VmParts {
+            devices: std::mem::take(&mut self.persist),
+            config: SavedConfig::from(&self.cfg),
+            irqchip: self.irqchip,
+            vm_fd: self.vm_fd,
+            kvm: self.kvm,
+            mem: self.mem,
+        };
         Ok(Vm {
             vcpus,
             shared,
             stop: self.stop,
             console: self.console,
             vsock: self.vsock,
-            _vm_fd: self.vm_fd,
-            _kvm: self.kvm,
-            mem: self.mem,
+            parts: Arc::new(parts),
         })
+    }
+
+    /// The KVM VM fd (restore sets the VM-wide state on it).
+    pub(crate) fn vm_fd(&self) -> &VmFd {
+        &self.vm_fd
+    }
+
+    /// Whether the in-kernel irqchip and PIT exist.
+    pub(crate) fn has_irqchip(&self) -> bool {
+        self.irqchip
+    }
+
+    /// The devices a snapshot saves, by id.
+    pub(crate) fn persist_devices(&self) -> &[PersistDevice] {
+        &self.persist
+    }
+
+    /// Creates vCPU `index` with its CPUID and nothing else (restore sets the rest).
+    pub(crate) fn create_bare_vcpu(
+        &self,
+        index: u8,
+        base_cpuid: &kvm_bindings::CpuId,
+    ) -> Result<VcpuFd, VmError> {
+        let fd = self
+            .vm_fd
+            .create_vcpu(index.into())
+            .map_err(VmError::kvm("create vCPU"))?;
+        fd.set_cpuid2(&cpuid::for_vcpu(base_cpuid, index, self.cfg.vcpus))
+            .map_err(VmError::kvm("set CPUID"))?;
+        Ok(fd)
     }
 
     /// Loads the kernel or raw image; returns the entry and the real-mode code base.
@@ -584,12 +662,7 @@ impl VmBuilder {
         entry: &EntryPoint,
         code_base: u64,
     ) -> Result<VcpuFd, VmError> {
-        let fd = self
-            .vm_fd
-            .create_vcpu(index.into())
-            .map_err(VmError::kvm("create vCPU"))?;
-        fd.set_cpuid2(&cpuid::for_vcpu(base_cpuid, index, self.cfg.vcpus))
-            .map_err(VmError::kvm("set CPUID"))?;
+        let fd = self.create_bare_vcpu(index, base_cpuid)?;
         Vcpu::set_boot_msrs(&fd)?;
         let raw = matches!(self.cfg.boot, Boot::Raw { .. });
         if self.irqchip {
@@ -614,8 +687,20 @@ impl VmBuilder {
     }
 }
 
+/// Whether a new VM gets the in-kernel irqchip and PIT.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum IrqchipMode {
+    /// Create them if KVM can; fail only if `required`.
+    Want {
+        /// The guest cannot run without them.
+        required: bool,
+    },
+    /// Exactly as the snapshot being restored had them.
+    Exactly(bool),
+}
+
 /// Rejects bad inputs before anything is created.
-fn validate(cfg: &VmConfig) -> Result<(), VmError> {
+pub(crate) fn validate(cfg: &VmConfig) -> Result<(), VmError> {
     if cfg.vcpus == 0 || cfg.vcpus > mptable::MAX_VCPUS {
         return Err(VmError::Config(format!(
             "vCPU count {} is outside 1..={}",
@@ -668,7 +753,7 @@ fn validate(cfg: &VmConfig) -> Result<(), VmError> {
     Ok(())
 }
 
-fn open_kvm(path: &Path) -> Result<Kvm, VmError> {
+pub(crate) fn open_kvm(path: &Path) -> Result<Kvm, VmError> {
     let open_err = |source| VmError::KvmOpen {
         path: path.to_path_buf(),
         source,

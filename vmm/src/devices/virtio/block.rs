@@ -16,7 +16,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::{
     check_queues, read_config_bytes, serve_queue, ActivateError, GuestMemoryMmap, Interrupt,
-    VirtioDevice, Worker, TYPE_BLOCK, VIRTIO_F_VERSION_1,
+    VirtioDevice, Worker, WorkerCtl, TYPE_BLOCK, VIRTIO_F_VERSION_1,
 };
 
 /// Bytes in a virtio-blk sector, whatever the image's block size.
@@ -62,6 +62,7 @@ pub enum Error {
 
 /// A virtio-blk device over one file.
 pub struct Block {
+    path: PathBuf,
     file: File,
     read_only: bool,
     capacity: u64,
@@ -86,6 +87,7 @@ impl Block {
             .map_err(open_err)?;
         let meta = file.metadata().map_err(open_err)?;
         Ok(Block {
+            path: path.to_path_buf(),
             file,
             read_only,
             capacity: meta.len() / SECTOR_SIZE,
@@ -168,7 +170,7 @@ impl VirtioDevice for Block {
             id: self.id,
             interrupt,
         };
-        let spawned = Worker::spawn("virtio-blk", move |stop| worker.run(&stop, &notify));
+        let spawned = Worker::spawn("virtio-blk", move |ctl| worker.run(&ctl, &notify));
         self.worker = Some(spawned.map_err(ActivateError::Worker)?);
         Ok(())
     }
@@ -193,14 +195,14 @@ struct BlockWorker {
 }
 
 impl BlockWorker {
-    fn run(mut self, stop: &EventFd, notify: &EventFd) {
-        if let Err(e) = self.event_loop(stop, notify) {
+    fn run(mut self, ctl: &WorkerCtl, notify: &EventFd) {
+        if let Err(e) = self.event_loop(ctl, notify) {
             log::error!("virtio-blk: worker failed: {e}");
         }
     }
 
-    fn event_loop(&mut self, stop: &EventFd, notify: &EventFd) -> io::Result<()> {
-        serve_queue(stop, notify, || self.process_queue())
+    fn event_loop(&mut self, ctl: &WorkerCtl, notify: &EventFd) -> io::Result<()> {
+        serve_queue(ctl, notify, || self.process_queue())
     }
 
     fn process_queue(&mut self) {
@@ -317,6 +319,46 @@ impl BlockWorker {
     fn get_id(&mut self, writer: &mut Writer<'_>) -> io::Result<()> {
         let n = writer.available_bytes().min(ID_BYTES);
         writer.write_all(&self.id[..n])
+    }
+}
+
+/// What a snapshot records of a block device: which image, and how it is exposed.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct BlockState {
+    path: PathBuf,
+    read_only: bool,
+}
+
+impl crate::snapshot::Persist for Block {
+    fn quiesce(&mut self) -> Result<(), String> {
+        Worker::hold_opt(&self.worker)
+    }
+
+    fn release(&mut self) {
+        Worker::release_opt(&self.worker);
+    }
+
+    fn save_state(&mut self) -> Result<Vec<u8>, String> {
+        crate::snapshot::encode_state(&BlockState {
+            path: self.path.clone(),
+            read_only: self.read_only,
+        })
+    }
+
+    /// The image is the one the restored VM's configuration names; the saved record only
+    /// guards against restoring onto another one.
+    fn restore_state(&mut self, state: &[u8]) -> Result<(), String> {
+        let s: BlockState = crate::snapshot::decode_state(state)?;
+        if s.path != self.path || s.read_only != self.read_only {
+            return Err(format!(
+                "saved image {} (read-only {}), restored {} (read-only {})",
+                s.path.display(),
+                s.read_only,
+                self.path.display(),
+                self.read_only
+            ));
+        }
+        Ok(())
     }
 }
 

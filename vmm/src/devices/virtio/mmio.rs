@@ -51,8 +51,8 @@ mod reg {
     pub const CONFIG: u64 = 0x100;
 }
 
-/// What the driver wrote about one queue, kept until activation.
-#[derive(Debug, Default, Clone, Copy)]
+/// What the driver wrote about one queue, kept until activation (and saved in snapshots).
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 struct QueueConfig {
     max_size: u16,
     size: u16,
@@ -60,6 +60,10 @@ struct QueueConfig {
     desc: u64,
     avail: u64,
     used: u64,
+    /// Where the device goes on in the rings: 0 for a fresh queue, the saved positions for
+    /// one restored from a snapshot.
+    next_avail: u16,
+    next_used: u16,
 }
 
 impl QueueConfig {
@@ -82,6 +86,8 @@ impl QueueConfig {
         q.try_set_used_ring_address(vm_memory::GuestAddress(self.used))
             .ok()?;
         q.set_ready(self.ready);
+        q.set_next_avail(self.next_avail);
+        q.set_next_used(self.next_used);
         // An unused queue stays "not ready"; a ready one must lie inside guest memory.
         (!self.ready || q.is_valid(mem)).then_some(q)
     }
@@ -405,5 +411,6 @@ impl Drop for MmioTransport {
     }
 }
 
+mod persist;
 #[cfg(test)]
 mod tests;

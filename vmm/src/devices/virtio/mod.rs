@@ -16,7 +16,7 @@ pub(crate) mod testutil;
 
 use std::io;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
 
 use virtio_queue::Queue;
@@ -115,6 +115,12 @@ impl Interrupt {
         self.status.fetch_and(!bits, Ordering::SeqCst);
     }
 
+    /// Sets the InterruptStatus register (restoring a snapshot); raises nothing: the restored
+    /// interrupt controller already knows what is pending.
+    pub(crate) fn set_status(&self, bits: u32) {
+        self.status.store(bits, Ordering::SeqCst);
+    }
+
     /// Forgets all pending bits (device reset).
     pub fn clear(&self) {
         self.status.store(0, Ordering::SeqCst);
@@ -130,8 +136,9 @@ impl Interrupt {
     }
 }
 
-/// A virtio device as the transport sees it.
-pub trait VirtioDevice: Send {
+/// A virtio device as the transport sees it. Its `Persist` part saves what is specific to the
+/// device and holds its worker still (the transport saves the queues and registers).
+pub trait VirtioDevice: crate::snapshot::Persist + Send {
     /// The virtio device id (2 for block, 19 for vsock, ...).
     fn device_type(&self) -> u32;
     /// Feature bits the device offers, including [`VIRTIO_F_VERSION_1`].
@@ -157,26 +164,117 @@ pub trait VirtioDevice: Send {
     fn reset(&mut self);
 }
 
-/// A device worker thread and the eventfd that asks it to stop.
+/// What a device worker thread listens to besides its queues: the request to stop and the
+/// request to hold still.
+#[derive(Debug)]
+pub(crate) struct WorkerCtl {
+    /// Signalled when the worker must return.
+    pub(crate) stop: EventFd,
+    /// Signalled (through `hold.eventfd()`) when the worker must park between two requests.
+    pub(crate) hold: Arc<Hold>,
+}
+
+/// How long `Hold::hold` waits for a worker to park.
+const HOLD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+#[derive(Debug, Default)]
+struct HoldState {
+    wanted: bool,
+    parked: bool,
+}
+
+/// Holds a device worker still between two requests, so that it touches neither guest memory
+/// nor its queues: a snapshot then sees every popped descriptor chain completed.
+#[derive(Debug)]
+pub(crate) struct Hold {
+    evt: EventFd,
+    state: Mutex<HoldState>,
+    changed: Condvar,
+}
+
+impl Hold {
+    fn new() -> io::Result<Self> {
+        Ok(Self {
+            evt: EventFd::new(EFD_NONBLOCK)?,
+            state: Mutex::default(),
+            changed: Condvar::new(),
+        })
+    }
+
+    /// The eventfd the worker adds to its epoll set; when it fires the worker calls `park`.
+    pub(crate) fn eventfd(&self) -> &EventFd {
+        &self.evt
+    }
+
+    /// Worker side: blocks while a hold is wanted.
+    pub(crate) fn park(&self) {
+        let _ = self.evt.read();
+        let mut st = self.lock();
+        st.parked = true;
+        self.changed.notify_all();
+        while st.wanted {
+            st = self.changed.wait(st).unwrap_or_else(|p| p.into_inner());
+        }
+        st.parked = false;
+    }
+
+    /// VMM side: asks the worker to park and waits until it has.
+    fn hold(&self) -> io::Result<()> {
+        let mut st = self.lock();
+        st.wanted = true;
+        self.evt.write(1)?;
+        let (st, timeout) = self
+            .changed
+            .wait_timeout_while(st, HOLD_TIMEOUT, |s| !s.parked)
+            .unwrap_or_else(|p| p.into_inner());
+        drop(st);
+        if timeout.timed_out() {
+            self.release();
+            return Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the device worker did not hold still",
+            ));
+        }
+        Ok(())
+    }
+
+    /// VMM side: lets a parked worker go on.
+    fn release(&self) {
+        self.lock().wanted = false;
+        self.changed.notify_all();
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HoldState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// A device worker thread and the eventfds that ask it to stop or to hold still.
 #[derive(Debug)]
 pub(crate) struct Worker<T> {
     stop: EventFd,
+    hold: Arc<Hold>,
     handle: Option<JoinHandle<T>>,
 }
 
 impl<T: Send + 'static> Worker<T> {
-    /// Spawns `body`, which receives its own handle on the stop eventfd.
+    /// Spawns `body`, which receives its own handles on the stop and hold requests.
     pub(crate) fn spawn<F>(name: &str, body: F) -> io::Result<Self>
     where
-        F: FnOnce(EventFd) -> T + Send + 'static,
+        F: FnOnce(WorkerCtl) -> T + Send + 'static,
     {
         let stop = EventFd::new(EFD_NONBLOCK)?;
-        let theirs = stop.try_clone()?;
+        let hold = Arc::new(Hold::new()?);
+        let ctl = WorkerCtl {
+            stop: stop.try_clone()?,
+            hold: hold.clone(),
+        };
         let handle = std::thread::Builder::new()
             .name(name.to_string())
-            .spawn(move || body(theirs))?;
+            .spawn(move || body(ctl))?;
         Ok(Self {
             stop,
+            hold,
             handle: Some(handle),
         })
     }
@@ -186,8 +284,39 @@ impl<T: Send + 'static> Worker<T> {
         self.stop_inner()
     }
 
+    /// Parks the worker between two requests until [`Self::release`].
+    pub(crate) fn hold(&self) -> io::Result<()> {
+        match &self.handle {
+            Some(h) if !h.is_finished() => self.hold.hold(),
+            // A worker that already ended (after an error) touches nothing either.
+            _ => Ok(()),
+        }
+    }
+
+    /// Lets a held worker go on.
+    pub(crate) fn release(&self) {
+        self.hold.release();
+    }
+
+    /// `hold` for a device's optional worker, with the error as the snapshot core wants it.
+    pub(crate) fn hold_opt(worker: &Option<Self>) -> Result<(), String> {
+        match worker {
+            Some(w) => w.hold().map_err(|e| e.to_string()),
+            None => Ok(()),
+        }
+    }
+
+    /// `release` for a device's optional worker.
+    pub(crate) fn release_opt(worker: &Option<Self>) {
+        if let Some(w) = worker {
+            w.release();
+        }
+    }
+
     fn stop_inner(&mut self) -> Option<T> {
         let handle = self.handle.take()?;
+        // A held worker must be let go to see the stop request.
+        self.hold.release();
         if let Err(e) = self.stop.write(1) {
             log::error!("virtio: cannot signal worker to stop: {e}");
         }
@@ -204,6 +333,7 @@ impl<T: Send + 'static> Worker<T> {
 impl<T> Drop for Worker<T> {
     fn drop(&mut self) {
         if let Some(handle) = self.handle.take() {
+            self.hold.release();
             let _ = self.stop.write(1);
             let _ = handle.join();
         }
@@ -235,9 +365,10 @@ pub(crate) fn read_config_bytes(config: &[u8], offset: u64, data: &mut [u8]) {
 }
 
 /// The worker loop of a one-queue device: runs `process` once (the driver may have queued
-/// requests before the worker listened), then after every notification, until `stop` fires.
+/// requests before the worker listened), then after every notification, until `ctl.stop`
+/// fires; parks between two rounds when `ctl.hold` asks.
 pub(crate) fn serve_queue(
-    stop: &EventFd,
+    ctl: &WorkerCtl,
     notify: &EventFd,
     mut process: impl FnMut(),
 ) -> io::Result<()> {
@@ -245,10 +376,12 @@ pub(crate) fn serve_queue(
     use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
     const TOKEN_NOTIFY: u64 = 0;
     const TOKEN_STOP: u64 = 1;
+    const TOKEN_HOLD: u64 = 2;
     let epoll = Epoll::new()?;
     for (fd, token) in [
         (notify.as_raw_fd(), TOKEN_NOTIFY),
-        (stop.as_raw_fd(), TOKEN_STOP),
+        (ctl.stop.as_raw_fd(), TOKEN_STOP),
+        (ctl.hold.eventfd().as_raw_fd(), TOKEN_HOLD),
     ] {
         epoll.ctl(
             ControlOperation::Add,
@@ -257,18 +390,21 @@ pub(crate) fn serve_queue(
         )?;
     }
     process();
-    let mut events = [EpollEvent::default(); 2];
+    let mut events = [EpollEvent::default(); 3];
     loop {
         let n = match epoll.wait(-1, &mut events) {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             other => other?,
         };
         for ev in &events[..n] {
-            if ev.data() == TOKEN_STOP {
-                return Ok(());
+            match ev.data() {
+                TOKEN_STOP => return Ok(()),
+                TOKEN_HOLD => ctl.hold.park(),
+                _ => {
+                    let _ = notify.read();
+                    process();
+                }
             }
-            let _ = notify.read();
-            process();
         }
     }
 }

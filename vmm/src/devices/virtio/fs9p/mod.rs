@@ -65,6 +65,8 @@ pub enum Error {
 
 /// A virtio-9p device serving one host directory.
 pub struct Fs9p {
+    tag: String,
+    path: PathBuf,
     /// The shared directory, opened once so that the share is the directory seen at creation
     /// even if the path is later replaced.
     root: File,
@@ -81,6 +83,8 @@ impl Fs9p {
     pub fn new(tag: &str, host_dir: &Path, read_only: bool) -> Result<Fs9p, Error> {
         check_tag(tag)?;
         Ok(Fs9p {
+            tag: tag.to_string(),
+            path: host_dir.to_path_buf(),
             root: open_dir(host_dir)?,
             read_only,
             config: config_space(tag),
@@ -99,7 +103,7 @@ impl Fs9p {
     ) -> Result<(), ActivateError> {
         let root = self.root.try_clone().map_err(ActivateError::Worker)?;
         let (ready_tx, ready_rx) = mpsc::sync_channel(1);
-        let spawned = Worker::spawn("virtio-9p", move |stop| {
+        let spawned = Worker::spawn("virtio-9p", move |ctl| {
             let server = match confined_server(&root) {
                 Ok(server) => server,
                 Err(e) => {
@@ -108,7 +112,7 @@ impl Fs9p {
                 }
             };
             let _ = ready_tx.send(Ok(()));
-            worker(server).run(&stop, &notify);
+            worker(server).run(&ctl, &notify);
         })
         .map_err(ActivateError::Worker)?;
         match ready_rx.recv() {
@@ -229,6 +233,47 @@ impl VirtioDevice for Fs9p {
             w.stop();
         }
         self.acked_features = 0;
+    }
+}
+
+/// What a snapshot records of a share. The fids the guest held are not preserved: a restored
+/// VM's server starts empty, so the guest must mount the share again (its old fids fail).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Fs9pState {
+    tag: String,
+    path: PathBuf,
+    read_only: bool,
+}
+
+impl crate::snapshot::Persist for Fs9p {
+    fn quiesce(&mut self) -> Result<(), String> {
+        Worker::hold_opt(&self.worker)
+    }
+
+    fn release(&mut self) {
+        Worker::release_opt(&self.worker);
+    }
+
+    fn save_state(&mut self) -> Result<Vec<u8>, String> {
+        crate::snapshot::encode_state(&Fs9pState {
+            tag: self.tag.clone(),
+            path: self.path.clone(),
+            read_only: self.read_only,
+        })
+    }
+
+    fn restore_state(&mut self, state: &[u8]) -> Result<(), String> {
+        let s: Fs9pState = crate::snapshot::decode_state(state)?;
+        if s.tag != self.tag || s.path != self.path || s.read_only != self.read_only {
+            return Err(format!(
+                "saved share {:?} at {}, restored {:?} at {}",
+                s.tag,
+                s.path.display(),
+                self.tag,
+                self.path.display()
+            ));
+        }
+        Ok(())
     }
 }
 

@@ -13,7 +13,7 @@ use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::wire;
-use crate::devices::virtio::{serve_queue, GuestMemoryMmap, Interrupt};
+use crate::devices::virtio::{serve_queue, GuestMemoryMmap, Interrupt, WorkerCtl};
 
 type Writer<'a> = virtio_queue::Writer<'a, ()>;
 
@@ -49,14 +49,14 @@ pub(super) struct Fs9pWorker {
 }
 
 impl Fs9pWorker {
-    pub(super) fn run(mut self, stop: &EventFd, notify: &EventFd) {
-        if let Err(e) = self.event_loop(stop, notify) {
+    pub(super) fn run(mut self, ctl: &WorkerCtl, notify: &EventFd) {
+        if let Err(e) = self.event_loop(ctl, notify) {
             log::error!("virtio-9p: worker failed: {e}");
         }
     }
 
-    fn event_loop(&mut self, stop: &EventFd, notify: &EventFd) -> io::Result<()> {
-        serve_queue(stop, notify, || self.process_queue())
+    fn event_loop(&mut self, ctl: &WorkerCtl, notify: &EventFd) -> io::Result<()> {
+        serve_queue(ctl, notify, || self.process_queue())
     }
 
     fn process_queue(&mut self) {

@@ -183,7 +183,7 @@ impl VirtioDevice for Vsock {
             reset,
         })
         .map_err(ActivateError::Worker)?;
-        let worker = Worker::spawn("virtio-vsock", move |stop| muxer.run(&stop));
+        let worker = Worker::spawn("virtio-vsock", move |ctl| muxer.run(&ctl));
         self.worker = Some(worker.map_err(ActivateError::Worker)?);
         Ok(())
     }
@@ -193,6 +193,49 @@ impl VirtioDevice for Vsock {
             w.stop();
         }
         self.acked_features = 0;
+    }
+}
+
+/// What a snapshot records of a vsock device. Host connections are not saved: a restored
+/// device starts without any and tells the guest so with a transport reset.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct VsockState {
+    cid: u64,
+    uds_path: PathBuf,
+}
+
+impl crate::snapshot::Persist for Vsock {
+    fn quiesce(&mut self) -> Result<(), String> {
+        Worker::hold_opt(&self.worker)
+    }
+
+    fn release(&mut self) {
+        Worker::release_opt(&self.worker);
+    }
+
+    fn save_state(&mut self) -> Result<Vec<u8>, String> {
+        crate::snapshot::encode_state(&VsockState {
+            cid: self.guest_cid(),
+            uds_path: self.uds_path.clone(),
+        })
+    }
+
+    /// Keeps this device's CID and socket (a clone gets its own), and queues a
+    /// VIRTIO_VSOCK_EVENT_TRANSPORT_RESET: the guest's sockets were connected to host sockets
+    /// this device does not have, and the CID may have changed. The worker sends it once it
+    /// runs and the driver has an event buffer.
+    fn restore_state(&mut self, state: &[u8]) -> Result<(), String> {
+        let saved: VsockState = crate::snapshot::decode_state(state)?;
+        if saved.cid != self.guest_cid() {
+            log::info!(
+                "virtio-vsock: restored with CID {} (snapshot had {})",
+                self.guest_cid(),
+                saved.cid
+            );
+        }
+        self.reset
+            .write(1)
+            .map_err(|e| format!("queueing the transport reset: {e}"))
     }
 }
 

@@ -22,7 +22,7 @@ use vmm_sys_util::eventfd::EventFd;
 
 use super::connection::{Connection, State, BUF_ALLOC, SHUTDOWN_BOTH, SHUTDOWN_SEND};
 use super::{EVT_QUEUE, HOST_CID, RX_QUEUE, TX_QUEUE};
-use crate::devices::virtio::{GuestMemoryMmap, Interrupt};
+use crate::devices::virtio::{GuestMemoryMmap, Interrupt, WorkerCtl};
 
 /// Packet operations (virtio 1.2, 5.10.6).
 const OP_REQUEST: u16 = 1;
@@ -45,6 +45,7 @@ const FIRST_LOCAL_PORT: u32 = 1 << 30;
 const TOKEN_STOP: u64 = 3;
 const TOKEN_RESET: u64 = 4;
 const TOKEN_LISTENER: u64 = 5;
+const TOKEN_HOLD: u64 = 6;
 /// Tokens of sockets are this plus the fd.
 const TOKEN_FD_BASE: u64 = 1 << 32;
 
@@ -128,10 +129,10 @@ impl Muxer {
         })
     }
 
-    /// The thread body; returns when `stop` is signalled. Dropping the muxer closes every host
-    /// connection (but not the listener, which the device keeps for the next activation).
-    pub(super) fn run(mut self, stop: &EventFd) {
-        if let Err(e) = self.event_loop(stop) {
+    /// The thread body; returns when `ctl.stop` is signalled. Dropping the muxer closes every
+    /// host connection (but not the listener, which the device keeps for the next activation).
+    pub(super) fn run(mut self, ctl: &WorkerCtl) {
+        if let Err(e) = self.event_loop(ctl) {
             log::error!("virtio-vsock: worker failed: {e}");
         }
         // Leave the listener's epoll registration behind with this epoll set, not the listener.
@@ -142,12 +143,17 @@ impl Muxer {
         );
     }
 
-    fn event_loop(&mut self, stop: &EventFd) -> io::Result<()> {
-        self.epoll.ctl(
-            ControlOperation::Add,
-            stop.as_raw_fd(),
-            EpollEvent::new(EventSet::IN, TOKEN_STOP),
-        )?;
+    fn event_loop(&mut self, ctl: &WorkerCtl) -> io::Result<()> {
+        for (fd, token) in [
+            (ctl.stop.as_raw_fd(), TOKEN_STOP),
+            (ctl.hold.eventfd().as_raw_fd(), TOKEN_HOLD),
+        ] {
+            self.epoll.ctl(
+                ControlOperation::Add,
+                fd,
+                EpollEvent::new(EventSet::IN, token),
+            )?;
+        }
         // The driver may have queued packets before we started listening.
         self.process_tx();
         self.send_reset_event();
@@ -160,10 +166,12 @@ impl Muxer {
                 other => other?,
             };
             for ev in &events[..n] {
-                if ev.data() == TOKEN_STOP {
-                    return Ok(());
+                match ev.data() {
+                    TOKEN_STOP => return Ok(()),
+                    // Between two batches every popped chain is completed: safe to hold here.
+                    TOKEN_HOLD => ctl.hold.park(),
+                    token => self.dispatch(token, ev.event_set()),
                 }
-                self.dispatch(ev.data(), ev.event_set());
             }
             self.process_rx();
             self.signal_guest();

@@ -1,0 +1,119 @@
+//! Taking a snapshot of a running VM through its `VmControl`.
+
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+
+use super::format::{self, SnapshotBody};
+use super::{devices, memory_file, vcpu_state, vm_state, AfterSnapshot, SnapshotPaths, VmParts};
+use crate::error::VmError;
+use crate::pause::VmControl;
+
+impl VmControl {
+    /// Pauses the VM (if it is not paused already), writes a snapshot into `dir` (created if
+    /// missing; an older snapshot there is replaced only once the new one is complete), then
+    /// resumes or stays paused as `after` says. The VM must be running (`Vm::run`).
+    pub fn snapshot(&self, dir: &Path, after: AfterSnapshot) -> Result<SnapshotPaths, VmError> {
+        let parts = self.parts()?;
+        if self.is_stopping() {
+            return Err(VmError::SnapshotState("the VM is stopping".into()));
+        }
+        let was_paused = self.is_paused();
+        if !was_paused {
+            self.pause()?;
+        }
+        let result = self.snapshot_paused(&parts, dir);
+        if after == AfterSnapshot::Resume && !was_paused {
+            self.resume();
+        }
+        result
+    }
+
+    /// Holds the devices still for as long as their state and guest memory are read.
+    fn snapshot_paused(&self, parts: &VmParts, dir: &Path) -> Result<SnapshotPaths, VmError> {
+        devices::quiesce_all(&parts.devices)?;
+        let result = self
+            .capture(parts)
+            .and_then(|body| write_snapshot(parts, &body, dir));
+        devices::release_all(&parts.devices);
+        result
+    }
+
+    /// Reads every piece of state but guest memory.
+    fn capture(&self, parts: &VmParts) -> Result<SnapshotBody, VmError> {
+        let msr_indices = parts
+            .kvm
+            .get_msr_index_list()
+            .map_err(VmError::kvm("get MSR index list"))?
+            .as_slice()
+            .to_vec();
+        let irqchip = parts.irqchip;
+        let per_vcpu = self.on_each_vcpu(parts.config.vcpus, move |index, fd| {
+            vcpu_state::save(fd, index, &msr_indices, irqchip)
+        })?;
+        let mut skipped = Vec::new();
+        let mut vcpus = Vec::with_capacity(per_vcpu.len());
+        for saved in per_vcpu {
+            let saved = saved?;
+            skipped.extend(saved.skipped);
+            vcpus.push(saved.state);
+        }
+        let vm = vm_state::save(&parts.vm_fd, irqchip, &mut skipped)?;
+        if !skipped.is_empty() {
+            log::info!("snapshot: KVM did not give {}", skipped.join("; "));
+        }
+        Ok(SnapshotBody {
+            config: parts.config.clone(),
+            memory: memory_file::layout(&parts.mem),
+            irqchip,
+            vm,
+            vcpus,
+            devices: devices::save_all(&parts.devices)?,
+            skipped,
+        })
+    }
+}
+
+/// Writes both files under temporary names, makes them durable, then renames them into place,
+/// the state file last: a crash leaves either the old snapshot or the new one.
+fn write_snapshot(
+    parts: &VmParts,
+    body: &SnapshotBody,
+    dir: &Path,
+) -> Result<SnapshotPaths, VmError> {
+    let io_err = |path: &Path| {
+        let path = path.to_path_buf();
+        move |source| VmError::SnapshotIo { path, source }
+    };
+    fs::create_dir_all(dir).map_err(io_err(dir))?;
+    let paths = SnapshotPaths::in_dir(dir);
+    let (mem_tmp, state_tmp) = (tmp_name(&paths.memory), tmp_name(&paths.state));
+    let mem_file = File::create(&mem_tmp).map_err(io_err(&mem_tmp))?;
+    memory_file::write(&parts.mem, &body.memory, &mem_file)
+        .and_then(|()| mem_file.sync_all())
+        .map_err(io_err(&mem_tmp))?;
+    let fingerprint = format::cpu_fingerprint(&crate::cpuid::supported(&parts.kvm)?);
+    let bytes = format::encode(body, fingerprint).map_err(|reason| VmError::SnapshotFormat {
+        path: paths.state.clone(),
+        reason,
+    })?;
+    write_durably(&state_tmp, &bytes).map_err(io_err(&state_tmp))?;
+    fs::rename(&mem_tmp, &paths.memory).map_err(io_err(&paths.memory))?;
+    fs::rename(&state_tmp, &paths.state).map_err(io_err(&paths.state))?;
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(dir))?;
+    Ok(paths)
+}
+
+fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let mut f = File::create(path)?;
+    f.write_all(bytes)?;
+    f.sync_all()
+}
+
+fn tmp_name(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".tmp");
+    PathBuf::from(name)
+}
