@@ -112,10 +112,14 @@ lab_build_kernel() {
     LAB_KDIR=$LAB_CACHE_ROOT/lab-kernel-${LAB_KPKG#linux-image-}_${LAB_KPKG_VERSION//[^A-Za-z0-9.+-]/_}
     if [ -f "$LAB_KDIR/ok" ]; then
         # Directories built before vmlinux extraction existed get it now.
-        [ -f "$LAB_KDIR/vmlinux" ] || [ -f "$LAB_KDIR/no-vmlinux" ] \
-            || lab_extract_vmlinux "$LAB_KDIR/vmlinuz" "$LAB_KDIR/vmlinux.tmp.$$" \
-                && mv "$LAB_KDIR/vmlinux.tmp.$$" "$LAB_KDIR/vmlinux" \
-            || { rm -f "$LAB_KDIR/vmlinux.tmp.$$"; touch "$LAB_KDIR/no-vmlinux"; }
+        if [ ! -f "$LAB_KDIR/vmlinux" ] && [ ! -f "$LAB_KDIR/no-vmlinux" ]; then
+            if lab_extract_vmlinux "$LAB_KDIR/vmlinuz" "$LAB_KDIR/vmlinux.tmp.$$"; then
+                mv "$LAB_KDIR/vmlinux.tmp.$$" "$LAB_KDIR/vmlinux"
+            else
+                rm -f "$LAB_KDIR/vmlinux.tmp.$$"
+                touch "$LAB_KDIR/no-vmlinux"
+            fi
+        fi
         return 0
     fi
     local tmp=$LAB_KDIR.tmp.$$

@@ -41,13 +41,32 @@ pub fn run(args: MonitorArgs) -> i32 {
     let started = match start(&args, &store) {
         Ok(s) => s,
         Err(e) => {
-            report(&mut ready, &format!("{e:#}"));
+            let hint = console_hint(&store.dir(&args.id).join("console.log"));
+            report(&mut ready, &format!("{e:#}{hint}"));
             return 1;
         }
     };
     report(&mut ready, "ok");
     drop(ready);
     finish(started, &store)
+}
+
+/// The guest console lines that explain a failed start (a panic in the kernel or the agent),
+/// as a suffix for the error; empty when there are none. The console log goes away with the
+/// state directory, so this is the only place they survive.
+fn console_hint(log: &Path) -> String {
+    let Ok(text) = std::fs::read_to_string(log) else {
+        return String::new();
+    };
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("panic") || (l.contains("husk-agent:") && !l.contains("ready")))
+        .collect();
+    if lines.is_empty() {
+        return String::new();
+    }
+    let tail = &lines[lines.len().saturating_sub(4)..];
+    format!(" (guest console: {})", tail.join(" | "))
 }
 
 /// Writes one readiness line on a pipe given by fd number, and closes it.
