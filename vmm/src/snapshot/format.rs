@@ -73,12 +73,28 @@ pub fn cpu_fingerprint(cpuid: &CpuId) -> u32 {
     // KVM's order is stable, but sorting makes the fingerprint independent of it.
     entries.sort_by_key(|e| (e.function, e.index));
     let mut hasher = crc32fast::Hasher::new();
-    for e in entries {
+    for mut e in entries {
+        without_apic_id(&mut e);
         for word in [e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx] {
             hasher.update(&word.to_le_bytes());
         }
     }
     hasher.finalize()
+}
+
+/// Clears the APIC id fields: some KVMs (the PVM host here) fill them with the id of the host
+/// CPU the ioctl ran on, and every vCPU gets its own id anyway (`cpuid::for_vcpu`).
+fn without_apic_id(e: &mut kvm_bindings::kvm_cpuid_entry2) {
+    const LEAF_FEATURES: u32 = 1;
+    const LEAF_TOPOLOGY: u32 = 0xb;
+    const LEAF_TOPOLOGY_V2: u32 = 0x1f;
+    const LEAF_AMD_EXT_APIC: u32 = 0x8000_001e;
+    match e.function {
+        LEAF_FEATURES => e.ebx &= 0x00ff_ffff,
+        LEAF_TOPOLOGY | LEAF_TOPOLOGY_V2 => e.edx = 0,
+        LEAF_AMD_EXT_APIC => e.eax = 0,
+        _ => {}
+    }
 }
 
 /// Encodes the body and puts the header in front of it.
@@ -135,6 +151,17 @@ pub fn check<'a>(path: &Path, bytes: &'a [u8]) -> Result<(Header, &'a [u8]), VmE
         });
     }
     Ok((header, body))
+}
+
+/// Reads, checks and decodes the state file at `path` (without the host checks a restore
+/// adds): for tools and tests that inspect a snapshot.
+pub fn read(path: &Path) -> Result<(Header, SnapshotBody), VmError> {
+    let bytes = std::fs::read(path).map_err(|source| VmError::SnapshotIo {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let (header, body) = check(path, &bytes)?;
+    Ok((header, decode(path, body)?))
 }
 
 /// Decodes a body that passed `check`.

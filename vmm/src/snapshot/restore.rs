@@ -47,11 +47,7 @@ fn read_checked(
     paths: &SnapshotPaths,
     overrides: &RestoreOverrides,
 ) -> Result<SnapshotBody, VmError> {
-    let bytes = std::fs::read(&paths.state).map_err(|source| VmError::SnapshotIo {
-        path: paths.state.clone(),
-        source,
-    })?;
-    let (header, body) = format::check(&paths.state, &bytes)?;
+    let (header, body) = format::read(&paths.state)?;
     let kvm = vm::open_kvm(&overrides.kvm_device)?;
     let host = format::cpu_fingerprint(&crate::cpuid::supported(&kvm)?);
     if header.cpu_fingerprint != host {
@@ -61,7 +57,6 @@ fn read_checked(
             host,
         });
     }
-    let body = format::decode(&paths.state, body)?;
     if body.vcpus.len() != usize::from(body.config.vcpus) {
         return Err(VmError::SnapshotFormat {
             path: paths.state.clone(),
