@@ -654,3 +654,62 @@ fn socket_path_rules() {
     drop(Vsock::new(3, &path).unwrap());
     assert!(!path.exists());
 }
+
+/// A snapshot of the transport and vsock device, restored onto a new device over the same
+/// guest memory (as a clone sees it): the driver goes on with its rings where it left them,
+/// the old host connection is gone, and the guest is told so by a transport reset.
+#[test]
+fn snapshot_restore_keeps_rings_and_resets_the_transport() {
+    use crate::devices::virtio::status;
+    use crate::snapshot::Persist;
+    let dir = TestDir::new("vsock");
+    let (vsock, path) = vsock_in(&dir);
+    let mut g = Guest::new(vsock);
+    // Move every ring away from 0: a host connection, accepted, then refused traffic.
+    let host = host_connect(&path, 7);
+    let host_port = guest_accept(&mut g, 7, 4096);
+    assert_eq!(read_line(&host), format!("OK {host_port}"));
+    g.send(&Pkt::to_host(3001, 5001, OP_REQUEST));
+    assert_eq!(g.recv_skip_credit().op, OP_RST);
+    let evt_buf = g.evt_buf;
+    g.mem
+        .write_obj(0xffff_ffffu32, GuestAddress(evt_buf))
+        .unwrap();
+    g.evt.add_chain(&[(evt_buf, 4, true)]);
+    notify(&mut g.t, 2);
+
+    g.t.quiesce().unwrap();
+    let state = g.t.save_state().unwrap();
+    let clone_path = dir.path().join("clone.sock");
+    let clone = Vsock::new(GUEST_CID, &clone_path).unwrap();
+    let (clone_t, _irq) = transport(Box::new(clone), &g.mem);
+    // The original goes away (its worker stops, its host connection closes).
+    drop(std::mem::replace(&mut g.t, clone_t));
+    g.t.restore_state(&state).unwrap();
+
+    assert!(g.t.is_activated());
+    let all = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK;
+    assert_eq!(read32(&mut g.t, 0x70), all);
+    assert_eq!(read32(&mut g.t, 0x100), GUEST_CID as u32);
+    // The transport reset lands in the event buffer posted before the snapshot.
+    let (_, len) = g.evt.wait_used();
+    assert_eq!(len, 4);
+    assert_eq!(g.mem.read_obj::<u32>(GuestAddress(evt_buf)).unwrap(), 0);
+    let mut buf = [0u8; 1];
+    assert_eq!(
+        (&host).read(&mut buf).unwrap(),
+        0,
+        "old connection survived"
+    );
+    // New traffic on both rings: a device that restarted at ring position 0 would replay the
+    // old tx packets (answering with RSTs for ports 7 or 5001) and reuse rx buffers the driver
+    // already took back (GuestQueue panics on an unknown used id).
+    g.send(&Pkt::to_host(3002, 5002, OP_REQUEST));
+    let p = g.recv_skip_credit();
+    assert_eq!((p.op, p.src_port, p.dst_port), (OP_RST, 5002, 3002));
+    assert!(g.try_recv().is_none());
+    // A host can reach the clone through its own socket.
+    let host2 = host_connect(&clone_path, 8);
+    let port2 = guest_accept(&mut g, 8, 4096);
+    assert_eq!(read_line(&host2), format!("OK {port2}"));
+}
