@@ -330,3 +330,34 @@ fn restoring_maps_memory_instead_of_reading_it() {
     // of one snapshot can be repeated back to back (nothing is left locked or bound).
     fs::remove_dir_all(dir).unwrap();
 }
+
+#[test]
+fn the_snapshotted_vm_runs_on_after_a_resuming_snapshot() {
+    require_kvm();
+    let dir = scratch_dir("resume");
+    let (cfg, _out) = counting_config(1);
+    let vm = Running::start(Vm::new(cfg).unwrap());
+    let before = vm.count_past(1000);
+    vm.control.snapshot(&dir, AfterSnapshot::Resume).unwrap();
+    assert!(!vm.control.is_paused());
+    let in_file = counter_in_file(&SnapshotPaths::in_dir(&dir));
+    assert!(in_file >= before);
+    vm.count_past(in_file + 1000);
+    vm.quit();
+    // Once the VM has ended its control handle refuses to snapshot.
+    let e = vm_control_after_end(&dir);
+    assert!(matches!(e, VmError::SnapshotState(_)), "{e}");
+    fs::remove_dir_all(dir).unwrap();
+}
+
+/// Runs a VM to its end and asks its leftover control handle for a snapshot.
+fn vm_control_after_end(dir: &Path) -> VmError {
+    let (cfg, _out) = counting_config(1);
+    let vm = Running::start(Vm::new(cfg).unwrap());
+    let control = vm.control.clone();
+    vm.count_past(0);
+    vm.quit();
+    control
+        .snapshot(&dir.join("late"), AfterSnapshot::Resume)
+        .unwrap_err()
+}
