@@ -35,6 +35,9 @@ pub struct BootArgs {
     /// Run this shell command in the guest once the agent is ready, and print its output.
     #[arg(long)]
     pub exec: Option<String>,
+    /// Extra kernel command-line words, after Husk's own.
+    #[arg(long, default_value = "")]
+    pub cmdline: String,
 }
 
 impl BootArgs {
@@ -45,7 +48,7 @@ impl BootArgs {
             memory_mib: self.memory,
             kernel: assets::kernel(self.kernel.as_deref())?,
             initramfs: assets::initramfs(self.initramfs.as_deref())?,
-            cmdline: String::new(),
+            cmdline: self.cmdline.clone(),
             serial: serial_output(self.console.as_ref()),
             disks: Vec::new(),
             shares: Vec::new(),
