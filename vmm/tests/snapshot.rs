@@ -17,13 +17,10 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use husk_vmm::snapshot::{AfterSnapshot, RestoreOverrides, SnapshotPaths};
-use husk_vmm::{Boot, CpuMode, SerialOutput, Vm, VmConfig, VmError, VmExit};
+use husk_vmm::testguest::{self, COUNTER, LOAD, QUIT};
+use husk_vmm::{SerialOutput, Vm, VmConfig, VmError, VmExit};
 use vm_memory::{Bytes, GuestAddress};
 
-const LOAD: u64 = 0x10_0000;
-/// The guest counts in this dword; a non-zero dword after it makes the guest reset.
-const COUNTER: u64 = 0x20_0000;
-const QUIT: u64 = COUNTER + 4;
 /// Free memory the tests write to tell clones apart.
 const MARK: u64 = COUNTER + 0x1000;
 const WAIT_LIMIT: Duration = Duration::from_secs(30);
@@ -36,35 +33,13 @@ fn require_kvm() {
     );
 }
 
-/// Long mode: print "go\n", then `count: lock inc dword [rbx]; cmp dword [rbx+4], 0; je count`,
-/// then reset through the i8042.
-fn counting_guest() -> Vec<u8> {
-    let mut code = vec![0x48, 0xbb];
-    code.extend_from_slice(&COUNTER.to_le_bytes()); // mov rbx, COUNTER
-    code.extend_from_slice(&[0x66, 0xba, 0xf8, 0x03]); // mov dx, 0x3f8
-    for c in b"go\n" {
-        code.extend_from_slice(&[0xb0, *c, 0xee]); // mov al, c; out dx, al
-    }
-    code.extend_from_slice(&[0xf0, 0xff, 0x03]); // count: lock inc dword [rbx]
-    code.extend_from_slice(&[0x83, 0x7b, 0x04, 0x00]); // cmp dword [rbx+4], 0
-    code.extend_from_slice(&[0x74, 0xf7]); // je count
-    code.extend_from_slice(&[0xb0, 0xfe, 0xe6, 0x64]); // mov al, 0xfe; out 0x64, al
-    code.extend_from_slice(&[0xeb, 0xfe]); // jmp $
-    code
-}
-
 fn capture() -> (SerialOutput, Arc<Mutex<Vec<u8>>>) {
     let out = Arc::new(Mutex::new(Vec::new()));
     (SerialOutput::Capture(out.clone()), out)
 }
 
 fn counting_config(vcpus: u8) -> (VmConfig, Arc<Mutex<Vec<u8>>>) {
-    let mut cfg = VmConfig::new(Boot::Raw {
-        image: counting_guest(),
-        load_addr: LOAD,
-        entry: LOAD,
-        mode: CpuMode::Long,
-    });
+    let mut cfg = testguest::long_mode_config(testguest::counting_guest());
     cfg.vcpus = vcpus;
     let (serial, out) = capture();
     cfg.serial = serial;
@@ -360,4 +335,56 @@ fn vm_control_after_end(dir: &Path) -> VmError {
     control
         .snapshot(&dir.join("late"), AfterSnapshot::Resume)
         .unwrap_err()
+}
+
+/// Snapshots a counting guest that has two (unused) 9p shares.
+fn snapshot_with_shares(dir: &Path) -> PathBuf {
+    let share_dir = dir.join("placeholder");
+    fs::create_dir_all(&share_dir).unwrap();
+    let (mut cfg, _out) = counting_config(1);
+    cfg.shares = ["share0", "share1"]
+        .iter()
+        .map(|tag| husk_vmm::ShareConfig {
+            tag: tag.to_string(),
+            path: share_dir.clone(),
+            read_only: true,
+        })
+        .collect();
+    let snap = dir.join("snap");
+    let vm = Running::start(Vm::new(cfg).unwrap());
+    vm.count_past(1000);
+    vm.control
+        .snapshot(&snap, AfterSnapshot::StayPaused)
+        .unwrap();
+    vm.quit();
+    snap
+}
+
+#[test]
+fn a_clone_serves_its_own_share_directories_under_the_saved_tags() {
+    require_kvm();
+    let dir = scratch_dir("shares");
+    let snap = snapshot_with_shares(&dir);
+    let mine = dir.join("mine");
+    fs::create_dir_all(&mine).unwrap();
+    let with = |shares: Vec<(PathBuf, bool)>| RestoreOverrides {
+        shares: Some(shares),
+        ..Default::default()
+    };
+    let two = vec![(mine.clone(), false), (mine.clone(), true)];
+    let vm = Vm::restore(&snap, with(two)).unwrap();
+    drop(vm);
+    let e = Vm::restore(&snap, with(vec![(mine.clone(), false)]))
+        .err()
+        .unwrap();
+    assert!(
+        e.to_string()
+            .contains("1 share directories given for a snapshot with 2"),
+        "{e}"
+    );
+    let e = Vm::restore(&snap, with(vec![(dir.join("gone"), false); 2]))
+        .err()
+        .unwrap();
+    assert!(e.to_string().contains("gone"), "{e}");
+    fs::remove_dir_all(dir).unwrap();
 }

@@ -120,6 +120,11 @@ pub struct RestoreOverrides {
     /// the same time needs its own. `None` keeps the saved ones (only one clone can then
     /// run, as the socket path must not exist).
     pub vsock: Option<(u32, PathBuf)>,
+    /// New host directories for the snapshot's 9p shares, one per share in the saved order:
+    /// (host directory, read-only). The guest knows its shares by tag, which stays; a clone
+    /// serves its own directories under them (the guest mounts them after the restore, as
+    /// 9p fids are not preserved). `None` keeps the saved directories.
+    pub shares: Option<Vec<(PathBuf, bool)>>,
     /// The KVM device node.
     pub kvm_device: PathBuf,
 }
@@ -129,6 +134,7 @@ impl Default for RestoreOverrides {
         Self {
             serial: SerialOutput::Sink,
             vsock: None,
+            shares: None,
             kvm_device: PathBuf::from("/dev/kvm"),
         }
     }

@@ -1,6 +1,6 @@
 //! Building a running-ready VM from a snapshot.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -86,8 +86,28 @@ fn restored_config(body: &SnapshotBody, overrides: RestoreOverrides) -> Result<V
             uds_path,
         });
     }
+    if let Some(shares) = overrides.shares {
+        replace_shares(&mut cfg, shares)?;
+    }
     vm::validate(&cfg)?;
     Ok(cfg)
+}
+
+/// Points the saved shares at new host directories; the count must match, as the guest found
+/// its virtio devices at boot.
+fn replace_shares(cfg: &mut VmConfig, shares: Vec<(PathBuf, bool)>) -> Result<(), VmError> {
+    if shares.len() != cfg.shares.len() {
+        return Err(VmError::Config(format!(
+            "{} share directories given for a snapshot with {} shares",
+            shares.len(),
+            cfg.shares.len()
+        )));
+    }
+    for (share, (path, read_only)) in cfg.shares.iter_mut().zip(shares) {
+        share.path = path;
+        share.read_only = read_only;
+    }
+    Ok(())
 }
 
 /// Restores the snapshot in `dir` `count` times, dropping each VM unrun; returns how long each

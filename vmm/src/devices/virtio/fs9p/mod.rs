@@ -264,7 +264,9 @@ impl crate::snapshot::Persist for Fs9p {
 
     fn restore_state(&mut self, state: &[u8]) -> Result<(), String> {
         let s: Fs9pState = crate::snapshot::decode_state(state)?;
-        if s.tag != self.tag || s.path != self.path || s.read_only != self.read_only {
+        // The directory and mode may differ (a clone serves its own); the tag may not: the
+        // guest read it from config space at boot.
+        if s.tag != self.tag {
             return Err(format!(
                 "saved share {:?} at {}, restored {:?} at {}",
                 s.tag,
