@@ -17,6 +17,8 @@ pub enum BenchCmd {
     Boot(BootBench),
     /// `husk run` against `runc run` of the same busybox bundle, and `podman run` with each.
     Run(RunBench),
+    /// Snapshot restore to a running guest against a cold boot of the same raw test guest.
+    Restore(crate::bench_restore::RestoreBench),
 }
 
 #[derive(Args, Debug)]
@@ -50,6 +52,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
     match cmd {
         BenchCmd::Boot(b) => boot(&b),
         BenchCmd::Run(b) => crate::bench_run::run(&b.runs, &b.podman_runs),
+        BenchCmd::Restore(b) => crate::bench_restore::run(&b),
     }
 }
 

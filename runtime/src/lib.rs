@@ -1,6 +1,7 @@
 //! Husk's runtime: the `husk` command line and the library under it.
 pub mod assets;
 pub mod bench;
+pub mod bench_restore;
 pub mod bench_run;
 pub mod boot;
 pub mod container;

@@ -14,6 +14,7 @@ pub mod pause;
 pub mod serial;
 pub mod snapshot;
 pub mod stop;
+pub mod testguest;
 pub mod vcpu;
 pub mod vm;
 

@@ -19,6 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use husk_vmm::bus::BusDevice;
+use husk_vmm::testguest::Asm;
 use husk_vmm::{Boot, CpuMode, SerialOutput, Vm, VmBuilder, VmConfig, VmError, VmExit};
 
 const LOAD: u64 = 0x10_0000;
@@ -46,57 +47,6 @@ fn raw_config(image: Vec<u8>, load: u64, mode: CpuMode) -> (VmConfig, Arc<Mutex<
 
 fn console(out: &Arc<Mutex<Vec<u8>>>) -> String {
     String::from_utf8_lossy(&out.lock().unwrap()).into_owned()
-}
-
-/// Tiny assembler for the handful of instructions the guests use. `wide_dx` adds the
-/// operand-size prefix that 32/64-bit code needs for `mov dx, imm16`.
-#[derive(Default)]
-struct Asm {
-    code: Vec<u8>,
-    real_mode: bool,
-}
-
-impl Asm {
-    fn new(real_mode: bool) -> Self {
-        Self {
-            code: Vec::new(),
-            real_mode,
-        }
-    }
-    fn bytes(&mut self, b: &[u8]) -> &mut Self {
-        self.code.extend_from_slice(b);
-        self
-    }
-    fn mov_dx(&mut self, port: u16) -> &mut Self {
-        if !self.real_mode {
-            self.code.push(0x66);
-        }
-        self.code.push(0xba);
-        self.bytes(&port.to_le_bytes())
-    }
-    /// Writes `text` to COM1, one `mov al, c; out dx, al` per byte.
-    fn print(&mut self, text: &str) -> &mut Self {
-        self.mov_dx(0x3f8);
-        for c in text.bytes() {
-            self.bytes(&[0xb0, c, 0xee]);
-        }
-        self
-    }
-    /// `mov al, 0xfe; out 0x64, al`: i8042 reset.
-    fn reset(&mut self) -> &mut Self {
-        self.bytes(&[0xb0, 0xfe, 0xe6, 0x64])
-    }
-    /// `jmp $`.
-    fn spin(&mut self) -> &mut Self {
-        self.bytes(&[0xeb, 0xfe])
-    }
-    /// `mov rbx, imm64` (long mode only).
-    fn mov_rbx(&mut self, v: u64) -> &mut Self {
-        self.bytes(&[0x48, 0xbb]).bytes(&v.to_le_bytes())
-    }
-    fn finish(&mut self) -> Vec<u8> {
-        std::mem::take(&mut self.code)
-    }
 }
 
 fn hello_image(mode: CpuMode) -> Vec<u8> {

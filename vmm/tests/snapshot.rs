@@ -13,17 +13,14 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use husk_vmm::snapshot::{AfterSnapshot, RestoreOverrides, SnapshotPaths};
-use husk_vmm::testguest::{self, COUNTER, LOAD, QUIT};
-use husk_vmm::{SerialOutput, Vm, VmConfig, VmError, VmExit};
-use vm_memory::{Bytes, GuestAddress};
+use husk_vmm::testguest::{self, Running, COUNTER, LOAD};
+use husk_vmm::{SerialOutput, Vm, VmConfig, VmError};
 
 /// Free memory the tests write to tell clones apart.
 const MARK: u64 = COUNTER + 0x1000;
-const WAIT_LIMIT: Duration = Duration::from_secs(30);
 
 /// Fails (never skips) when the host has no KVM.
 fn require_kvm() {
@@ -46,57 +43,6 @@ fn counting_config(vcpus: u8) -> (VmConfig, Arc<Mutex<Vec<u8>>>) {
     (cfg, out)
 }
 
-/// A VM running on its own thread, with its memory and control handle.
-struct Running {
-    mem: Arc<husk_vmm::memory::GuestMemory>,
-    control: husk_vmm::VmControl,
-    thread: JoinHandle<Result<VmExit, VmError>>,
-}
-
-impl Running {
-    fn start(vm: Vm) -> Self {
-        let mem = vm.memory().clone();
-        let control = vm.control();
-        let thread = std::thread::spawn(move || vm.run());
-        Self {
-            mem,
-            control,
-            thread,
-        }
-    }
-
-    fn read(&self, addr: u64) -> u32 {
-        self.mem.read_obj(GuestAddress(addr)).unwrap()
-    }
-
-    fn write(&self, addr: u64, v: u32) {
-        self.mem.write_obj(v, GuestAddress(addr)).unwrap();
-    }
-
-    /// Waits until the counter is above `n`; returns its value then.
-    fn count_past(&self, n: u32) -> u32 {
-        let deadline = Instant::now() + WAIT_LIMIT;
-        loop {
-            let c = self.read(COUNTER);
-            if c > n {
-                return c;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the guest stopped counting at {c}"
-            );
-            std::thread::sleep(Duration::from_millis(2));
-        }
-    }
-
-    /// Raises the quit flag (resuming a paused guest) and expects a clean reset.
-    fn quit(self) {
-        self.write(QUIT, 1);
-        self.control.resume();
-        assert_eq!(self.thread.join().unwrap().unwrap(), VmExit::Reset);
-    }
-}
-
 fn scratch_dir(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("husk-snap-{}-{name}", std::process::id()));
     let _ = fs::remove_dir_all(&dir);
@@ -109,13 +55,13 @@ fn scratch_dir(name: &str) -> PathBuf {
 fn snapshot_counting_guest(dir: &Path, vcpus: u8) -> u32 {
     let (cfg, out) = counting_config(vcpus);
     let vm = Running::start(Vm::new(cfg).unwrap());
-    vm.count_past(1000);
+    vm.count_past(1000).unwrap();
     vm.control.snapshot(dir, AfterSnapshot::StayPaused).unwrap();
     assert!(vm.control.is_paused());
     let at_snapshot = vm.read(COUNTER);
     std::thread::sleep(Duration::from_millis(50));
     assert_eq!(vm.read(COUNTER), at_snapshot, "the guest ran while paused");
-    vm.quit();
+    vm.quit().unwrap();
     // Every vCPU runs the same code and printed once.
     let printed = String::from_utf8_lossy(&out.lock().unwrap()).into_owned();
     assert_eq!(
@@ -169,9 +115,9 @@ fn a_restored_vm_counts_on_from_the_snapshot() {
     let (vm, out) = restore(&dir);
     let vm = Running::start(vm);
     assert!(vm.read(COUNTER) >= at_snapshot);
-    let later = vm.count_past(at_snapshot + 1000);
+    let later = vm.count_past(at_snapshot + 1000).unwrap();
     assert!(later > at_snapshot);
-    vm.quit();
+    vm.quit().unwrap();
     // The guest printed before the snapshot and nothing since: no code ran twice.
     assert!(out.lock().unwrap().is_empty());
     fs::remove_dir_all(dir).unwrap();
@@ -184,8 +130,8 @@ fn a_two_vcpu_vm_restores_with_both_vcpus_counting() {
     let at_snapshot = snapshot_counting_guest(&dir, 2);
     let (vm, _out) = restore(&dir);
     let vm = Running::start(vm);
-    vm.count_past(at_snapshot + 1000);
-    vm.quit();
+    vm.count_past(at_snapshot + 1000).unwrap();
+    vm.quit().unwrap();
     fs::remove_dir_all(dir).unwrap();
 }
 
@@ -201,17 +147,17 @@ fn two_clones_of_one_snapshot_are_independent() {
     let b = Running::start(restore(&dir).0);
     a.write(MARK, 0xaaaa);
     b.write(MARK, 0xbbbb);
-    a.count_past(at_snapshot + 1000);
-    b.count_past(at_snapshot + 1000);
+    a.count_past(at_snapshot + 1000).unwrap();
+    b.count_past(at_snapshot + 1000).unwrap();
     assert_eq!(a.read(MARK), 0xaaaa);
     assert_eq!(b.read(MARK), 0xbbbb);
     // Pause one: the other goes on alone.
     a.control.pause().unwrap();
     let a_frozen = a.read(COUNTER);
-    b.count_past(b.read(COUNTER) + 1000);
+    b.count_past(b.read(COUNTER) + 1000).unwrap();
     assert_eq!(a.read(COUNTER), a_frozen);
-    a.quit();
-    b.quit();
+    a.quit().unwrap();
+    b.quit().unwrap();
 
     let file_after = fs::read(&paths.memory).unwrap();
     assert!(
@@ -312,13 +258,13 @@ fn the_snapshotted_vm_runs_on_after_a_resuming_snapshot() {
     let dir = scratch_dir("resume");
     let (cfg, _out) = counting_config(1);
     let vm = Running::start(Vm::new(cfg).unwrap());
-    let before = vm.count_past(1000);
+    let before = vm.count_past(1000).unwrap();
     vm.control.snapshot(&dir, AfterSnapshot::Resume).unwrap();
     assert!(!vm.control.is_paused());
     let in_file = counter_in_file(&SnapshotPaths::in_dir(&dir));
     assert!(in_file >= before);
-    vm.count_past(in_file + 1000);
-    vm.quit();
+    vm.count_past(in_file + 1000).unwrap();
+    vm.quit().unwrap();
     // Once the VM has ended its control handle refuses to snapshot.
     let e = vm_control_after_end(&dir);
     assert!(matches!(e, VmError::SnapshotState(_)), "{e}");
@@ -330,8 +276,8 @@ fn vm_control_after_end(dir: &Path) -> VmError {
     let (cfg, _out) = counting_config(1);
     let vm = Running::start(Vm::new(cfg).unwrap());
     let control = vm.control.clone();
-    vm.count_past(0);
-    vm.quit();
+    vm.count_past(0).unwrap();
+    vm.quit().unwrap();
     control
         .snapshot(&dir.join("late"), AfterSnapshot::Resume)
         .unwrap_err()
@@ -352,11 +298,11 @@ fn snapshot_with_shares(dir: &Path) -> PathBuf {
         .collect();
     let snap = dir.join("snap");
     let vm = Running::start(Vm::new(cfg).unwrap());
-    vm.count_past(1000);
+    vm.count_past(1000).unwrap();
     vm.control
         .snapshot(&snap, AfterSnapshot::StayPaused)
         .unwrap();
-    vm.quit();
+    vm.quit().unwrap();
     snap
 }
 
