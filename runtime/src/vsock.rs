@@ -60,3 +60,56 @@ pub fn read_to_end(mut stream: UnixStream) -> Result<Vec<u8>> {
     stream.read_to_end(&mut out)?;
     Ok(out)
 }
+
+/// The host end of the agent's "I listen" notice: a unix listener at `<uds>_<port>`, which the
+/// VMM connects to when the guest connects to that host port. Waiting on it costs the booting
+/// guest nothing, unlike polling its port. The socket file is removed on drop.
+pub struct ReadySignal {
+    listener: std::os::unix::net::UnixListener,
+    path: std::path::PathBuf,
+}
+
+impl ReadySignal {
+    /// Listens for the notice on `port` of the VM whose socket is `uds`.
+    pub fn bind(uds: &Path, port: u32) -> Result<Self> {
+        let mut path = uds.as_os_str().to_os_string();
+        path.push(format!("_{port}"));
+        let path = std::path::PathBuf::from(path);
+        let _ = std::fs::remove_file(&path);
+        let listener = std::os::unix::net::UnixListener::bind(&path)
+            .with_context(|| format!("listening on {}", path.display()))?;
+        listener.set_nonblocking(true)?;
+        Ok(Self { listener, path })
+    }
+
+    /// Waits until the guest connects, `alive` says the VM is gone, or `timeout` passes.
+    pub fn wait(&self, timeout: Duration, alive: &dyn Fn() -> bool) -> Result<()> {
+        use std::os::fd::AsFd;
+        let start = Instant::now();
+        loop {
+            match self.listener.accept() {
+                Ok(_) => return Ok(()),
+                Err(e) if e.kind() != std::io::ErrorKind::WouldBlock => return Err(e.into()),
+                Err(_) => {}
+            }
+            if !alive() {
+                bail!("the VM stopped before its agent was ready");
+            }
+            if start.elapsed() >= timeout {
+                bail!("the guest agent did not report ready within {timeout:?}");
+            }
+            // Wake on the connection itself; the timeout only bounds the liveness checks.
+            let mut fds = [nix::poll::PollFd::new(
+                self.listener.as_fd(),
+                nix::poll::PollFlags::POLLIN,
+            )];
+            let _ = nix::poll::poll(&mut fds, 50u16);
+        }
+    }
+}
+
+impl Drop for ReadySignal {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
