@@ -343,16 +343,18 @@ fn elf_load_end(file: &mut File) -> Option<u64> {
 
 /// Places the initramfs at the top of low RAM; returns its (address, size).
 fn load_initramfs(mem: &GuestMemory, path: &Path, kernel_end: u64) -> Result<(u64, u64), VmError> {
-    let data = std::fs::read(path).map_err(|source| VmError::InitramfsRead {
+    let read_err = |source| VmError::InitramfsRead {
         path: path.to_path_buf(),
         source,
-    })?;
+    };
+    let mut file = File::open(path).map_err(read_err)?;
+    let size = file.metadata().map_err(read_err)?.len();
     let low_end = (mem.last_addr().raw_value() + 1).min(LOW_RAM_END);
-    let size = data.len() as u64;
     let addr = low_end.checked_sub(size).map(|a| a & !0xfff);
     match addr {
         Some(addr) if addr >= kernel_end && size > 0 => {
-            mem.write_slice(&data, GuestAddress(addr))
+            // Straight from the file into guest RAM: no intermediate buffer to fill and copy.
+            mem.read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize)
                 .map_err(|e| VmError::Memory(format!("initramfs: {e}")))?;
             Ok((addr, size))
         }
