@@ -174,6 +174,15 @@ impl<S: Read + Write> Client<S> {
         }
     }
 
+    /// Sets a freshly cloned guest's wall clock and reseeds its random pool (see
+    /// `Request::CloneInit`).
+    pub fn clone_init(&mut self, time_ns: u64, entropy: &[u8]) -> Result<(), ClientError> {
+        self.call_ok(Request::CloneInit {
+            time_ns,
+            entropy: entropy.to_vec(),
+        })
+    }
+
     /// Lets a created container's init exec its process.
     pub fn start_container(&mut self, id: &str) -> Result<(), ClientError> {
         self.call_ok(Request::StartContainer { id: id.into() })

@@ -132,6 +132,10 @@ pub enum Request {
     DeleteContainer { id: String },
     /// Answered by `Processes` with the guest pids of the container's processes.
     ListProcesses { id: String },
+    /// Makes a guest restored from a template its own: sets the wall clock to `time_ns`
+    /// (nanoseconds since the epoch) and mixes `entropy` into the kernel's pool, reseeding it,
+    /// so that sibling clones do not share clocks or random streams. `Ok`.
+    CloneInit { time_ns: u64, entropy: Vec<u8> },
 }
 
 /// How a process ended: exactly one of `code` and `signal` is set.

@@ -7,5 +7,6 @@ pub mod boot;
 pub mod container;
 pub mod logging;
 pub mod microvm;
+pub mod template;
 pub mod vm;
 pub mod vsock;

@@ -10,7 +10,7 @@ use husk_runtime::container::commands::{self, CreateOpts};
 use husk_runtime::container::exec::{self, ExecOpts};
 use husk_runtime::container::monitor::{self, MonitorArgs};
 use husk_runtime::logging::{LogFormat, Logger};
-use husk_runtime::{bench, boot, vm};
+use husk_runtime::{bench, boot, template, vm};
 
 #[derive(Parser, Debug)]
 #[command(name = "husk", version, about = "OCI containers in KVM micro-VMs")]
@@ -109,6 +109,9 @@ enum Command {
     Boot(boot::BootArgs),
     /// Run the bare VMM until the guest powers off.
     Vm(vm::VmArgs),
+    /// Templates: warmed guest snapshots every container's micro-VM is cloned from.
+    #[command(subcommand)]
+    Template(template::TemplateCmd),
     /// Benchmarks against a reference measured in the same run.
     #[command(subcommand)]
     Bench(bench::BenchCmd),
@@ -121,6 +124,9 @@ enum Command {
         console_socket: Option<PathBuf>,
         #[arg(long)]
         ready_fd: Option<i32>,
+        /// Clone the VM from this template instead of booting it.
+        #[arg(long)]
+        template: Option<String>,
         id: String,
     },
 }
@@ -139,7 +145,7 @@ fn main() -> ExitCode {
         logger.error("--systemd-cgroup is not supported by husk");
         return ExitCode::FAILURE;
     }
-    match dispatch(cli, started) {
+    match dispatch(cli, started, &logger) {
         Ok(code) => ExitCode::from(code as u8),
         Err((prefix, e)) => {
             logger.error(&format!("{prefix}{e:#}"));
@@ -150,15 +156,16 @@ fn main() -> ExitCode {
 
 type Failure = (&'static str, anyhow::Error);
 
-fn dispatch(cli: Cli, started: Instant) -> Result<i32, Failure> {
+fn dispatch(cli: Cli, started: Instant, logger: &Logger) -> Result<i32, Failure> {
     let root = cli.root;
+    let debug = |msg: &str| logger.debug(msg);
     let plain = |r: anyhow::Result<()>| r.map(|()| 0).map_err(|e| ("", e));
     match cli.command {
-        Command::Create(opts) => commands::create(&root, &opts)
+        Command::Create(opts) => commands::create(&root, &opts, &debug)
             .map(|_| 0)
             .map_err(|e| ("husk create failed: ", e)),
         Command::Run { opts, detach, .. } => {
-            commands::run(&root, &opts, detach).map_err(|e| ("husk run failed: ", e))
+            commands::run(&root, &opts, detach, &debug).map_err(|e| ("husk run failed: ", e))
         }
         Command::Start { id } => plain(commands::start(&root, &id)),
         Command::State { id } => plain(commands::state(&root, &id)),
@@ -175,6 +182,7 @@ fn dispatch(cli: Cli, started: Instant) -> Result<i32, Failure> {
             bundle,
             console_socket,
             ready_fd,
+            template,
             id,
         } => Ok(monitor::run(MonitorArgs {
             root,
@@ -182,10 +190,12 @@ fn dispatch(cli: Cli, started: Instant) -> Result<i32, Failure> {
             bundle,
             console_socket,
             ready_fd,
+            template,
         })),
         Command::Boot(args) => vm_cmd(boot::run(&args, started)),
         Command::Vm(args) => vm_cmd(vm::run(args)),
         Command::Bench(cmd) => vm_cmd(bench::run(cmd)),
+        Command::Template(cmd) => vm_cmd(template::run(cmd)),
     }
 }
 

@@ -11,8 +11,9 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
 use husk_agent::client::Client;
+use husk_vmm::snapshot::RestoreOverrides;
 use husk_vmm::{
-    BlockConfig, Boot, SerialOutput, ShareConfig, Vm, VmConfig, VmControl, VsockConfig,
+    BlockConfig, Boot, SerialOutput, ShareConfig, Vm, VmConfig, VmControl, VmError, VsockConfig,
 };
 
 /// The guest's vsock context id; every VM has its own socket, so one id serves all.
@@ -31,6 +32,15 @@ pub struct Options {
     pub shares: Vec<ShareConfig>,
     /// Where the vsock socket goes; a private temp dir when `None`.
     pub vsock_path: Option<PathBuf>,
+}
+
+/// What a clone gets of its own (see [`MicroVm::restore`]).
+#[derive(Clone, Debug)]
+pub struct RestoreOptions {
+    pub serial: SerialOutput,
+    pub vsock_path: PathBuf,
+    /// Host directory and read-only flag for each share slot of the snapshot, in order.
+    pub shares: Vec<(PathBuf, bool)>,
 }
 
 /// A running micro-VM. Dropping it without `wait` leaves the VMM thread to end with the guest.
@@ -57,10 +67,34 @@ impl MicroVm {
             }
         };
         let config = vm_config(opts, &uds);
+        Self::spawn(move || Vm::new(config), uds, dir)
+    }
+
+    /// Clones a VM from the snapshot in `snapshot_dir` (a template): memory mapped
+    /// copy-on-write, vCPUs and devices where the snapshot left them, with this VM's own
+    /// console, vsock socket and share directories (one per share of the snapshot). The
+    /// agent already listens; the guest learns of its new host side by a transport reset.
+    pub fn restore(snapshot_dir: &Path, opts: RestoreOptions) -> Result<MicroVm> {
+        let overrides = RestoreOverrides {
+            serial: opts.serial,
+            vsock: Some((GUEST_CID, opts.vsock_path.clone())),
+            shares: Some(opts.shares),
+            kvm_device: PathBuf::from("/dev/kvm"),
+        };
+        let dir = snapshot_dir.to_path_buf();
+        Self::spawn(move || Vm::restore(&dir, overrides), opts.vsock_path, None)
+    }
+
+    /// Builds the VM on its own thread with `build` and runs it there.
+    fn spawn(
+        build: impl FnOnce() -> Result<Vm, VmError> + Send + 'static,
+        uds: PathBuf,
+        dir: Option<tempfile::TempDir>,
+    ) -> Result<MicroVm> {
         let (built_tx, built_rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("vmm".into())
-            .spawn(move || run_vm(config, built_tx))?;
+            .spawn(move || run_vm(build, built_tx))?;
         match built_rx.recv() {
             Ok(Ok(control)) => Ok(MicroVm {
                 uds,
@@ -152,8 +186,11 @@ fn vm_config(opts: Options, uds: &Path) -> VmConfig {
 }
 
 /// Thread body: report the build result first, then run the guest to its end.
-fn run_vm(config: VmConfig, built: mpsc::Sender<Result<VmControl>>) -> Result<()> {
-    let vm = match Vm::new(config) {
+fn run_vm(
+    build: impl FnOnce() -> Result<Vm, VmError>,
+    built: mpsc::Sender<Result<VmControl>>,
+) -> Result<()> {
+    let vm = match build() {
         Ok(vm) => vm,
         Err(e) => {
             let _ = built.send(Err(anyhow!("{e}")));

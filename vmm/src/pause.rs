@@ -189,6 +189,12 @@ impl VmControl {
         self.stop.is_stopping()
     }
 
+    /// Ends the VM as if the guest had powered off (e.g. a paused VM kept only for its
+    /// snapshot); `Vm::run` returns once every vCPU thread is out.
+    pub fn stop(&self) {
+        self.stop.request(Ok(crate::VmExit::PowerOff));
+    }
+
     /// True between `pause` and `resume`.
     pub fn is_paused(&self) -> bool {
         self.gate.lock().paused

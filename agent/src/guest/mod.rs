@@ -1,6 +1,7 @@
 //! The guest agent: PID 1 setup, the connection server, exec, OCI containers and child
 //! reaping.
 
+pub mod clone_init;
 pub mod container;
 pub mod exec;
 pub mod init;

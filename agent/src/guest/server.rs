@@ -238,6 +238,12 @@ impl Conn {
                 self.signal(signal);
                 return Flow::Continue;
             }
+            Request::CloneInit { time_ns, entropy } => {
+                match super::clone_init::make_unique(time_ns, &entropy) {
+                    Ok(()) => Response::Ok,
+                    Err(message) => Response::Error { message },
+                }
+            }
             Request::Poweroff => {
                 self.reply(Response::Ok);
                 return Flow::Poweroff;

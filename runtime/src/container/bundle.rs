@@ -43,6 +43,30 @@ impl Bundle {
     }
 }
 
+impl Bundle {
+    /// The micro-VM size from `linux.resources`: vCPUs from the CPU quota (1 without one),
+    /// memory from the memory limit (256 MiB without one, at least 128 MiB).
+    pub fn vm_size(&self) -> (u8, u32) {
+        let res = &self.raw["linux"]["resources"];
+        let limit_mib = res["memory"]["limit"]
+            .as_i64()
+            .filter(|l| *l > 0)
+            .map(|l| l >> 20);
+        let memory_mib = limit_mib
+            .unwrap_or(crate::template::DEFAULT_MEMORY_MIB.into())
+            .clamp(128, 64 << 10) as u32;
+        let quota = res["cpu"]["quota"].as_i64().filter(|q| *q > 0);
+        let period = res["cpu"]["period"]
+            .as_u64()
+            .filter(|p| *p > 0)
+            .unwrap_or(100_000);
+        let vcpus = quota
+            .map_or(1, |q| (q as u64).div_ceil(period))
+            .clamp(1, 32) as u8;
+        (vcpus, memory_mib)
+    }
+}
+
 /// runc's validation of what a container cannot run without; returns the rootfs path.
 fn check(spec: &Spec, dir: &Path) -> Result<PathBuf> {
     let Some(process) = spec.process() else {

@@ -13,7 +13,7 @@ use anyhow::{bail, Context, Result};
 use super::bundle::Bundle;
 use super::control::{self, Reply, Request};
 use super::state::{ContainerState, Status, Store};
-use super::{monitor_alive, signal};
+use super::{monitor_alive, signal, template_choice};
 
 /// Options shared by `create` and `run`.
 #[derive(clap::Args, Debug, Clone)]
@@ -36,15 +36,21 @@ pub struct CreateOpts {
     /// Extra fds beyond stdio: accepted, but they cannot cross into the VM.
     #[arg(long, default_value_t = 0)]
     pub preserve_fds: u32,
+    /// Cold-boot the micro-VM instead of cloning it from a template.
+    #[arg(long)]
+    pub no_template: bool,
     pub id: String,
 }
 
-/// `husk create`: claims the id, starts the monitor, returns once the container is created.
-pub fn create(root: &Path, opts: &CreateOpts) -> Result<i32> {
+/// `husk create`: claims the id, picks (and if need be builds) the template, starts the
+/// monitor, returns once the container is created. `debug` hears why a VM is cold-booted.
+pub fn create(root: &Path, opts: &CreateOpts, debug: &dyn Fn(&str)) -> Result<i32> {
     let bundle = Bundle::load(&opts.bundle)?;
     let store = Store::new(root);
     store.create(&opts.id)?;
-    match spawn_monitor(root, opts, &bundle.dir) {
+    let spawned = template_choice::choose(&bundle, opts.no_template, debug)
+        .and_then(|template| spawn_monitor(root, opts, &bundle.dir, template.as_deref()));
+    match spawned {
         Ok(pid) => {
             if let Some(p) = &opts.pid_file {
                 write_pid_file(p, pid)?;
@@ -58,7 +64,12 @@ pub fn create(root: &Path, opts: &CreateOpts) -> Result<i32> {
     }
 }
 
-fn spawn_monitor(root: &Path, opts: &CreateOpts, bundle: &Path) -> Result<i32> {
+fn spawn_monitor(
+    root: &Path,
+    opts: &CreateOpts,
+    bundle: &Path,
+    template: Option<&str>,
+) -> Result<i32> {
     let (read, write) = nix::unistd::pipe()?;
     let write_fd = high_fd(write)?;
     let mut cmd = Command::new(std::env::current_exe()?);
@@ -69,6 +80,9 @@ fn spawn_monitor(root: &Path, opts: &CreateOpts, bundle: &Path) -> Result<i32> {
         .arg(write_fd.to_string());
     if let Some(s) = &opts.console_socket {
         cmd.arg("--console-socket").arg(s);
+    }
+    if let Some(t) = template {
+        cmd.arg("--template").arg(t);
     }
     cmd.arg(&opts.id);
     // SAFETY: only async-signal-safe calls (setsid, fcntl) between fork and exec.
@@ -136,8 +150,8 @@ pub fn start(root: &Path, id: &str) -> Result<()> {
 }
 
 /// `husk run`: create, start, and (unless detached) wait and delete; exits with the status.
-pub fn run(root: &Path, opts: &CreateOpts, detach: bool) -> Result<i32> {
-    let pid = create(root, opts)?;
+pub fn run(root: &Path, opts: &CreateOpts, detach: bool, debug: &dyn Fn(&str)) -> Result<i32> {
+    let pid = create(root, opts, debug)?;
     if let Err(e) = start(root, &opts.id) {
         let _ = delete(root, &opts.id, true);
         return Err(e);

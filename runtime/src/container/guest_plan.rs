@@ -1,18 +1,22 @@
 //! How a bundle reaches the guest: the rootfs and every bind-mount source become virtio-9p
 //! shares served by the monitor itself (so templates and shared directories work together),
 //! and the spec handed to the agent names the guest paths where they are mounted.
+//!
+//! Shares fill numbered slots, `share0` (the rootfs), `share1`, ...: a template has a fixed
+//! number of them (virtio-mmio devices are found at boot), and a cold boot names its shares
+//! the same way so that both paths look alike to the guest.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use husk_agent::client::Client;
+use husk_templates::{slot_tag, SHARE_SLOTS};
 use husk_vmm::ShareConfig;
 
 use super::bundle::Bundle;
 
 /// Where the agent finds the container's root filesystem.
 pub const GUEST_ROOTFS: &str = "/run/husk/rootfs";
-const ROOTFS_TAG: &str = "rootfs";
 const GUEST_SHARES: &str = "/run/husk/shares";
 /// 9p message size: the largest the VMM's server agrees to.
 const MSIZE: u32 = 65560;
@@ -32,7 +36,7 @@ impl GuestPlan {
             mounts: Vec::new(),
             spec: bundle.raw.clone(),
         };
-        plan.add_share(ROOTFS_TAG, &bundle.rootfs, GUEST_ROOTFS, false);
+        plan.add_share(&bundle.rootfs, GUEST_ROOTFS, false);
         if let Some(mounts) = plan.spec["mounts"].as_array_mut().map(std::mem::take) {
             let rewritten = mounts
                 .into_iter()
@@ -41,7 +45,24 @@ impl GuestPlan {
                 .collect::<Result<Vec<_>>>()?;
             plan.spec["mounts"] = serde_json::Value::Array(rewritten);
         }
+        if plan.shares.len() > usize::from(SHARE_SLOTS) {
+            bail!(
+                "the bundle needs {} shared directories (the rootfs and {} bind-mount directories), but a micro-VM has {SHARE_SLOTS} share slots",
+                plan.shares.len(),
+                plan.shares.len() - 1
+            );
+        }
         Ok(plan)
+    }
+
+    /// Host directory and read-only flag for each of a template's `slots` share slots: the
+    /// plan's shares first, then `placeholder` (read-only) for the unused ones.
+    pub fn slot_directories(&self, slots: usize, placeholder: &Path) -> Vec<(PathBuf, bool)> {
+        let used = self.shares.iter().map(|s| (s.path.clone(), s.read_only));
+        let unused = std::iter::repeat((placeholder.to_path_buf(), true));
+        used.chain(unused)
+            .take(slots.max(self.shares.len()))
+            .collect()
     }
 
     /// Shares `host` (once per directory and mode: podman binds several files of one
@@ -54,18 +75,19 @@ impl GuestPlan {
         }
         let n = self.shares.len();
         let guest = format!("{GUEST_SHARES}/{n}");
-        self.add_share(&format!("share{n}"), host, &guest, read_only);
+        self.add_share(host, &guest, read_only);
         guest
     }
 
-    fn add_share(&mut self, tag: &str, host: &Path, guest: &str, read_only: bool) {
+    /// Puts `host` in the next slot.
+    fn add_share(&mut self, host: &Path, guest: &str, read_only: bool) {
+        let tag = slot_tag(self.shares.len());
         self.shares.push(ShareConfig {
-            tag: tag.to_string(),
+            tag: tag.clone(),
             path: host.to_path_buf(),
             read_only,
         });
-        self.mounts
-            .push((tag.to_string(), guest.to_string(), read_only));
+        self.mounts.push((tag, guest.to_string(), read_only));
     }
 
     /// A bind mount's host source becomes a share; a file is reached through its directory.
@@ -173,8 +195,38 @@ mod tests {
             .collect();
         assert_eq!(
             tags,
-            [("rootfs", false), ("share1", true), ("share2", false)]
+            [("share0", false), ("share1", true), ("share2", false)]
         );
+        let slots = plan.slot_directories(4, Path::new("/empty"));
+        assert_eq!(slots[0], (b.join("rootfs"), false));
+        assert_eq!(slots[1], (b.join("data"), true));
+        assert_eq!(slots[3], (PathBuf::from("/empty"), true));
+        assert_eq!(slots.len(), 4);
+    }
+
+    #[test]
+    fn more_directories_than_share_slots_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = dir.path();
+        std::fs::create_dir_all(b.join("rootfs")).unwrap();
+        let mounts: Vec<_> = (0..SHARE_SLOTS)
+            .map(|i| {
+                let src = b.join(format!("d{i}"));
+                std::fs::create_dir_all(&src).unwrap();
+                json!({"destination": format!("/d{i}"), "type": "bind", "source": src})
+            })
+            .collect();
+        let spec = json!({
+            "ociVersion": "1.0.2",
+            "process": {"args": ["sh"], "cwd": "/", "user": {"uid": 0, "gid": 0}},
+            "root": {"path": "rootfs"},
+            "mounts": mounts
+        });
+        std::fs::write(b.join("config.json"), spec.to_string()).unwrap();
+        let Err(e) = GuestPlan::new(&Bundle::load(b).unwrap()) else {
+            panic!("accepted more directories than slots");
+        };
+        assert!(format!("{e:#}").contains("share slots"), "{e:#}");
     }
 
     #[test]

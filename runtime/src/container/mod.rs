@@ -8,6 +8,7 @@ pub mod monitor;
 pub mod signal;
 pub mod state;
 pub mod stdio;
+pub mod template_choice;
 
 /// Field 22 of /proc/PID/stat: tells a live process from a later one that reused its pid.
 pub fn process_start_time(pid: i32) -> Option<u64> {

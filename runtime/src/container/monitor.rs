@@ -1,5 +1,5 @@
-//! The monitor: one process per container that owns its micro-VM. It boots the guest, has the
-//! agent create the container, bridges stdio, answers control requests, and exits with the
+//! The monitor: one process per container that owns its micro-VM. It clones the guest from a
+//! template (or boots it), has the agent create the container, bridges stdio, answers control requests, and exits with the
 //! container's status (the code, or 128 + signal) once the process is gone and the VM is off.
 
 use std::fs::File;
@@ -11,6 +11,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
 use husk_agent::client::Client;
+use husk_templates::Lease;
 
 use super::bundle::Bundle;
 use super::control::{self, Reply, Request};
@@ -18,7 +19,7 @@ use super::guest_plan::{GuestPlan, GUEST_ROOTFS};
 use super::state::{ContainerState, Status, Store};
 use super::stdio::{self, HostStdio};
 use crate::boot::AGENT_TIMEOUT;
-use crate::microvm::{MicroVm, Options};
+use crate::microvm::{MicroVm, Options, RestoreOptions};
 use crate::{assets, vsock};
 
 /// What `husk create` hands the monitor.
@@ -29,6 +30,8 @@ pub struct MonitorArgs {
     pub console_socket: Option<PathBuf>,
     /// A pipe on which to say "ok" (or the error) once the container is created.
     pub ready_fd: Option<RawFd>,
+    /// The template to clone the VM from; cold boot when `None`.
+    pub template: Option<String>,
 }
 
 /// Runs the container to its end; returns the monitor's exit code.
@@ -88,6 +91,8 @@ fn report(ready: &mut Option<File>, msg: &str) {
 
 struct Started {
     vm: MicroVm,
+    /// Marks this monitor as a running clone of its template (dropped at exit).
+    _lease: Option<Lease>,
     state: Arc<Mutex<ContainerState>>,
     exit: std::sync::mpsc::Receiver<stdio::Outcome>,
 }
@@ -97,10 +102,16 @@ fn start(args: &MonitorArgs, store: &Store) -> Result<Started> {
     let bundle = Bundle::load(&args.bundle)?;
     let plan = GuestPlan::new(&bundle)?;
     let dir = store.dir(&args.id);
-    let mut vm = MicroVm::start(options(&bundle, &dir, &plan)?)?;
+    let (mut vm, lease) = match &args.template {
+        Some(name) => clone_vm(name, &dir, &plan)?,
+        None => (MicroVm::start(options(&bundle, &dir, &plan)?)?, None),
+    };
     let mut agent = vm
         .agent(AGENT_TIMEOUT)
         .context("waiting for the guest agent")?;
+    if lease.is_some() {
+        make_unique(&mut agent)?;
+    }
     plan.mount_shares(&mut agent)?;
     agent
         .create_container(&args.id, &plan.spec, GUEST_ROOTFS)
@@ -120,7 +131,65 @@ fn start(args: &MonitorArgs, store: &Store) -> Result<Started> {
         root: args.root.clone(),
     };
     serve_control(&dir, ctx)?;
-    Ok(Started { vm, state, exit })
+    Ok(Started {
+        vm,
+        _lease: lease,
+        state,
+        exit,
+    })
+}
+
+/// Restores the VM from template `name`, with this container's console, vsock socket and
+/// directories in the template's share slots.
+fn clone_vm(name: &str, dir: &Path, plan: &GuestPlan) -> Result<(MicroVm, Option<Lease>)> {
+    let templates = husk_templates::Store::from_env();
+    let Some(template) = templates.open(name)? else {
+        anyhow::bail!("template {name} does not exist");
+    };
+    let lease = templates.lease(&template)?;
+    let slots = usize::from(template.manifest.settings.share_slots);
+    let opts = RestoreOptions {
+        serial: husk_vmm::SerialOutput::File(dir.join("console.log")),
+        vsock_path: dir.join("vsock.sock"),
+        shares: plan.slot_directories(slots, &template.placeholder()),
+    };
+    let vm = MicroVm::restore(&template.snapshot_dir(), opts)
+        .with_context(|| format!("cloning template {name}"))?;
+    Ok((vm, Some(lease)))
+}
+
+/// Bytes of host randomness a clone's pool is reseeded with.
+const CLONE_ENTROPY: usize = 64;
+
+/// Tells a clone apart from its siblings: the host's wall clock and fresh entropy.
+fn make_unique(agent: &mut Client<UnixStream>) -> Result<()> {
+    let mut entropy = [0u8; CLONE_ENTROPY];
+    getrandom(&mut entropy)?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .context("the host clock is before 1970")?;
+    agent
+        .clone_init(now.as_nanos() as u64, &entropy)
+        .context("making the clone unique")?;
+    Ok(())
+}
+
+fn getrandom(buf: &mut [u8]) -> Result<()> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        // SAFETY: writes at most `buf.len() - filled` bytes into the rest of `buf`.
+        let n =
+            unsafe { libc::getrandom(buf[filled..].as_mut_ptr().cast(), buf.len() - filled, 0) };
+        if n < 0 {
+            let err = std::io::Error::last_os_error();
+            if err.kind() != std::io::ErrorKind::Interrupted {
+                return Err(err).context("getrandom");
+            }
+            continue;
+        }
+        filled += n as usize;
+    }
+    Ok(())
 }
 
 fn terminal(bundle: &Bundle) -> bool {
@@ -164,22 +233,9 @@ fn vm_agent(vm: &MicroVm) -> Result<Client<UnixStream>> {
     Ok(Client::new(stream))
 }
 
-/// VM size from `linux.resources`: memory limit (at least 128 MiB) and CPU quota.
+/// A cold boot sized from `linux.resources` (see `Bundle::vm_size`).
 fn options(bundle: &Bundle, dir: &Path, plan: &GuestPlan) -> Result<Options> {
-    let res = &bundle.raw["linux"]["resources"];
-    let limit_mib = res["memory"]["limit"]
-        .as_i64()
-        .filter(|l| *l > 0)
-        .map(|l| l >> 20);
-    let memory_mib = limit_mib.unwrap_or(256).clamp(128, 64 << 10) as u32;
-    let quota = res["cpu"]["quota"].as_i64().filter(|q| *q > 0);
-    let period = res["cpu"]["period"]
-        .as_u64()
-        .filter(|p| *p > 0)
-        .unwrap_or(100_000);
-    let vcpus = quota
-        .map_or(1, |q| (q as u64).div_ceil(period))
-        .clamp(1, 32) as u8;
+    let (vcpus, memory_mib) = bundle.vm_size();
     Ok(Options {
         vcpus,
         memory_mib,

@@ -81,12 +81,37 @@ pub fn write(mem: &GuestMemory, layout: &[RegionLayout], file: &File) -> io::Res
 /// Maps the memory file at `path` copy-on-write as guest RAM laid out as `layout`; refuses a
 /// file of the wrong size.
 pub fn map(path: &Path, layout: &[RegionLayout]) -> Result<GuestMemory, VmError> {
-    let io_err = |source| VmError::SnapshotIo {
+    let file = File::open(path).map_err(|source| VmError::SnapshotIo {
         path: path.to_path_buf(),
         source,
-    };
-    let file = File::open(path).map_err(io_err)?;
-    let found = file.metadata().map_err(io_err)?.len();
+    })?;
+    size_matches(path, &file, layout)?;
+    let file = Arc::new(file);
+    let regions = layout
+        .iter()
+        .map(|r| map_region(&file, r))
+        .collect::<Result<Vec<_>, String>>()
+        .map_err(VmError::Memory)?;
+    GuestMemory::from_regions(regions).map_err(|e| VmError::Memory(e.to_string()))
+}
+
+/// Refuses a memory file at `path` whose size does not fit `layout`.
+pub fn check_size(path: &Path, layout: &[RegionLayout]) -> Result<(), VmError> {
+    let file = File::open(path).map_err(|source| VmError::SnapshotIo {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    size_matches(path, &file, layout)
+}
+
+fn size_matches(path: &Path, file: &File, layout: &[RegionLayout]) -> Result<(), VmError> {
+    let found = file
+        .metadata()
+        .map_err(|source| VmError::SnapshotIo {
+            path: path.to_path_buf(),
+            source,
+        })?
+        .len();
     let expected = file_size(layout);
     if found != expected {
         return Err(VmError::SnapshotMemorySize {
@@ -95,13 +120,7 @@ pub fn map(path: &Path, layout: &[RegionLayout]) -> Result<GuestMemory, VmError>
             expected,
         });
     }
-    let file = Arc::new(file);
-    let regions = layout
-        .iter()
-        .map(|r| map_region(&file, r))
-        .collect::<Result<Vec<_>, String>>()
-        .map_err(VmError::Memory)?;
-    GuestMemory::from_regions(regions).map_err(|e| VmError::Memory(e.to_string()))
+    Ok(())
 }
 
 fn map_region(file: &Arc<File>, r: &RegionLayout) -> Result<GuestRegionMmap<()>, String> {

@@ -42,7 +42,7 @@ use crate::vm::SerialOutput;
 
 pub use config::SavedConfig;
 pub use devices::{decode_state, encode_state};
-pub use restore::bench_restore;
+pub use restore::{bench_restore, check};
 
 /// Name of the state file inside a snapshot directory.
 pub const STATE_FILE: &str = "state";

@@ -42,6 +42,18 @@ impl Vm {
     }
 }
 
+/// Checks the snapshot in `dir` as a restore would (format version, checksum, this host's CPU
+/// features, memory file size) without building a VM: cheap enough to run before every clone.
+pub fn check(dir: &Path, kvm_device: &Path) -> Result<(), VmError> {
+    let paths = SnapshotPaths::in_dir(dir);
+    let overrides = RestoreOverrides {
+        kvm_device: kvm_device.to_path_buf(),
+        ..Default::default()
+    };
+    let body = read_checked(&paths, &overrides)?;
+    memory_file::check_size(&paths.memory, &body.memory)
+}
+
 /// Reads the state file and checks it against this build and this host.
 fn read_checked(
     paths: &SnapshotPaths,

@@ -95,6 +95,11 @@ pub(super) struct Muxer {
     data_ready: VecDeque<Key>,
     next_port: u32,
     reset_event_pending: bool,
+    /// A transport reset was delivered and the driver has not re-posted its event buffer
+    /// yet. Host connections wait meanwhile (the listener is out of the epoll set): the
+    /// driver resets every connected socket when it handles the event, which would kill a
+    /// connection made just before.
+    reset_unacked: bool,
     used: [bool; 3],
     buf: Vec<u8>,
 }
@@ -124,6 +129,7 @@ impl Muxer {
             data_ready: VecDeque::new(),
             next_port: FIRST_LOCAL_PORT,
             reset_event_pending: false,
+            reset_unacked: false,
             used: [false; 3],
             buf: vec![0; MAX_PKT_DATA as usize],
         })
@@ -190,6 +196,11 @@ impl Muxer {
             }
             t if t == EVT_QUEUE as u64 => {
                 let _ = self.s.notifies[EVT_QUEUE].read();
+                // Linux re-posts an event buffer (and kicks) only once it has handled the
+                // event in it, i.e. after resetting its sockets.
+                if self.reset_unacked {
+                    self.reset_acknowledged();
+                }
                 self.send_reset_event();
             }
             TOKEN_RESET => {
@@ -641,6 +652,27 @@ impl Muxer {
             if written { event.len() as u32 } else { 0 },
         );
         self.reset_event_pending = !written;
+        if written && !self.reset_unacked {
+            self.reset_unacked = true;
+            let _ = self.epoll.ctl(
+                ControlOperation::Delete,
+                self.s.listener.as_raw_fd(),
+                EpollEvent::default(),
+            );
+        }
+    }
+
+    /// The driver has handled the reset: host connections may come in again.
+    fn reset_acknowledged(&mut self) {
+        self.reset_unacked = false;
+        let listen = EpollEvent::new(EventSet::IN, TOKEN_LISTENER);
+        if let Err(e) = self
+            .epoll
+            .ctl(ControlOperation::Add, self.s.listener.as_raw_fd(), listen)
+        {
+            log::error!("virtio-vsock: cannot listen for host connections again: {e}");
+        }
+        self.accept_all();
     }
 
     fn add_used(&mut self, queue: usize, head: u16, len: u32) {

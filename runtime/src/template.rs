@@ -1,0 +1,206 @@
+//! `husk template build|list|rm`, and how a template's guest is built: boot the default
+//! guest with every device a clone may need, wait for the agent, let it settle, snapshot it.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+use husk_templates::{slot_tag, BuildTarget, Settings, Store, Template, DEFAULT_NAME, SHARE_SLOTS};
+use husk_vmm::snapshot::AfterSnapshot;
+use husk_vmm::{SerialOutput, ShareConfig};
+
+use crate::assets;
+use crate::boot::{AGENT_TIMEOUT, POWEROFF_TIMEOUT};
+use crate::microvm::{MicroVm, Options};
+
+/// vCPUs of the default template (and of a container whose spec asks for no CPU quota).
+pub const DEFAULT_VCPUS: u8 = 1;
+/// Memory of the default template (and of a container whose spec sets no memory limit).
+pub const DEFAULT_MEMORY_MIB: u32 = 256;
+/// How long the booted guest idles before the snapshot: late boot work (deferred probes,
+/// the agent's first allocations) then lands in the template instead of in every clone.
+const SETTLE: Duration = Duration::from_millis(500);
+
+#[derive(Subcommand, Debug)]
+pub enum TemplateCmd {
+    /// Build (or rebuild) a template: boot a guest, wait for its agent, snapshot it.
+    Build(BuildArgs),
+    /// List templates: name, size, kernel, age, running clones.
+    List,
+    /// Remove a template (refused while clones of it run, unless --force).
+    Rm {
+        name: String,
+        /// Remove it even though clones run (they keep their mapped memory).
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct BuildArgs {
+    /// Template name.
+    #[arg(default_value = DEFAULT_NAME)]
+    pub name: String,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = DEFAULT_VCPUS)]
+    pub vcpus: u8,
+    /// Guest memory in MiB.
+    #[arg(long, default_value_t = DEFAULT_MEMORY_MIB)]
+    pub memory: u32,
+    /// Guest kernel (vmlinux); default: the built one.
+    #[arg(long)]
+    pub kernel: Option<PathBuf>,
+}
+
+pub fn run(cmd: TemplateCmd) -> Result<()> {
+    let store = Store::from_env();
+    match cmd {
+        TemplateCmd::Build(args) => {
+            let settings = settings(args.vcpus, args.memory, args.kernel)?;
+            let t = store.build(&args.name, &settings, &build_guest)?;
+            println!("{}", t.dir.display());
+            Ok(())
+        }
+        TemplateCmd::List => list(&store),
+        TemplateCmd::Rm { name, force } => store.remove(&name, force),
+    }
+}
+
+/// The settings of a template of this size with the default (or given) kernel and agent.
+pub fn settings(vcpus: u8, memory_mib: u32, kernel: Option<PathBuf>) -> Result<Settings> {
+    Ok(Settings {
+        vcpus,
+        memory_mib,
+        kernel: assets::kernel(kernel.as_deref())?,
+        initramfs: assets::initramfs(None)?,
+        share_slots: SHARE_SLOTS,
+    })
+}
+
+/// The default template, built first if missing or out of date.
+pub fn ensure_default(store: &Store) -> Result<Template> {
+    let settings = settings(DEFAULT_VCPUS, DEFAULT_MEMORY_MIB, None)?;
+    store.ensure(DEFAULT_NAME, &settings, &build_guest)
+}
+
+fn list(store: &Store) -> Result<()> {
+    println!(
+        "{:<16} {:>10} {:>8} {:>7}  KERNEL",
+        "NAME", "SIZE", "AGE", "CLONES"
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    for t in store.list()? {
+        println!(
+            "{:<16} {:>9}M {:>8} {:>7}  {}",
+            t.name,
+            t.size.div_ceil(1 << 20),
+            age(now.saturating_sub(t.created)),
+            t.clones,
+            t.kernel.display()
+        );
+    }
+    Ok(())
+}
+
+fn age(secs: u64) -> String {
+    match secs {
+        s if s < 120 => format!("{s}s"),
+        s if s < 7200 => format!("{}m", s / 60),
+        s if s < 172_800 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86_400),
+    }
+}
+
+/// Progress of a build on stderr, one line per step with the time it took.
+struct Progress {
+    name: String,
+    started: Instant,
+}
+
+impl Progress {
+    fn step(&self, what: &str) {
+        eprintln!(
+            "husk: template {}: {what} ({:.1} s)",
+            self.name,
+            self.started.elapsed().as_secs_f64()
+        );
+    }
+}
+
+/// The builder the store calls: boots, settles, snapshots paused, stops the VM.
+pub fn build_guest(target: &BuildTarget) -> Result<()> {
+    let s = target.settings;
+    let progress = Progress {
+        name: target.name.to_string(),
+        started: Instant::now(),
+    };
+    progress.step("booting the guest");
+    let shares = (0..usize::from(s.share_slots))
+        .map(|i| ShareConfig {
+            tag: slot_tag(i),
+            path: target.placeholder.clone(),
+            read_only: true,
+        })
+        .collect();
+    let console = target.snapshot_dir.with_file_name("console.log");
+    let mut vm = MicroVm::start(Options {
+        vcpus: s.vcpus,
+        memory_mib: s.memory_mib,
+        kernel: s.kernel.clone(),
+        initramfs: s.initramfs.clone(),
+        cmdline: String::new(),
+        serial: SerialOutput::File(console),
+        disks: Vec::new(),
+        shares,
+        vsock_path: None,
+    })?;
+    let result = settle_and_snapshot(&mut vm, target, &progress);
+    vm.control().stop();
+    let stopped = vm.wait_timeout(POWEROFF_TIMEOUT);
+    result?;
+    stopped?;
+    progress.step("done");
+    Ok(())
+}
+
+fn settle_and_snapshot(vm: &mut MicroVm, target: &BuildTarget, progress: &Progress) -> Result<()> {
+    let mut agent = vm.agent(AGENT_TIMEOUT).context("waiting for the agent")?;
+    progress.step("agent ready, settling");
+    let sync = husk_agent::ExecRequest {
+        argv: vec!["sync".into()],
+        ..Default::default()
+    };
+    agent.exec(&sync).context("sync in the guest")?;
+    if std::env::var_os(TICK_ENV).is_some() {
+        agent.exec(&tick()).context("starting the console ticker")?;
+    }
+    // No host connection may be open in the snapshot: a clone could not answer it.
+    drop(agent);
+    std::thread::sleep(SETTLE);
+    progress.step("snapshotting");
+    let paths = vm
+        .control()
+        .snapshot(&target.snapshot_dir, AfterSnapshot::StayPaused)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    if let Ok((_, body)) = husk_vmm::snapshot::format::read(&paths.state) {
+        if !body.skipped.is_empty() {
+            progress.step(&format!("KVM did not give {}", body.skipped.join("; ")));
+        }
+    }
+    Ok(())
+}
+
+/// Debugging clones: with this variable set, the template's guest prints `tick <uptime>`
+/// on its console every second, so a clone's console shows whether it runs and keeps time.
+const TICK_ENV: &str = "HUSK_TEMPLATE_TICK";
+
+fn tick() -> husk_agent::ExecRequest {
+    let script = "(while :; do echo tick $(cut -d' ' -f1 /proc/uptime) $(date +%s); sleep 1; done) </dev/null >/dev/console 2>&1 &";
+    husk_agent::ExecRequest {
+        argv: vec!["sh".into(), "-c".into(), script.into()],
+        ..Default::default()
+    }
+}

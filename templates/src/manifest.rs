@@ -1,0 +1,154 @@
+//! What a template was built from, and the content hash that says when it is out of date.
+
+use std::io::Read;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+/// Bumped whenever the way templates are built changes (e.g. what the guest does before the
+/// snapshot), so that older templates are rebuilt.
+const RECIPE_VERSION: u32 = 1;
+
+/// How a template's guest is built.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Settings {
+    pub vcpus: u8,
+    pub memory_mib: u32,
+    pub kernel: PathBuf,
+    /// The initramfs holding the agent.
+    pub initramfs: PathBuf,
+    pub share_slots: u8,
+}
+
+/// A file's identity as `stat` sees it: when it still matches, its content hash is reused
+/// instead of re-reading tens of megabytes on every `create`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct Stamp {
+    path: PathBuf,
+    size: u64,
+    mtime_ns: i64,
+    inode: u64,
+}
+
+impl Stamp {
+    fn of(path: &Path) -> Result<Stamp> {
+        let m = std::fs::metadata(path).with_context(|| format!("{}", path.display()))?;
+        Ok(Stamp {
+            path: path.to_path_buf(),
+            size: m.len(),
+            mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec(),
+            inode: m.ino(),
+        })
+    }
+}
+
+/// `manifest.json` of a template.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub name: String,
+    pub settings: Settings,
+    /// SHA-256 over the recipe version, the settings, the kernel and the initramfs.
+    pub hash: String,
+    stamps: Vec<Stamp>,
+    /// Seconds since the epoch when it was built.
+    pub created: u64,
+}
+
+impl Manifest {
+    /// The manifest a template built now from `settings` gets.
+    pub fn new(name: &str, settings: &Settings) -> Result<Manifest> {
+        Ok(Manifest {
+            name: name.to_string(),
+            settings: settings.clone(),
+            hash: content_hash(settings)?,
+            stamps: stamps(settings)?,
+            created: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+        })
+    }
+
+    /// True when a template built from `settings` now would be the same: same settings and,
+    /// unless the files are untouched since, the same kernel and initramfs content.
+    pub fn is_current(&self, settings: &Settings) -> Result<bool> {
+        if &self.settings != settings {
+            return Ok(false);
+        }
+        if stamps(settings)? == self.stamps {
+            return Ok(true);
+        }
+        Ok(content_hash(settings)? == self.hash)
+    }
+}
+
+fn stamps(settings: &Settings) -> Result<Vec<Stamp>> {
+    [&settings.kernel, &settings.initramfs]
+        .into_iter()
+        .map(|p| Stamp::of(p))
+        .collect()
+}
+
+fn content_hash(settings: &Settings) -> Result<String> {
+    let mut h = Sha256::new();
+    h.update(RECIPE_VERSION.to_le_bytes());
+    h.update(serde_json::to_vec(settings)?);
+    for path in [&settings.kernel, &settings.initramfs] {
+        hash_file(&mut h, path).with_context(|| format!("reading {}", path.display()))?;
+    }
+    Ok(h.finalize()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<String>())
+}
+
+fn hash_file(h: &mut Sha256, path: &Path) -> std::io::Result<()> {
+    let mut f = std::fs::File::open(path)?;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            return Ok(());
+        }
+        h.update(&buf[..n]);
+    }
+}
+
+/// Settings over a fake kernel and initramfs written into `dir` (for tests).
+#[cfg(test)]
+pub(crate) fn test_settings(dir: &Path) -> Settings {
+    std::fs::write(dir.join("k"), b"kernel").unwrap();
+    std::fs::write(dir.join("i"), b"initramfs").unwrap();
+    Settings {
+        vcpus: 1,
+        memory_mib: 256,
+        kernel: dir.join("k"),
+        initramfs: dir.join("i"),
+        share_slots: 8,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_changed_setting_or_input_makes_the_manifest_stale() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = test_settings(dir.path());
+        let m = Manifest::new("default", &s).unwrap();
+        assert!(m.is_current(&s).unwrap());
+        let bigger = Settings {
+            memory_mib: 512,
+            ..s.clone()
+        };
+        assert!(!m.is_current(&bigger).unwrap());
+        // Same content rewritten (new mtime): still current.
+        std::fs::write(&s.kernel, b"kernel").unwrap();
+        assert!(m.is_current(&s).unwrap());
+        std::fs::write(&s.initramfs, b"another agent").unwrap();
+        assert!(!m.is_current(&s).unwrap());
+    }
+}
