@@ -367,3 +367,161 @@ fn features_lists_what_husk_honours() {
         .unwrap()
         .contains(&json!("pid")));
 }
+
+#[test]
+fn resources_size_the_vm_and_limit_the_monitors_cgroup() {
+    let oci = Oci::new();
+    let b = oci.bundle(
+        "res",
+        &["sh", "-c", "nproc; grep MemTotal /proc/meminfo; sleep 300"],
+    );
+    oci.edit(&b, |v| {
+        v["linux"]["resources"] = json!({
+            "memory": {"limit": 300u64 << 20},
+            "cpu": {"quota": 150000, "period": 100000}
+        });
+        v["linux"]["cgroupsPath"] = json!("/husk-test/res1");
+    });
+    let pid_file = oci.dir.path().join("res.pid");
+    let out = oci.husk_detached(&[
+        "create",
+        "--bundle",
+        b.to_str().unwrap(),
+        "--pid-file",
+        pid_file.to_str().unwrap(),
+        "res1",
+    ]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let pid = std::fs::read_to_string(&pid_file).unwrap();
+    // The lab runs cgroup v2 (the hosts run v1; both are handled).
+    let cg = Path::new("/sys/fs/cgroup/husk-test/res1");
+    let read = |f: &str| std::fs::read_to_string(cg.join(f)).unwrap_or_default();
+    assert!(
+        read("cgroup.procs").lines().any(|l| l == pid.trim()),
+        "monitor not in {cg:?}"
+    );
+    // Guest RAM plus the VMM's 64 MiB allowance.
+    assert_eq!(read("memory.max").trim(), ((300u64 + 64) << 20).to_string());
+    assert_eq!(read("cpu.max").trim(), "150000 100000");
+    assert_eq!(oci.husk(&["kill", "res1", "KILL"]).code, 0);
+    wait_status(&oci, "res1", "stopped");
+    assert_eq!(oci.husk(&["delete", "res1"]).code, 0);
+    assert!(!cg.exists(), "cgroup left behind after delete");
+}
+
+/// Receives the pty master that `--console-socket` hands over (SCM_RIGHTS).
+fn receive_pty(listener: &std::os::unix::net::UnixListener) -> std::fs::File {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let (conn, _) = listener.accept().unwrap();
+    let mut buf = [0u8; 256];
+    let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+    let msg = recvmsg::<()>(
+        conn.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::empty(),
+    )
+    .unwrap();
+    for cmsg in msg.cmsgs().unwrap() {
+        if let ControlMessageOwned::ScmRights(fds) = cmsg {
+            // SAFETY: the fd just arrived over SCM_RIGHTS and nothing else owns it.
+            return unsafe { std::fs::File::from_raw_fd(fds[0]) };
+        }
+    }
+    panic!("no fd on the console socket");
+}
+
+#[test]
+fn exec_variants_kill_all_and_list() {
+    let oci = Oci::new();
+    let b = oci.bundle("b", &["sleep", "300"]);
+    let started = oci.husk_detached(&["run", "-d", "--bundle", b.to_str().unwrap(), "ev"]);
+    assert_eq!(started.code, 0, "{}", started.stderr);
+
+    eprintln!("exec_variants: started");
+    // --process: a process.json as podman writes it.
+    let process = oci.dir.path().join("process.json");
+    let spec = json!({"args": ["sh", "-c", "echo from-process-json $X"], "env": ["X=1", "PATH=/bin"],
+                      "cwd": "/", "user": {"uid": 0, "gid": 0}, "terminal": false});
+    std::fs::write(&process, spec.to_string()).unwrap();
+    let out = oci.husk(&["exec", "--process", process.to_str().unwrap(), "ev"]);
+    assert_eq!(out.stdout, "from-process-json 1\n", "{}", out.stderr);
+
+    eprintln!("exec_variants: exec --process done");
+    // --detach with --pid-file: returns at once, the pid file names a live host process.
+    let pid_file = oci.dir.path().join("exec.pid");
+    let out = oci.husk_detached(&[
+        "exec",
+        "--detach",
+        "--pid-file",
+        pid_file.to_str().unwrap(),
+        "ev",
+        "sleep",
+        "200",
+    ]);
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    let pid = std::fs::read_to_string(&pid_file).unwrap();
+    assert!(Path::new(&format!("/proc/{}", pid.trim())).exists());
+
+    eprintln!("exec_variants: exec --detach done");
+    // --tty with a console socket: a pty master arrives, and the shell behind it answers.
+    let sock = oci.dir.path().join("console.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    let mut exec = std::process::Command::new(husk_lab_tests::husk_bin())
+        .arg("--root")
+        .arg(oci.root())
+        .args([
+            "exec",
+            "--tty",
+            "--console-socket",
+            sock.to_str().unwrap(),
+            "ev",
+            "sh",
+        ])
+        .stdin(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut pty = receive_pty(&listener);
+    use std::io::{Read, Write};
+    pty.write_all(b"echo tty-$((6*7)); tty; exit 3\n").unwrap();
+    let mut seen = Vec::new();
+    let mut buf = [0u8; 1024];
+    while let Ok(n) = pty.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        seen.extend_from_slice(&buf[..n]);
+        if String::from_utf8_lossy(&seen).contains("/dev/pts/") {
+            break;
+        }
+    }
+    let text = String::from_utf8_lossy(&seen).to_string();
+    assert!(text.contains("tty-42"), "{text}");
+    assert!(text.contains("/dev/pts/"), "{text}");
+    assert_eq!(exec.wait().unwrap().code(), Some(3));
+
+    eprintln!("exec_variants: exec --tty done");
+    // list: runc's table.
+    let list = oci.husk(&["list"]);
+    let header = list.stdout.lines().next().unwrap_or_default().to_string();
+    for col in ["ID", "PID", "STATUS", "BUNDLE", "CREATED", "OWNER"] {
+        assert!(header.contains(col), "{header}");
+    }
+    assert!(
+        list.stdout
+            .lines()
+            .any(|l| l.split_whitespace().next() == Some("ev") && l.contains("running")),
+        "{}",
+        list.stdout
+    );
+    let quiet = oci.husk(&["list", "-q"]);
+    assert_eq!(quiet.stdout, "ev\n");
+
+    eprintln!("exec_variants: list done");
+    // kill --all reaches every process, the exec'd sleeper included: the container stops.
+    assert_eq!(oci.husk(&["kill", "--all", "ev", "KILL"]).code, 0);
+    wait_status(&oci, "ev", "stopped");
+    assert_eq!(oci.husk(&["delete", "ev"]).code, 0);
+}
