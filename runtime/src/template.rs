@@ -58,7 +58,7 @@ pub fn run(cmd: TemplateCmd) -> Result<()> {
     match cmd {
         TemplateCmd::Build(args) => {
             let settings = settings(args.vcpus, args.memory, args.kernel)?;
-            let t = store.build(&args.name, &settings, &build_guest)?;
+            let t = store.build(&args.name, &settings, &|t| build_guest(t, true))?;
             println!("{}", t.dir.display());
             Ok(())
         }
@@ -78,10 +78,13 @@ pub fn settings(vcpus: u8, memory_mib: u32, kernel: Option<PathBuf>) -> Result<S
     })
 }
 
-/// The default template, built first if missing or out of date.
+/// The default template, built first if missing or out of date. The build reports progress
+/// only to a terminal: callers such as podman or tests read `create`'s stderr.
 pub fn ensure_default(store: &Store) -> Result<Template> {
+    use std::io::IsTerminal;
     let settings = settings(DEFAULT_VCPUS, DEFAULT_MEMORY_MIB, None)?;
-    store.ensure(DEFAULT_NAME, &settings, &build_guest)
+    let verbose = std::io::stderr().is_terminal();
+    store.ensure(DEFAULT_NAME, &settings, &|t| build_guest(t, verbose))
 }
 
 fn list(store: &Store) -> Result<()> {
@@ -118,10 +121,14 @@ fn age(secs: u64) -> String {
 struct Progress {
     name: String,
     started: Instant,
+    verbose: bool,
 }
 
 impl Progress {
     fn step(&self, what: &str) {
+        if !self.verbose {
+            return;
+        }
         eprintln!(
             "husk: template {}: {what} ({:.1} s)",
             self.name,
@@ -130,12 +137,14 @@ impl Progress {
     }
 }
 
-/// The builder the store calls: boots, settles, snapshots paused, stops the VM.
-pub fn build_guest(target: &BuildTarget) -> Result<()> {
+/// The builder the store calls: boots, settles, snapshots paused, stops the VM; with
+/// `verbose`, one line per step on stderr.
+pub fn build_guest(target: &BuildTarget, verbose: bool) -> Result<()> {
     let s = target.settings;
     let progress = Progress {
         name: target.name.to_string(),
         started: Instant::now(),
+        verbose,
     };
     progress.step("booting the guest");
     let shares = (0..usize::from(s.share_slots))

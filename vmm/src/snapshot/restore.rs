@@ -27,18 +27,27 @@ impl Vm {
         let mem = Arc::new(memory_file::map(&paths.memory, &body.memory)?);
         let mut builder = VmBuilder::with_memory(cfg, mem, IrqchipMode::Exactly(body.irqchip))?;
         builder.add_configured_devices()?;
-        devices::restore_all(builder.persist_devices(), &body.devices)?;
         if builder.has_irqchip() != body.irqchip {
             return Err(VmError::SnapshotUnsupported("in-kernel irqchip".into()));
         }
+        // Interrupt controllers before the devices: a device worker may raise an interrupt
+        // as soon as it is activated.
         vm_state::restore(builder.vm_fd(), &body.vm)?;
-        builder.finish(|b, index, cpuid| {
+        devices::restore_all(builder.persist_devices(), &body.devices)?;
+        let vm = builder.finish(|b, index, cpuid| {
             let fd = b.create_bare_vcpu(index, cpuid)?;
             // The vCPU has never run and has no thread yet: nothing is in flight, so its state
             // is set here rather than on its thread, and a refusal fails the restore at once.
             vcpu_state::restore(&fd, &body.vcpus[usize::from(index)])?;
             Ok(fd)
-        })
+        })?;
+        // Only now, with every LAPIC restored, may the reset's interrupt be raised.
+        if let Some(vsock) = vm.vsock_control() {
+            vsock
+                .reset_transport()
+                .map_err(|e| VmError::Host(format!("queueing the vsock transport reset: {e}")))?;
+        }
+        Ok(vm)
     }
 }
 

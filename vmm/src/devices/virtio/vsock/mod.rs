@@ -220,10 +220,11 @@ impl crate::snapshot::Persist for Vsock {
         })
     }
 
-    /// Keeps this device's CID and socket (a clone gets its own), and queues a
-    /// VIRTIO_VSOCK_EVENT_TRANSPORT_RESET: the guest's sockets were connected to host sockets
-    /// this device does not have, and the CID may have changed. The worker sends it once it
-    /// runs and the driver has an event buffer.
+    /// Keeps this device's CID and socket (a clone gets its own). The guest's sockets were
+    /// connected to host sockets this device does not have, and the CID may have changed, so
+    /// the restored VM must send a transport reset ([`VsockControl::reset_transport`]); it
+    /// does so once the vCPUs and interrupt controllers are restored: an interrupt raised
+    /// before that would be overwritten and lost (the guest would never look at the event).
     fn restore_state(&mut self, state: &[u8]) -> Result<(), String> {
         let saved: VsockState = crate::snapshot::decode_state(state)?;
         if saved.cid != self.guest_cid() {
@@ -233,9 +234,7 @@ impl crate::snapshot::Persist for Vsock {
                 saved.cid
             );
         }
-        self.reset
-            .write(1)
-            .map_err(|e| format!("queueing the transport reset: {e}"))
+        Ok(())
     }
 }
 

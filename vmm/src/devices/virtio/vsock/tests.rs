@@ -682,10 +682,13 @@ fn snapshot_restore_keeps_rings_and_resets_the_transport() {
     let state = g.t.save_state().unwrap();
     let clone_path = dir.path().join("clone.sock");
     let clone = Vsock::new(GUEST_CID, &clone_path).unwrap();
+    let control = clone.control();
     let (clone_t, _irq) = transport(Box::new(clone), &g.mem);
     // The original goes away (its worker stops, its host connection closes).
     drop(std::mem::replace(&mut g.t, clone_t));
     g.t.restore_state(&state).unwrap();
+    // What `Vm::restore` does once the vCPUs are restored.
+    control.reset_transport().unwrap();
 
     assert!(g.t.is_activated());
     let all = status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK;
