@@ -36,6 +36,11 @@ pub fn run(runs: &usize, podman_runs: &usize) -> Result<()> {
                 .arg(&bundle)
                 .arg(&id),
         )?);
+        eprintln!(
+            "run {i}: husk {:.1} ms, runc {:.1} ms",
+            crate::bench::ms(h[i]),
+            crate::bench::ms(r[i])
+        );
     }
     let (hs, rs) = (Stats::of(&h), Stats::of(&r));
     println!("husk run:  {hs}");
@@ -70,16 +75,39 @@ fn repo_file(rel: &str) -> Result<PathBuf> {
     Ok(p)
 }
 
+/// How long one measured command may take before the benchmark gives up on it.
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(180);
+
+/// Times one command to its exit. Output goes to files, not pipes: a container's monitor
+/// inherits them, and waiting for a pipe's EOF would time the monitor instead of the command.
 fn time(cmd: &mut Command) -> Result<Duration> {
+    let err = tempfile::tempfile()?;
     let start = Instant::now();
-    let out = cmd.stdin(Stdio::null()).output().context("spawning")?;
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(err.try_clone()?)
+        .spawn()
+        .with_context(|| format!("spawning {cmd:?}"))?;
+    let status = loop {
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        if start.elapsed() > COMMAND_TIMEOUT {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("{cmd:?} did not finish within {COMMAND_TIMEOUT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    };
     let took = start.elapsed();
-    if !out.status.success() {
-        bail!(
-            "{:?} failed: {}",
-            cmd,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
+    if !status.success() {
+        let mut text = String::new();
+        let mut err = err;
+        use std::io::{Read, Seek};
+        err.rewind()?;
+        err.read_to_string(&mut text)?;
+        bail!("{cmd:?} failed ({status}): {}", text.trim());
     }
     Ok(took)
 }
@@ -114,6 +142,11 @@ fn podman(husk: &Path, bundle: &Path, runs: usize, work: &Path) -> Result<()> {
                 .arg(&runtime);
             cmd.args(["run", "--rm", "--network", "none", image, "true"]);
             t.push(time(&mut cmd)?);
+            eprintln!(
+                "podman run --rm with {}: {:.1} ms",
+                runtime.display(),
+                crate::bench::ms(t[t.len() - 1])
+            );
         }
         results.push(Stats::of(&t));
     }
