@@ -142,6 +142,21 @@ impl MicroVm {
         Ok(client)
     }
 
+    /// Like [`Self::agent`], for a VM just restored from a snapshot: the VMM closes host
+    /// connections made while it resets the guest's transport, so a closed connection is
+    /// retried until `timeout`.
+    pub fn clone_agent(&mut self, timeout: Duration) -> Result<Client<UnixStream>> {
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            match self.agent(timeout) {
+                Err(_) if self.is_running() && std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// Waits up to `timeout` for the guest to stop after a poweroff; past it the VM is abandoned
     /// to the end of this process (its threads die with it), so a guest that ignores the
     /// poweroff cannot hang the caller.

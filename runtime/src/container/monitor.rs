@@ -106,9 +106,11 @@ fn start(args: &MonitorArgs, store: &Store) -> Result<Started> {
         Some(name) => clone_vm(name, &dir, &plan)?,
         None => (MicroVm::start(options(&bundle, &dir, &plan)?)?, None),
     };
-    let mut agent = vm
-        .agent(AGENT_TIMEOUT)
-        .context("waiting for the guest agent")?;
+    let mut agent = match lease {
+        Some(_) => vm.clone_agent(AGENT_TIMEOUT),
+        None => vm.agent(AGENT_TIMEOUT),
+    }
+    .context("waiting for the guest agent")?;
     if lease.is_some() {
         make_unique(&mut agent)?;
     }
