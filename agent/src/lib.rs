@@ -5,4 +5,4 @@ pub mod client;
 pub mod proto;
 
 pub use client::{Attachment, Client, ClientError, ExecEvent, ExecOutput};
-pub use proto::{ExecRequest, ExitStatus, AGENT_VSOCK_PORT, PROTOCOL_VERSION};
+pub use proto::{ExecRequest, ExitStatus, AGENT_VSOCK_PORT, PROTOCOL_VERSION, READY_VSOCK_PORT};

@@ -34,6 +34,9 @@ pub const MAX_PAYLOAD: u32 = 1 << 20;
 pub const MAX_DATA_CHUNK: usize = 64 * 1024;
 /// The vsock port the agent listens on (any CID).
 pub const AGENT_VSOCK_PORT: u32 = 1024;
+/// Host port the agent connects to once it listens, so the host learns of it without
+/// polling (each poll is a round trip through the guest while it boots).
+pub const READY_VSOCK_PORT: u32 = 1025;
 
 /// What a frame's payload is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

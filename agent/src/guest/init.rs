@@ -99,6 +99,26 @@ pub fn announce_ready() {
         }
         Err(e) => eprintln!("husk-agent: /dev/console: {e}"),
     }
+    notify_host();
+}
+
+/// Tells the host on `READY_VSOCK_PORT` that the agent listens. A host that does not listen
+/// there (the bare VMM, an older runtime) refuses at once and polls instead, so failure is
+/// silent.
+fn notify_host() {
+    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, VsockAddr};
+    let Ok(fd) = socket(
+        AddressFamily::Vsock,
+        SockType::Stream,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    ) else {
+        return;
+    };
+    let host = VsockAddr::new(libc::VMADDR_CID_HOST, husk_agent::READY_VSOCK_PORT);
+    if connect(fd.as_raw_fd(), &host).is_ok() {
+        let _ = std::fs::File::from(fd).write_all(b"ready\n");
+    }
 }
 
 /// Flushes filesystems and resets the VM. The kernel runs with `reboot=k`, so the reset goes
