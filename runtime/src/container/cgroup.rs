@@ -105,7 +105,7 @@ fn setup_v2(
 fn enable_v2_controllers(root: &Path, rel: &Path) {
     let mut dir = root.to_path_buf();
     for part in rel.parent().into_iter().flat_map(Path::components) {
-        let _ = fs::create_dir(&dir.join(part));
+        let _ = fs::create_dir(dir.join(part));
         for ctrl in ["+memory", "+cpu"] {
             let _ = fs::write(dir.join("cgroup.subtree_control"), ctrl);
         }

@@ -204,7 +204,9 @@ pub fn delete(root: &Path, id: &str, force: bool) -> Result<()> {
         _ if force => stop_monitor(&store, &st),
         s => bail!("cannot delete container {id} that is not stopped: {s}"),
     }
-    store.remove(id)
+    store.remove(id)?;
+    super::cgroup::remove(&st.cgroup_dirs);
+    Ok(())
 }
 
 /// Kills the container and, failing a clean end within a few seconds, its monitor.

@@ -14,6 +14,7 @@ use husk_agent::client::Client;
 use husk_templates::Lease;
 
 use super::bundle::Bundle;
+use super::cgroup;
 use super::control::{self, Reply, Request};
 use super::guest_plan::{GuestPlan, GUEST_ROOTFS};
 use super::state::{ContainerState, Status, Store};
@@ -102,6 +103,8 @@ fn start(args: &MonitorArgs, store: &Store) -> Result<Started> {
     let bundle = Bundle::load(&args.bundle)?;
     let plan = GuestPlan::new(&bundle)?;
     let dir = store.dir(&args.id);
+    // Before the VM exists, so that guest RAM and every VMM thread are charged to it.
+    let cgroup = HostCgroup::join(&bundle, &args.id)?;
     let (mut vm, lease) = match &args.template {
         Some(name) => clone_vm(name, &dir, &plan)?,
         None => (MicroVm::start(options(&bundle, &dir, &plan)?)?, None),
@@ -124,7 +127,9 @@ fn start(args: &MonitorArgs, store: &Store) -> Result<Started> {
     };
     let attach = vm.agent(AGENT_TIMEOUT)?.attach_stdio(&args.id)?;
     let exit = stdio::bridge(attach.into_inner(), host)?;
-    let state = Arc::new(Mutex::new(initial_state(args, &bundle)?));
+    let mut initial = initial_state(args, &bundle)?;
+    initial.cgroup_dirs = cgroup.keep();
+    let state = Arc::new(Mutex::new(initial));
     store.save(&state.lock().unwrap())?;
     let ctx = Control {
         uds: vm.vsock_path().to_path_buf(),
@@ -263,7 +268,38 @@ fn initial_state(args: &MonitorArgs, bundle: &Bundle) -> Result<ContainerState> 
         pid,
         pid_start_time: super::process_start_time(pid).unwrap_or(0),
         annotations: annotations.into_iter().collect(),
+        cgroup_dirs: Vec::new(),
     })
+}
+
+/// The monitor's host cgroup while the container is being created: if creation fails, the
+/// monitor steps back out and removes it, so a failed create leaves no cgroup behind.
+struct HostCgroup {
+    dirs: Vec<PathBuf>,
+    rel: PathBuf,
+}
+
+impl HostCgroup {
+    fn join(bundle: &Bundle, id: &str) -> Result<HostCgroup> {
+        let rel = cgroup::relative_path(&bundle.raw, id)?;
+        let limits = cgroup::Limits::from_spec(&bundle.raw, bundle.vm_size().1);
+        let dirs = cgroup::setup(&rel, &limits, std::process::id())?;
+        Ok(HostCgroup { dirs, rel })
+    }
+
+    /// Creation succeeded: the directories stay (for `delete` to remove).
+    fn keep(mut self) -> Vec<PathBuf> {
+        std::mem::take(&mut self.dirs)
+    }
+}
+
+impl Drop for HostCgroup {
+    fn drop(&mut self) {
+        if !self.dirs.is_empty() {
+            cgroup::leave(&self.dirs, &self.rel, std::process::id());
+            cgroup::remove(&self.dirs);
+        }
+    }
 }
 
 /// What the control server needs to act on the container.

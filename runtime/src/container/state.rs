@@ -45,6 +45,9 @@ pub struct ContainerState {
     pub pid_start_time: u64,
     #[serde(default)]
     pub annotations: BTreeMap<String, String>,
+    /// The monitor's host cgroup directories, removed by `delete`.
+    #[serde(default)]
+    pub cgroup_dirs: Vec<PathBuf>,
 }
 
 impl ContainerState {
@@ -173,6 +176,7 @@ mod tests {
             pid: 42,
             pid_start_time: 7,
             annotations: BTreeMap::new(),
+            cgroup_dirs: Vec::new(),
         }
     }
 
