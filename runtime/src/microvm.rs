@@ -48,6 +48,8 @@ pub struct MicroVm {
     uds: PathBuf,
     control: VmControl,
     thread: Option<JoinHandle<Result<()>>>,
+    /// Set until the agent has said it listens (cold boots only).
+    ready: Option<crate::vsock::ReadySignal>,
     // Holds the socket directory, if we made it; removed on drop so nothing is left behind.
     _dir: Option<tempfile::TempDir>,
 }
@@ -66,8 +68,11 @@ impl MicroVm {
                 (Some(dir), uds)
             }
         };
+        let ready = crate::vsock::ReadySignal::bind(&uds, husk_agent::READY_VSOCK_PORT)?;
         let config = vm_config(opts, &uds);
-        Self::spawn(move || Vm::new(config), uds, dir)
+        let mut vm = Self::spawn(move || Vm::new(config), uds, dir)?;
+        vm.ready = Some(ready);
+        Ok(vm)
     }
 
     /// Clones a VM from the snapshot in `snapshot_dir` (a template): memory mapped
@@ -100,6 +105,7 @@ impl MicroVm {
                 uds,
                 control,
                 thread: Some(thread),
+                ready: None,
                 _dir: dir,
             }),
             Ok(Err(e)) => {
@@ -130,8 +136,13 @@ impl MicroVm {
         let port = husk_agent::AGENT_VSOCK_PORT;
         let connected = {
             let alive = || self.is_running();
-            crate::vsock::connect_retry(&self.uds, port, timeout, &alive)
+            let ready = match &self.ready {
+                Some(signal) => signal.wait(timeout, &alive),
+                None => Ok(()),
+            };
+            ready.and_then(|()| crate::vsock::connect_retry(&self.uds, port, timeout, &alive))
         };
+        self.ready = None;
         let stream = match connected {
             Ok(s) => s,
             Err(e) if !self.is_running() => return Err(self.wait().err().unwrap_or(e)),
