@@ -100,11 +100,14 @@ struct Started {
 
 /// Boots, creates the container, saves the "created" state and starts the control server.
 fn start(args: &MonitorArgs, store: &Store) -> Result<Started> {
+    let trace = Trace::start();
     let bundle = Bundle::load(&args.bundle)?;
     let plan = GuestPlan::new(&bundle)?;
     let dir = store.dir(&args.id);
     // Before the VM exists, so that guest RAM and every VMM thread are charged to it.
+    trace.mark("bundle loaded");
     let cgroup = HostCgroup::join(&bundle, &args.id)?;
+    trace.mark("cgroup joined");
     let (mut vm, lease) = match &args.template {
         Some(name) => clone_vm(name, &dir, &plan)?,
         None => (MicroVm::start(options(&bundle, &dir, &plan)?)?, None),
@@ -114,23 +117,29 @@ fn start(args: &MonitorArgs, store: &Store) -> Result<Started> {
         None => vm.agent(AGENT_TIMEOUT),
     }
     .context("waiting for the guest agent")?;
+    trace.mark("agent answering");
     if lease.is_some() {
         make_unique(&mut agent)?;
+        trace.mark("clone made unique");
     }
     plan.mount_shares(&mut agent)?;
+    trace.mark("shares mounted");
     agent
         .create_container(&args.id, &plan.spec, GUEST_ROOTFS)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
+    trace.mark("container created");
     let host = match (&args.console_socket, terminal(&bundle)) {
         (Some(sock), true) => stdio::terminal(sock)?,
         _ => HostStdio::Inherited,
     };
     let attach = vm.agent(AGENT_TIMEOUT)?.attach_stdio(&args.id)?;
     let exit = stdio::bridge(attach.into_inner(), host)?;
+    trace.mark("stdio attached");
     let mut initial = initial_state(args, &bundle)?;
     initial.cgroup_dirs = cgroup.keep();
     let state = Arc::new(Mutex::new(initial));
     store.save(&state.lock().unwrap())?;
+    trace.mark("state saved");
     let ctx = Control {
         uds: vm.vsock_path().to_path_buf(),
         vm: vm.control().clone(),
@@ -270,6 +279,21 @@ fn initial_state(args: &MonitorArgs, bundle: &Bundle) -> Result<ContainerState> 
         annotations: annotations.into_iter().collect(),
         cgroup_dirs: Vec::new(),
     })
+}
+
+/// `HUSK_TRACE=1`: how long each step of creating the container took, on stderr.
+struct Trace(Option<std::time::Instant>);
+
+impl Trace {
+    fn start() -> Self {
+        Self(std::env::var_os("HUSK_TRACE").map(|_| std::time::Instant::now()))
+    }
+
+    fn mark(&self, what: &str) {
+        if let Some(t0) = self.0 {
+            eprintln!("husk monitor: {what} at {} ms", t0.elapsed().as_millis());
+        }
+    }
 }
 
 /// The monitor's host cgroup while the container is being created: if creation fails, the
