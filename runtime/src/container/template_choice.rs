@@ -11,9 +11,6 @@ use crate::template::{self, DEFAULT_MEMORY_MIB, DEFAULT_VCPUS};
 pub const ANNOTATION: &str = "io.husk.template";
 /// Set to `1` to cold-boot every container (benchmarks).
 pub const NO_TEMPLATE_ENV: &str = "HUSK_NO_TEMPLATE";
-/// Set to `1` to clone containers from the default template. Templates are opt-in until the
-/// OCI and podman lab suites have passed with clones (they pass their own lab tests).
-pub const TEMPLATE_ENV: &str = "HUSK_TEMPLATE";
 
 /// The template to clone, or `None` to cold-boot; `why` hears the reason for a cold boot.
 pub fn choose(bundle: &Bundle, no_template: bool, why: &dyn Fn(&str)) -> Result<Option<String>> {
@@ -34,12 +31,6 @@ pub fn choose(bundle: &Bundle, no_template: bool, why: &dyn Fn(&str)) -> Result<
             Ok(None)
         }
         None | Some(DEFAULT_NAME) => {
-            let opted_in =
-                annotation.is_some() || std::env::var(TEMPLATE_ENV).is_ok_and(|v| v == "1");
-            if !opted_in {
-                why("cold boot: templates are opt-in (HUSK_TEMPLATE=1 or the io.husk.template annotation)");
-                return Ok(None);
-            }
             if size != (DEFAULT_VCPUS, DEFAULT_MEMORY_MIB) {
                 why(&format!(
                     "cold boot: the bundle asks for {} vCPU(s) and {} MiB, the default template has {DEFAULT_VCPUS} and {DEFAULT_MEMORY_MIB} MiB",

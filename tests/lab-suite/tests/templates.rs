@@ -24,7 +24,6 @@ fn husk_cmd(oci: &Oci, store: &Path, args: &[&str]) -> Command {
         .arg(oci.root())
         .args(args)
         .env("HUSK_TEMPLATES", store)
-        .env("HUSK_TEMPLATE", "1")
         .env_remove("HUSK_NO_TEMPLATE")
         .stdin(Stdio::null());
     cmd
