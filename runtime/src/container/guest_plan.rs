@@ -45,6 +45,7 @@ impl GuestPlan {
                 .collect::<Result<Vec<_>>>()?;
             plan.spec["mounts"] = serde_json::Value::Array(rewritten);
         }
+        plan.localise_network_namespace();
         if plan.shares.len() > usize::from(SHARE_SLOTS) {
             bail!(
                 "the bundle needs {} shared directories (the rootfs and {} bind-mount directories), but a micro-VM has {SHARE_SLOTS} share slots",
@@ -53,6 +54,24 @@ impl GuestPlan {
             );
         }
         Ok(plan)
+    }
+
+    /// A network namespace given by path (podman's `/run/netns/…`) lives on the host, which the
+    /// guest cannot enter; the container gets a namespace of its own in the guest instead. It
+    /// has loopback only: the micro-VM has no network device yet, so the host namespace's
+    /// interfaces are not mirrored into it.
+    fn localise_network_namespace(&mut self) {
+        let Some(namespaces) = self.spec["linux"]["namespaces"].as_array_mut() else {
+            return;
+        };
+        for ns in namespaces.iter_mut() {
+            if ns["type"] == "network" {
+                // No warning: the monitor's stderr is the container's.
+                if let Some(obj) = ns.as_object_mut() {
+                    obj.remove("path");
+                }
+            }
+        }
     }
 
     /// Host directory and read-only flag for each of a template's `slots` share slots: the
@@ -161,6 +180,27 @@ fn has_option(m: &serde_json::Value, opt: &str) -> bool {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn a_host_network_namespace_becomes_the_guests_own() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("rootfs")).unwrap();
+        let spec = json!({
+            "ociVersion": "1.0.2",
+            "process": {"args": ["true"], "cwd": "/", "user": {"uid": 0, "gid": 0}},
+            "root": {"path": "rootfs"},
+            "linux": {"namespaces": [
+                {"type": "network", "path": "/run/netns/netns-x"},
+                {"type": "pid"}
+            ]}
+        });
+        std::fs::write(dir.path().join("config.json"), spec.to_string()).unwrap();
+        let plan = GuestPlan::new(&Bundle::load(dir.path()).unwrap()).unwrap();
+        assert_eq!(
+            plan.spec["linux"]["namespaces"],
+            json!([{"type": "network"}, {"type": "pid"}])
+        );
+    }
 
     #[test]
     fn binds_become_shares_once_per_directory() {

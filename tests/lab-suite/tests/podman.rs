@@ -82,6 +82,22 @@ fn podman_run_echo_hi() {
         "{}",
         out.stderr
     );
+    // With podman's default network: it hands over a host network namespace by path, which
+    // the guest cannot enter; the container gets one of its own (loopback only, for now).
+    let out = podman(&[
+        "run",
+        "--rm",
+        IMAGE,
+        "sh",
+        "-c",
+        "echo hi; ip -o link | cut -d: -f2",
+    ]);
+    assert_eq!(
+        (out.code, out.stdout.as_str()),
+        (0, "hi\n lo\n"),
+        "{}",
+        out.stderr
+    );
 }
 
 #[test]
