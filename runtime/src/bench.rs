@@ -19,6 +19,10 @@ pub enum BenchCmd {
     Run(RunBench),
     /// Snapshot restore to a running guest against a cold boot of the same raw test guest.
     Restore(crate::bench_restore::RestoreBench),
+    /// `create`+`start` until the process runs: template clone, cold boot, runc; p50/p99.
+    Start(crate::bench_start::StartBench),
+    /// Memory of idle containers: the monitors' PSS and host memory, template clones vs cold.
+    Density(crate::bench_density::DensityBench),
 }
 
 #[derive(Args, Debug)]
@@ -53,6 +57,8 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         BenchCmd::Boot(b) => boot(&b),
         BenchCmd::Run(b) => crate::bench_run::run(&b.runs, &b.podman_runs),
         BenchCmd::Restore(b) => crate::bench_restore::run(&b),
+        BenchCmd::Start(b) => crate::bench_start::run(&b),
+        BenchCmd::Density(b) => crate::bench_density::run(&b),
     }
 }
 
@@ -200,6 +206,30 @@ impl std::fmt::Display for Stats {
     }
 }
 
+/// p50 and p99 (nearest rank) of a sample, in milliseconds.
+pub struct Percentiles {
+    pub p50: f64,
+    pub p99: f64,
+}
+
+impl Percentiles {
+    pub fn of(samples: &[Duration]) -> Self {
+        let mut v: Vec<f64> = samples.iter().map(|d| ms(*d)).collect();
+        v.sort_by(f64::total_cmp);
+        let rank = (v.len() as f64 * 0.99).ceil() as usize;
+        Self {
+            p50: Stats::of(samples).median,
+            p99: v[rank.clamp(1, v.len()) - 1],
+        }
+    }
+}
+
+impl std::fmt::Display for Percentiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "p50 {:.2} ms, p99 {:.2} ms", self.p50, self.p99)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -211,5 +241,12 @@ mod tests {
         assert_eq!((s.min, s.median, s.max), (10.0, 20.0, 30.0));
         let s = Stats::of(&[d(40), d(10), d(20), d(30)]);
         assert_eq!(s.median, 25.0);
+    }
+
+    #[test]
+    fn p99_is_the_nearest_rank() {
+        let d: Vec<Duration> = (1..=20).map(Duration::from_millis).collect();
+        let p = Percentiles::of(&d);
+        assert_eq!((p.p50, p.p99), (10.5, 20.0));
     }
 }

@@ -26,7 +26,7 @@ use husk_vmm::snapshot::{AfterSnapshot, RestoreOverrides, SnapshotPaths};
 use husk_vmm::testguest::{self, Running, COUNTER, FILLED, FILL_QWORDS, FILL_START, STARTED};
 use husk_vmm::Vm;
 
-use crate::bench::{ms, Stats};
+use crate::bench::{ms, Percentiles};
 
 #[derive(Args, Debug)]
 pub struct RestoreBench {
@@ -247,30 +247,6 @@ fn wait(
         .map_err(anyhow::Error::msg)
 }
 
-/// p50 and p99 (nearest rank) of a sample, in milliseconds.
-struct Percentiles {
-    p50: f64,
-    p99: f64,
-}
-
-impl Percentiles {
-    fn of(samples: &[Duration]) -> Self {
-        let mut v: Vec<f64> = samples.iter().map(|d| ms(*d)).collect();
-        v.sort_by(f64::total_cmp);
-        let rank = (v.len() as f64 * 0.99).ceil() as usize;
-        Self {
-            p50: Stats::of(samples).median,
-            p99: v[rank.clamp(1, v.len()) - 1],
-        }
-    }
-}
-
-impl std::fmt::Display for Percentiles {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "p50 {:.2} ms, p99 {:.2} ms", self.p50, self.p99)
-    }
-}
-
 /// Memory of some mappings, from /proc/self/smaps, in KiB.
 #[derive(Debug, Default, PartialEq)]
 struct Usage {
@@ -388,12 +364,5 @@ Private_Dirty:       512 kB
                 private_dirty: 8
             }
         );
-    }
-
-    #[test]
-    fn p99_is_the_nearest_rank() {
-        let d: Vec<Duration> = (1..=20).map(Duration::from_millis).collect();
-        let p = Percentiles::of(&d);
-        assert_eq!((p.p50, p.p99), (10.5, 20.0));
     }
 }

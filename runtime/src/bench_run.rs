@@ -12,7 +12,7 @@ use crate::bench::Stats;
 pub fn run(runs: &usize, podman_runs: &usize) -> Result<()> {
     let work = tempfile::tempdir()?;
     let bundle = work.path().join("bundle");
-    make_bundle(&bundle)?;
+    make_bundle(&bundle, &["true"])?;
     let husk = std::env::current_exe()?;
     let husk_root = work.path().join("husk-root");
     let runc_root = work.path().join("runc-root");
@@ -52,11 +52,12 @@ pub fn run(runs: &usize, podman_runs: &usize) -> Result<()> {
     Ok(())
 }
 
-fn make_bundle(dir: &Path) -> Result<()> {
+/// The busybox bundle (examples/busybox/bundle.sh) in `dir`, its process running `args`.
+pub(crate) fn make_bundle(dir: &Path, args: &[&str]) -> Result<()> {
     let script = repo_file("examples/busybox/bundle.sh")?;
     let st = Command::new(script)
         .arg(dir)
-        .arg("true")
+        .args(args)
         .stderr(Stdio::null())
         .status()?;
     if !st.success() {
@@ -80,12 +81,19 @@ const COMMAND_TIMEOUT: Duration = Duration::from_secs(180);
 
 /// Times one command to its exit. Output goes to files, not pipes: a container's monitor
 /// inherits them, and waiting for a pipe's EOF would time the monitor instead of the command.
-fn time(cmd: &mut Command) -> Result<Duration> {
+pub(crate) fn time(cmd: &mut Command) -> Result<Duration> {
+    Ok(run_to_files(cmd)?.0)
+}
+
+/// Runs one command to its exit within [`COMMAND_TIMEOUT`]: how long it took and its stdout.
+/// A failure or timeout names the command and carries its stderr.
+pub(crate) fn run_to_files(cmd: &mut Command) -> Result<(Duration, String)> {
+    let out = tempfile::tempfile()?;
     let err = tempfile::tempfile()?;
     let start = Instant::now();
     let mut child = cmd
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
+        .stdout(out.try_clone()?)
         .stderr(err.try_clone()?)
         .spawn()
         .with_context(|| format!("spawning {cmd:?}"))?;
@@ -96,20 +104,26 @@ fn time(cmd: &mut Command) -> Result<Duration> {
         if start.elapsed() > COMMAND_TIMEOUT {
             let _ = child.kill();
             let _ = child.wait();
-            bail!("{cmd:?} did not finish within {COMMAND_TIMEOUT:?}");
+            bail!(
+                "{cmd:?} did not finish within {COMMAND_TIMEOUT:?}: {}",
+                read_all(err)?.trim()
+            );
         }
         std::thread::sleep(Duration::from_millis(2));
     };
     let took = start.elapsed();
     if !status.success() {
-        let mut text = String::new();
-        let mut err = err;
-        use std::io::{Read, Seek};
-        err.rewind()?;
-        err.read_to_string(&mut text)?;
-        bail!("{cmd:?} failed ({status}): {}", text.trim());
+        bail!("{cmd:?} failed ({status}): {}", read_all(err)?.trim());
     }
-    Ok(took)
+    Ok((took, read_all(out)?))
+}
+
+fn read_all(mut file: std::fs::File) -> Result<String> {
+    use std::io::{Read, Seek};
+    let mut bytes = Vec::new();
+    file.rewind()?;
+    file.read_to_end(&mut bytes)?;
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
 }
 
 /// `podman run --rm` of the same rootfs, imported as an image, with each runtime.

@@ -1,8 +1,10 @@
 //! Husk's runtime: the `husk` command line and the library under it.
 pub mod assets;
 pub mod bench;
+pub mod bench_density;
 pub mod bench_restore;
 pub mod bench_run;
+pub mod bench_start;
 pub mod boot;
 pub mod container;
 pub mod logging;

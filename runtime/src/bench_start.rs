@@ -1,0 +1,371 @@
+//! `husk bench start`: `create` + `start` of the busybox bundle running `sleep 600`, until its
+//! process runs, for three kinds in one run: Husk cloning the VM from the default template,
+//! Husk cold-booting it (`HUSK_NO_TEMPLATE=1` on every husk command), and runc.
+//!
+//! One sample is the time from spawning `create --bundle B --pid-file P ID` until `start ID`
+//! has returned (Husk's `start` returns once the agent has started the process). Teardown
+//! (`kill ID KILL`, wait for `stopped`, `delete ID`) is not timed. The sequential runs cycle
+//! through the kinds so that all three see the same machine conditions; the concurrent batches
+//! (all containers of one kind created and started at once, one thread each) run one kind after
+//! another. One unmeasured warm-up per kind comes first: it builds the default template if
+//! there is none and brings the binaries and the bundle into the page cache.
+//!
+//! [`Runtime`] and [`Fleet`] are shared with `husk bench density`.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Barrier;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::Args;
+
+use crate::bench::{ms, Percentiles};
+use crate::bench_run::{make_bundle, run_to_files, time};
+use crate::container::template_choice::NO_TEMPLATE_ENV;
+
+#[derive(Args, Debug)]
+pub struct StartBench {
+    /// create+start runs of each kind, one after another (the ratio lines use their p50s).
+    #[arg(long, default_value_t = 50)]
+    sequential: usize,
+    /// Containers of each kind created and started at once, one thread each (0 skips).
+    #[arg(long, default_value_t = 20)]
+    concurrent: usize,
+}
+
+/// The process every benchmark container runs: long enough to outlive any measurement.
+const IDLE_PROCESS: &[&str] = &["sleep", "600"];
+
+/// A private work directory (the runtimes' roots, pid files; removed on drop) holding the
+/// busybox bundle running [`IDLE_PROCESS`]; the bundle's path.
+pub(crate) fn work_dir(prefix: &str) -> Result<(tempfile::TempDir, PathBuf)> {
+    let work = tempfile::Builder::new().prefix(prefix).tempdir()?;
+    let bundle = work.path().join("bundle");
+    make_bundle(&bundle, IDLE_PROCESS)?;
+    Ok((work, bundle))
+}
+
+pub fn run(b: &StartBench) -> Result<()> {
+    if b.sequential == 0 {
+        bail!("--sequential must be at least 1: the ratio lines compare its p50s");
+    }
+    let (work, bundle) = work_dir("husk-bench-start-")?;
+    let kinds = [
+        Runtime::husk(work.path(), true)?,
+        Runtime::husk(work.path(), false)?,
+        Runtime::runc(work.path())?,
+    ];
+    warm_up(&kinds, &bundle)?;
+    let seq = sequential(&kinds, &bundle, b.sequential)?;
+    let conc = concurrent(&kinds, &bundle, b.concurrent)?;
+    let seq = report(
+        &format!("sequential, {} of each", b.sequential),
+        &kinds,
+        &seq,
+    );
+    if b.concurrent > 0 {
+        report(
+            &format!("concurrent, {} at once", b.concurrent),
+            &kinds,
+            &conc,
+        );
+    }
+    println!("ratios of the sequential p50s:");
+    println!("template/cold start ratio: {:.3}", seq[0].p50 / seq[1].p50);
+    println!("template/runc start ratio: {:.3}", seq[0].p50 / seq[2].p50);
+    Ok(())
+}
+
+/// One unmeasured create+start+teardown per kind.
+fn warm_up(kinds: &[Runtime], bundle: &Path) -> Result<()> {
+    for rt in kinds {
+        // The template kind's first create builds the default template if there is none.
+        eprintln!("warm-up: {}", rt.name);
+        let mut fleet = Fleet::new(rt);
+        fleet.launch(bundle, "warm-up")?;
+        fleet.teardown()?;
+    }
+    Ok(())
+}
+
+/// `n` rounds, each one create+start (then teardown) of every kind in turn.
+fn sequential(kinds: &[Runtime], bundle: &Path, n: usize) -> Result<Vec<Vec<Duration>>> {
+    let mut times = vec![Vec::with_capacity(n); kinds.len()];
+    for i in 0..n {
+        let mut line = format!("sequential {i}:");
+        for (rt, t) in kinds.iter().zip(&mut times) {
+            let mut fleet = Fleet::new(rt);
+            t.push(fleet.launch(bundle, &format!("seq-{i}"))?);
+            fleet.teardown()?;
+            line += &format!(" {} {:.1} ms", rt.name, ms(t[i]));
+        }
+        eprintln!("{line}");
+    }
+    Ok(times)
+}
+
+/// For each kind, `n` containers created and started at once, then all torn down.
+fn concurrent(kinds: &[Runtime], bundle: &Path, n: usize) -> Result<Vec<Vec<Duration>>> {
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    let ids: Vec<String> = (0..n).map(|i| format!("conc-{i}")).collect();
+    let mut times = Vec::new();
+    for rt in kinds {
+        let mut fleet = Fleet::new(rt);
+        let t = fleet.launch_all(bundle, &ids)?;
+        fleet.teardown()?;
+        let slowest = t.iter().max().copied().unwrap_or_default();
+        eprintln!(
+            "concurrent: {} x{n}, slowest {:.1} ms",
+            rt.name,
+            ms(slowest)
+        );
+        times.push(t);
+    }
+    Ok(times)
+}
+
+/// Prints p50/p99 of each kind under `title`; returns them in the order of `kinds`.
+fn report(title: &str, kinds: &[Runtime], times: &[Vec<Duration>]) -> Vec<Percentiles> {
+    println!("{title} (create+start until the process runs):");
+    kinds
+        .iter()
+        .zip(times)
+        .map(|(rt, t)| {
+            let p = Percentiles::of(t);
+            println!("  {:<14} {p}", rt.name);
+            p
+        })
+        .collect()
+}
+
+/// How long a killed container may take to be reported stopped.
+const STOP_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A runtime binary with a private `--root`, and for Husk whether its VMs are cloned from the
+/// template or cold-booted.
+pub(crate) struct Runtime {
+    pub name: &'static str,
+    exe: PathBuf,
+    /// Holds `root/` and the pid files.
+    dir: PathBuf,
+    /// `Some(true)`: set HUSK_NO_TEMPLATE=1; `Some(false)`: unset it (so that a caller's
+    /// setting cannot turn the template kind into a second cold kind); `None`: leave it.
+    no_template: Option<bool>,
+}
+
+impl Runtime {
+    pub fn husk(work: &Path, template: bool) -> Result<Runtime> {
+        let (name, tag) = match template {
+            true => ("husk template", "husk-template"),
+            false => ("husk cold", "husk-cold"),
+        };
+        Runtime::new(
+            name,
+            std::env::current_exe()?,
+            work.join(tag),
+            Some(!template),
+        )
+    }
+
+    pub fn runc(work: &Path) -> Result<Runtime> {
+        Runtime::new("runc", "runc".into(), work.join("runc"), None)
+    }
+
+    fn new(
+        name: &'static str,
+        exe: PathBuf,
+        dir: PathBuf,
+        no_template: Option<bool>,
+    ) -> Result<Runtime> {
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        Ok(Runtime {
+            name,
+            exe,
+            dir,
+            no_template,
+        })
+    }
+
+    fn root(&self) -> PathBuf {
+        self.dir.join("root")
+    }
+
+    fn pid_file(&self, id: &str) -> PathBuf {
+        self.dir.join(format!("{id}.pid"))
+    }
+
+    /// The container's pid (for Husk: its monitor's) from the `--pid-file` of its create.
+    pub fn pid(&self, id: &str) -> Result<i32> {
+        let path = self.pid_file(id);
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        text.trim()
+            .parse()
+            .with_context(|| format!("{}: not a pid: {text:?}", path.display()))
+    }
+
+    /// `exe --root ROOT` with this kind's environment; the caller adds the subcommand.
+    fn command(&self) -> Command {
+        let mut cmd = Command::new(&self.exe);
+        cmd.arg("--root").arg(self.root());
+        match self.no_template {
+            Some(true) => cmd.env(NO_TEMPLATE_ENV, "1"),
+            Some(false) => cmd.env_remove(NO_TEMPLATE_ENV),
+            None => &mut cmd,
+        };
+        cmd
+    }
+
+    /// `create` + `start` of `id`: the time from spawning create until start has returned.
+    fn launch(&self, bundle: &Path, id: &str) -> Result<Duration> {
+        let mut create = self.command();
+        create.arg("create").arg("--bundle").arg(bundle);
+        create.arg("--pid-file").arg(self.pid_file(id)).arg(id);
+        let mut start = self.command();
+        start.args(["start", id]);
+        let began = Instant::now();
+        time(&mut create)?;
+        time(&mut start)?;
+        Ok(began.elapsed())
+    }
+
+    /// The status `state` reports (`created`, `running`, `stopped`, …).
+    fn status(&self, id: &str) -> Result<String> {
+        let (_, out) = run_to_files(self.command().args(["state", id]))?;
+        status_of(&out).with_context(|| format!("{} state {id}: no status in {out:?}", self.name))
+    }
+
+    /// Polls `state` until it reports `want`, for at most `limit`.
+    pub fn wait_for(&self, id: &str, want: &str, limit: Duration) -> Result<()> {
+        let deadline = Instant::now() + limit;
+        loop {
+            let status = self.status(id)?;
+            if status == want {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!(
+                    "{} container {id} is still {status}, not {want}, after {limit:?}",
+                    self.name
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `kill ID KILL`, wait for `stopped`, `delete ID`; `delete --force` if that fails (and
+    /// the failure is still reported). Nothing to do for an id whose create failed: both
+    /// runtimes remove the state directory then.
+    fn teardown(&self, id: &str) -> Result<()> {
+        if !self.root().join(id).exists() {
+            return Ok(());
+        }
+        // Ignored: a container whose process has exited already cannot be killed.
+        let _ = run_to_files(self.command().args(["kill", id, "KILL"]));
+        let clean = self
+            .wait_for(id, "stopped", STOP_TIMEOUT)
+            .and_then(|()| time(self.command().args(["delete", id])));
+        if let Err(e) = clean {
+            time(self.command().args(["delete", "--force", id]))
+                .with_context(|| format!("{e:#}; and then"))?;
+            return Err(e.context(format!("tearing down {} container {id}", self.name)));
+        }
+        Ok(())
+    }
+}
+
+/// The `status` field of `state`'s JSON.
+fn status_of(state_json: &str) -> Option<String> {
+    let v: serde_json::Value = serde_json::from_str(state_json).ok()?;
+    Some(v.get("status")?.as_str()?.to_string())
+}
+
+/// Containers of one runtime that must not outlive the benchmark: [`Fleet::teardown`] ends
+/// them, and dropping the fleet does it too, so an error on the way leaves no VM behind.
+pub(crate) struct Fleet<'a> {
+    runtime: &'a Runtime,
+    ids: Vec<String>,
+}
+
+impl<'a> Fleet<'a> {
+    pub fn new(runtime: &'a Runtime) -> Self {
+        Fleet {
+            runtime,
+            ids: Vec::new(),
+        }
+    }
+
+    pub fn ids(&self) -> &[String] {
+        &self.ids
+    }
+
+    /// Creates and starts `id`; its create+start time.
+    pub fn launch(&mut self, bundle: &Path, id: &str) -> Result<Duration> {
+        // Claimed before create: a create that fails half-way still gets cleaned up.
+        self.ids.push(id.to_string());
+        self.runtime.launch(bundle, id)
+    }
+
+    /// Creates and starts all of `ids` at once, one thread each (released together by a
+    /// barrier); each one's create+start time, in the order of `ids`.
+    pub fn launch_all(&mut self, bundle: &Path, ids: &[String]) -> Result<Vec<Duration>> {
+        self.ids.extend_from_slice(ids);
+        let rt = self.runtime;
+        let barrier = Barrier::new(ids.len());
+        let results: Vec<Result<Duration>> = std::thread::scope(|s| {
+            let threads: Vec<_> = ids
+                .iter()
+                .map(|id| {
+                    let barrier = &barrier;
+                    s.spawn(move || {
+                        barrier.wait();
+                        rt.launch(bundle, id)
+                    })
+                })
+                .collect();
+            threads
+                .into_iter()
+                .map(|t| {
+                    t.join()
+                        .unwrap_or_else(|_| Err(anyhow!("a launch thread panicked")))
+                })
+                .collect()
+        });
+        results.into_iter().collect()
+    }
+
+    /// Tears every container down, each even if another fails; the first failure.
+    pub fn teardown(&mut self) -> Result<()> {
+        let mut first = None;
+        for id in std::mem::take(&mut self.ids) {
+            if let Err(e) = self.runtime.teardown(&id) {
+                first.get_or_insert(e);
+            }
+        }
+        first.map_or(Ok(()), Err)
+    }
+}
+
+impl Drop for Fleet<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = self.teardown() {
+            eprintln!("teardown: {e:#}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_comes_from_the_state_json() {
+        let json = r#"{"ociVersion":"1.0.2","id":"a","status":"running","pid":42}"#;
+        assert_eq!(status_of(json).as_deref(), Some("running"));
+        assert_eq!(status_of(r#"{"id":"a"}"#), None);
+        assert_eq!(status_of("container does not exist"), None);
+    }
+}
