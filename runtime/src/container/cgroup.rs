@@ -103,16 +103,17 @@ fn setup_v2(
 /// Lets every ancestor of `rel` hand the memory and cpu controllers down. Best effort: a
 /// controller the host lacks shows up as an error when its limit file is written.
 fn enable_v2_controllers(root: &Path, rel: &Path) {
-    let mut dir = root.to_path_buf();
-    for part in rel.parent().into_iter().flat_map(Path::components) {
-        let _ = fs::create_dir(dir.join(part));
+    let enable = |dir: &Path| {
         for ctrl in ["+memory", "+cpu"] {
             let _ = fs::write(dir.join("cgroup.subtree_control"), ctrl);
         }
+    };
+    let mut dir = root.to_path_buf();
+    enable(&dir);
+    for part in rel.parent().into_iter().flat_map(Path::components) {
         dir.push(part);
-    }
-    for ctrl in ["+memory", "+cpu"] {
-        let _ = fs::write(dir.join("cgroup.subtree_control"), ctrl);
+        let _ = fs::create_dir(&dir);
+        enable(&dir);
     }
 }
 
