@@ -201,7 +201,8 @@ pub fn leave(dirs: &[PathBuf], rel: &Path, pid: u32) {
 /// moment after its last process exits, so busy directories are retried briefly.
 pub fn remove(dirs: &[PathBuf]) {
     for dir in dirs {
-        for _ in 0..50 {
+        // A cgroup whose last process just exited stays busy for a moment.
+        for _ in 0..250 {
             match fs::remove_dir(dir) {
                 Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
                     std::thread::sleep(std::time::Duration::from_millis(20))

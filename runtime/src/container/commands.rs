@@ -199,7 +199,9 @@ pub fn delete(root: &Path, id: &str, force: bool) -> Result<()> {
     let store = Store::new(root);
     let st = load(&store, id)?;
     match st.status {
-        Status::Stopped => {}
+        // The monitor may still be tearing its VM down; it must be gone (and out of the
+        // container's cgroup) before the cgroup can be removed.
+        Status::Stopped => finish_monitor(&st),
         Status::Created => stop_monitor(&store, &st),
         _ if force => stop_monitor(&store, &st),
         s => bail!("cannot delete container {id} that is not stopped: {s}"),
@@ -219,6 +221,11 @@ fn stop_monitor(store: &Store, st: &ContainerState) {
             all: true,
         },
     );
+    finish_monitor(st);
+}
+
+/// Gives the monitor up to 10 s to exit on its own, then kills it.
+fn finish_monitor(st: &ContainerState) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while monitor_alive(st) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));

@@ -16,6 +16,11 @@ pub fn process_start_time(pid: i32) -> Option<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) may hold spaces; fields after it follow the last ')'.
     let rest = &stat[stat.rfind(')')? + 2..];
+    // A zombie has finished: nobody reaped it yet (its parent may be a busy subreaper), but
+    // waiting for it to end would wait forever.
+    if rest.starts_with('Z') {
+        return None;
+    }
     rest.split(' ').nth(19)?.parse().ok()
 }
 

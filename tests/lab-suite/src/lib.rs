@@ -4,7 +4,7 @@
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use husk_agent::client::Client;
@@ -218,15 +218,16 @@ impl Oci {
     pub fn husk_detached(&self, args: &[&str]) -> Out {
         let out_path = self.dir.path().join("detached.out");
         let err_path = self.dir.path().join("detached.err");
-        let status = Command::new(husk_bin())
+        let mut child = Command::new(husk_bin())
             .arg("--root")
             .arg(self.root())
             .args(args)
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&out_path).unwrap())
             .stderr(std::fs::File::create(&err_path).unwrap())
-            .status()
+            .spawn()
             .expect("spawn husk");
+        let status = wait_or_kill(&mut child, &format!("husk {args:?}"));
         Out {
             code: status.code().unwrap_or(-1),
             stdout: std::fs::read_to_string(&out_path).unwrap_or_default(),
@@ -244,15 +245,57 @@ impl Oci {
     }
 }
 
+impl Drop for Oci {
+    /// A failed test must not leave containers (and their VMs) running for the tests after it.
+    /// Nothing here may panic (this runs while a failed test unwinds), hence `timeout(1)`.
+    fn drop(&mut self) {
+        if !self.root().exists() {
+            return;
+        }
+        let husk = |args: &[&str]| {
+            Command::new("timeout")
+                .arg("60")
+                .arg(husk_bin())
+                .arg("--root")
+                .arg(self.root())
+                .args(args)
+                .stdin(Stdio::null())
+                .stderr(Stdio::inherit())
+                .output()
+        };
+        let Ok(list) = husk(&["list", "-q"]) else {
+            return;
+        };
+        for id in String::from_utf8_lossy(&list.stdout).lines() {
+            if !id.is_empty() {
+                let _ = husk(&["delete", "--force", id]);
+            }
+        }
+    }
+}
+
 impl Default for Oci {
     fn default() -> Self {
         Self::new()
     }
 }
 
+/// How long one command of a test may take before it counts as hung: a hang must fail its
+/// own test with diagnostics, not run out the lab's timeout for the whole binary.
+fn command_timeout() -> Duration {
+    let secs = std::env::var("HUSK_TEST_CMD_TIMEOUT")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(240);
+    Duration::from_secs(secs)
+}
+
 fn run_with_input(mut cmd: Command, input: &[u8]) -> Out {
-    use std::io::Write;
+    use std::io::{Read, Write};
+    use std::os::unix::process::CommandExt;
+    let what = format!("{cmd:?}");
     let mut child = cmd
+        .process_group(0)
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -260,14 +303,60 @@ fn run_with_input(mut cmd: Command, input: &[u8]) -> Out {
         .expect("spawn");
     let mut stdin = child.stdin.take().unwrap();
     let input = input.to_vec();
-    let feeder = std::thread::spawn(move || {
+    std::thread::spawn(move || {
         let _ = stdin.write_all(&input);
     });
-    let out = child.wait_with_output().expect("wait");
-    let _ = feeder.join();
+    // Readers run detached: after a timeout, a straggler may still hold the pipes open.
+    let drain = |mut r: Box<dyn Read + Send>| {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = r.read_to_end(&mut buf);
+            let _ = tx.send(buf);
+        });
+        rx
+    };
+    let out_rx = drain(Box::new(child.stdout.take().unwrap()));
+    let err_rx = drain(Box::new(child.stderr.take().unwrap()));
+    let status = wait_or_kill(&mut child, &what);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let collect = |rx: std::sync::mpsc::Receiver<Vec<u8>>| {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let bytes = rx.recv_timeout(left).unwrap_or_else(|_| {
+            panic!("{what}: exited, but something it started still holds its output open")
+        });
+        String::from_utf8_lossy(&bytes).into_owned()
+    };
     Out {
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        code: status.code().unwrap_or(-1),
+        stdout: collect(out_rx),
+        stderr: collect(err_rx),
+    }
+}
+
+/// Waits for `child` up to [`command_timeout`]; on timeout prints what the lab is running,
+/// kills the child's process group and fails the test.
+fn wait_or_kill(child: &mut Child, what: &str) -> ExitStatus {
+    let deadline = Instant::now() + command_timeout();
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status;
+        }
+        if Instant::now() > deadline {
+            let ps = Command::new("ps")
+                .args(["-eo", "pid,ppid,pgid,stat,etime,args"])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default();
+            // SAFETY: kill(2) of the process group this test made for the command.
+            unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "{what}: still running after {:?}; killed it. Processes then:\n{ps}",
+                command_timeout()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
