@@ -183,6 +183,14 @@ impl<S: Read + Write> Client<S> {
         })
     }
 
+    /// Mounts virtio 9p shares in the guest (see `Request::MountShares`).
+    pub fn mount_shares(
+        &mut self,
+        shares: Vec<crate::proto::ShareMount>,
+    ) -> Result<(), ClientError> {
+        self.call_ok(Request::MountShares { shares })
+    }
+
     /// Lets a created container's init exec its process.
     pub fn start_container(&mut self, id: &str) -> Result<(), ClientError> {
         self.call_ok(Request::StartContainer { id: id.into() })

@@ -139,6 +139,22 @@ pub enum Request {
     /// (nanoseconds since the epoch) and mixes `entropy` into the kernel's pool, reseeding it,
     /// so that sibling clones do not share clocks or random streams. `Ok`.
     CloneInit { time_ns: u64, entropy: Vec<u8> },
+    /// Mount virtio 9p shares, each `tag` at `target` (created if missing), in the agent
+    /// itself: a shell running `mkdir` and `mount` costs several process starts per share,
+    /// which dominate a clone's create time in a slow guest. `Ok`, or `Error` naming the share.
+    MountShares { shares: Vec<ShareMount> },
+}
+
+/// One virtio 9p share for `Request::MountShares`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShareMount {
+    /// The device's mount tag.
+    pub tag: String,
+    /// Guest directory to mount it on.
+    pub target: String,
+    pub read_only: bool,
+    /// 9p message size (the `msize` mount option).
+    pub msize: u32,
 }
 
 /// How a process ended: exactly one of `code` and `signal` is set.

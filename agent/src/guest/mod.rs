@@ -7,6 +7,7 @@ pub mod exec;
 pub mod init;
 pub mod reaper;
 pub mod server;
+pub mod shares;
 pub mod vsock_send;
 
 use server::Mode;

@@ -244,6 +244,10 @@ impl Conn {
                     Err(message) => Response::Error { message },
                 }
             }
+            Request::MountShares { shares } => match super::shares::mount(&shares) {
+                Ok(()) => Response::Ok,
+                Err(message) => Response::Error { message },
+            },
             Request::Poweroff => {
                 self.reply(Response::Ok);
                 return Flow::Poweroff;

@@ -142,27 +142,19 @@ impl GuestPlan {
         &self,
         agent: &mut Client<S>,
     ) -> Result<()> {
-        let mut script = String::from("set -e\n");
-        for (tag, dir, ro) in &self.mounts {
-            let ro = if *ro { ",ro" } else { "" };
-            script += &format!(
-                "mkdir -p {dir} && mount -t 9p -o trans=virtio,version=9p2000.L,msize={MSIZE}{ro} {tag} {dir}\n"
-            );
-        }
-        let req = husk_agent::ExecRequest {
-            argv: vec!["/bin/sh".into(), "-c".into(), script],
-            ..Default::default()
-        };
-        let out = agent
-            .exec(&req)
-            .context("mounting the shares in the guest")?;
-        if !out.status.success() {
-            bail!(
-                "mounting the shares in the guest failed: {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        Ok(())
+        let shares = self
+            .mounts
+            .iter()
+            .map(|(tag, dir, ro)| husk_agent::proto::ShareMount {
+                tag: tag.clone(),
+                target: dir.clone(),
+                read_only: *ro,
+                msize: MSIZE,
+            })
+            .collect();
+        agent
+            .mount_shares(shares)
+            .context("mounting the shares in the guest")
     }
 }
 
