@@ -153,6 +153,22 @@ pub enum VmError {
     /// The VM is not in a state that can be snapshotted (not running, vCPUs not parked).
     #[error("cannot snapshot the VM: {0}")]
     SnapshotState(String),
+    /// A page file cannot be read or written.
+    #[error("page file {path}: {source}")]
+    PageFileIo {
+        /// The file.
+        path: PathBuf,
+        /// What the OS said.
+        source: std::io::Error,
+    },
+    /// A page file is damaged, truncated or does not fit the VM.
+    #[error("page file {path} is unusable: {reason}")]
+    PageFile {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
     /// The guest triple-faulted (KVM_EXIT_SHUTDOWN).
     #[error("guest triple fault (KVM_EXIT_SHUTDOWN) on vCPU {vcpu}; {regs}")]
     TripleFault {

@@ -10,6 +10,7 @@ pub mod error;
 pub mod i8042;
 pub mod memory;
 pub mod mptable;
+pub mod pagefile;
 pub mod pause;
 pub mod serial;
 pub mod snapshot;
@@ -20,6 +21,7 @@ pub mod vm;
 
 pub use boot::CpuMode;
 pub use error::VmError;
+pub use pagefile::{Codec, PageInMode, PageOutReport, PageState};
 pub use pause::VmControl;
 pub use stop::VmExit;
 pub use vm::{BlockConfig, Boot, SerialOutput, ShareConfig, Vm, VmBuilder, VmConfig, VsockConfig};

@@ -144,8 +144,14 @@ impl VmControl {
         Ok(())
     }
 
-    /// Lets the vCPUs run again.
+    /// Lets the vCPUs run again. Memory still paged out comes back lazily first; if it cannot
+    /// (a damaged page file), the VM is stopped with that error rather than run on wrong memory.
     pub fn resume(&self) {
+        if let Err(e) = self.page_in_for_resume() {
+            log::error!("resume: {e}");
+            self.stop.request(Err(e));
+            return;
+        }
         let mut st = self.gate.lock();
         st.paused = false;
         // Jobs not taken yet are dropped: their callers see the channel close.
@@ -182,6 +188,11 @@ impl VmControl {
         }
         drop(tx);
         collect_in_order(&rx, count)
+    }
+
+    /// The VM's stop state (the lazy pager stops the VM on a fault it cannot serve).
+    pub(crate) fn stop_state(&self) -> Arc<StopState> {
+        self.stop.clone()
     }
 
     /// The stop state (a snapshot refuses to run on a stopping VM).

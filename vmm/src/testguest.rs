@@ -14,7 +14,8 @@
 //!
 //! Each vCPU stores `STARTED`, prints "go\n" on COM1, and vCPU 0 fills `FILL_QWORDS` qwords of
 //! [`FILL_PATTERN`] from [`FILL_START`] up (`rep stosq`; nothing when zero, as in fresh RAM)
-//! before it counts, so that a guest can dirty a chosen part of its memory.
+//! before it counts, so that a guest can dirty a chosen part of its memory. The marked variant
+//! ([`marked_counting_guest`]) then stamps each filled page with its own address.
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -108,7 +109,35 @@ impl Asm {
 
 /// The counting guest described in the module documentation.
 pub fn counting_guest() -> Vec<u8> {
+    counting_guest_with(false)
+}
+
+/// The counting guest, but after the fill vCPU 0 also writes each filled page's own guest
+/// address into the page's first qword, so that every page is unique and a page restored to
+/// the wrong place shows ([`check_marked_fill`]).
+pub fn marked_counting_guest() -> Vec<u8> {
+    counting_guest_with(true)
+}
+
+/// `mov rdx, rdi; mov rdi, FILL_START; loop: cmp rdi, rdx; jae done; mov [rdi], rdi;
+/// add rdi, 4096; jmp loop; done:` — run right after the fill's `rep stosq`, which leaves
+/// rdi at the end of the fill.
+fn page_marks() -> Vec<u8> {
+    Asm::new(false)
+        .bytes(&[0x48, 0x89, 0xfa]) // mov rdx, rdi
+        .bytes(&[0x48, 0xbf])
+        .bytes(&FILL_START.to_le_bytes()) // mov rdi, FILL_START
+        .bytes(&[0x48, 0x39, 0xd7]) // loop: cmp rdi, rdx
+        .bytes(&[0x73, 0x0c]) // jae done
+        .bytes(&[0x48, 0x89, 0x3f]) // mov [rdi], rdi
+        .bytes(&[0x48, 0x81, 0xc7, 0x00, 0x10, 0x00, 0x00]) // add rdi, 4096
+        .bytes(&[0xeb, 0xef]) // jmp loop
+        .finish()
+}
+
+fn counting_guest_with(mark_pages: bool) -> Vec<u8> {
     // vCPU 0's fill: rcx = [FILL_QWORDS]; rdi = FILL_START; rax = FILL_PATTERN; rep stosq.
+    let marks = if mark_pages { page_marks() } else { Vec::new() };
     let fill = Asm::new(false)
         .bytes(&[0x48, 0x8b, 0x4b, (FILL_QWORDS - COUNTER) as u8]) // mov rcx, [rbx+16]
         .bytes(&[0x48, 0xbf])
@@ -116,6 +145,7 @@ pub fn counting_guest() -> Vec<u8> {
         .bytes(&[0x48, 0xb8])
         .bytes(&FILL_PATTERN.to_le_bytes()) // mov rax, FILL_PATTERN
         .bytes(&[0xf3, 0x48, 0xab]) // rep stosq
+        .bytes(&marks)
         .store_rbx((FILLED - COUNTER) as i8, 1)
         .finish();
     Asm::new(false)
@@ -174,6 +204,27 @@ pub fn read_pattern(mem: &GuestMemory, addr: u64, len: u64) -> u64 {
             .count() as u64;
     }
     found
+}
+
+/// Checks every byte of the `len` bytes the marked counting guest filled: each page's first
+/// qword is its guest address, every other qword [`FILL_PATTERN`]. Reads a page at a time.
+pub fn check_marked_fill(mem: &GuestMemory, len: u64) -> Result<(), String> {
+    let mut page = [0u8; 4096];
+    for at in (FILL_START..FILL_START + len).step_by(page.len()) {
+        mem.read_slice(&mut page, GuestAddress(at))
+            .map_err(|e| format!("reading {at:#x}: {e}"))?;
+        for (i, q) in page.chunks_exact(8).enumerate() {
+            let found = u64::from_le_bytes(q.try_into().unwrap_or_default());
+            let want = if i == 0 { at } else { FILL_PATTERN };
+            if found != want {
+                return Err(format!(
+                    "guest {:#x} holds {found:#x}, expected {want:#x}",
+                    at + 8 * i as u64
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 /// The host-virtual address ranges of guest RAM (to find its mappings in /proc/self/smaps).
@@ -244,6 +295,14 @@ impl Running {
         self.wait_for("the counter", COUNT_LIMIT, |m| read_u32(m, COUNTER) > n)
             .map_err(|e| format!("{e} (it stands at {})", self.read(COUNTER)))?;
         Ok(self.read(COUNTER))
+    }
+
+    /// Waits for the VM to end on its own (e.g. stopped with an error) and returns how it
+    /// ended, without touching guest memory.
+    pub fn join(self) -> Result<VmExit, VmError> {
+        self.thread
+            .join()
+            .unwrap_or_else(|_| Err(VmError::Host("the VM thread panicked".into())))
     }
 
     /// Raises the counting guest's quit flag (resuming a paused guest) and waits for the

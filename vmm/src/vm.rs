@@ -570,6 +570,7 @@ impl VmBuilder {
             irqchip: self.irqchip,
             vm_fd: self.vm_fd,
             kvm: self.kvm,
+            ram: Mutex::new(crate::pagefile::RamState::new(&self.mem)),
             mem: self.mem,
         };
         Ok(Vm {

@@ -24,9 +24,9 @@
 //! refuses state the restoring KVM does not accept.
 
 mod config;
-mod devices;
+pub(crate) mod devices;
 pub mod format;
-mod memory_file;
+pub(crate) mod memory_file;
 mod restore;
 mod save;
 mod vcpu_state;
@@ -80,6 +80,8 @@ pub struct VmParts {
     pub(crate) vm_fd: Arc<VmFd>,
     pub(crate) kvm: Kvm,
     pub(crate) mem: Arc<GuestMemory>,
+    /// Whether the memory is paged out or coming back lazily (see [`crate::pagefile`]).
+    pub(crate) ram: Mutex<crate::pagefile::RamState>,
 }
 
 /// What to do after a snapshot is written.

@@ -17,6 +17,12 @@ impl VmControl {
         if self.is_stopping() {
             return Err(VmError::SnapshotState("the VM is stopping".into()));
         }
+        if let crate::PageState::PagedOut(p) = self.page_state() {
+            return Err(VmError::SnapshotState(format!(
+                "the VM's memory is paged out to {}; page it in first",
+                p.display()
+            )));
+        }
         let was_paused = self.is_paused();
         if !was_paused {
             self.pause()?;
