@@ -19,6 +19,8 @@ pub enum BenchCmd {
     Run(RunBench),
     /// Snapshot restore to a running guest against a cold boot of the same raw test guest.
     Restore(crate::bench_restore::RestoreBench),
+    /// Pause with page-out (compressed page file, RAM released) and lazy or eager resume.
+    Pause(crate::bench_pause::PauseBench),
     /// `create`+`start` until the process runs: template clone, cold boot, runc; p50/p99.
     Start(crate::bench_start::StartBench),
     /// Memory of idle containers: the monitors' PSS and host memory, template clones vs cold.
@@ -57,6 +59,7 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
         BenchCmd::Boot(b) => boot(&b),
         BenchCmd::Run(b) => crate::bench_run::run(&b.runs, &b.podman_runs),
         BenchCmd::Restore(b) => crate::bench_restore::run(&b),
+        BenchCmd::Pause(b) => crate::bench_pause::run(&b),
         BenchCmd::Start(b) => crate::bench_start::run(&b),
         BenchCmd::Density(b) => crate::bench_density::run(&b),
     }

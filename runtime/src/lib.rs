@@ -2,6 +2,7 @@
 pub mod assets;
 pub mod bench;
 pub mod bench_density;
+pub mod bench_pause;
 pub mod bench_restore;
 pub mod bench_run;
 pub mod bench_start;
