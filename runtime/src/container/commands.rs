@@ -208,18 +208,22 @@ pub fn delete(root: &Path, id: &str, force: bool) -> Result<()> {
     }
     store.remove(id)?;
     super::cgroup::remove(&st.cgroup_dirs);
+    if let Some(f) = &st.page_file {
+        super::paging::remove_page_file(f);
+    }
     Ok(())
 }
 
 /// Kills the container and, failing a clean end within a few seconds, its monitor.
 fn stop_monitor(store: &Store, st: &ContainerState) {
     let dir = store.dir(&st.id);
-    let _ = control::call(
+    let _ = control::call_timeout(
         &dir,
         &Request::Kill {
             signal: libc::SIGKILL,
             all: true,
         },
+        Duration::from_secs(10),
     );
     finish_monitor(st);
 }

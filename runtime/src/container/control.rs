@@ -4,6 +4,7 @@
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
@@ -30,13 +31,25 @@ pub enum Reply {
 
 /// Sends `req` to the monitor of the container whose state directory is `dir`.
 pub fn call(dir: &Path, req: &Request) -> Result<Reply> {
+    call_timeout(dir, req, CALL_TIMEOUT)
+}
+
+/// How long a command waits for the monitor's reply (a pause that pages a large guest out
+/// to a slow disk is the longest): a monitor that stopped answering must not hang the CLI.
+pub const CALL_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// `call`, giving up after `timeout` without a reply.
+pub fn call_timeout(dir: &Path, req: &Request, timeout: Duration) -> Result<Reply> {
     let path = dir.join(SOCKET);
     let mut stream = UnixStream::connect(&path).context("container not running")?;
+    stream.set_read_timeout(Some(timeout))?;
     let mut line = serde_json::to_vec(req)?;
     line.push(b'\n');
     stream.write_all(&line)?;
     let mut reply = String::new();
-    BufReader::new(stream).read_line(&mut reply)?;
+    BufReader::new(stream)
+        .read_line(&mut reply)
+        .context("waiting for the container's monitor")?;
     if reply.is_empty() {
         bail!("the container's monitor closed the connection");
     }

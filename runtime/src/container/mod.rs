@@ -6,6 +6,7 @@ pub mod control;
 pub mod exec;
 pub mod guest_plan;
 pub mod monitor;
+pub mod paging;
 pub mod signal;
 pub mod state;
 pub mod stdio;

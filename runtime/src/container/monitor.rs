@@ -17,6 +17,7 @@ use super::bundle::Bundle;
 use super::cgroup;
 use super::control::{self, Reply, Request};
 use super::guest_plan::{GuestPlan, GUEST_ROOTFS};
+use super::paging::{Pager, PauseConfig};
 use super::state::{ContainerState, Status, Store};
 use super::stdio::{self, HostStdio};
 use crate::boot::AGENT_TIMEOUT;
@@ -94,6 +95,7 @@ struct Started {
     vm: MicroVm,
     /// Marks this monitor as a running clone of its template (dropped at exit).
     _lease: Option<Lease>,
+    pager: Arc<Pager>,
     state: Arc<Mutex<ContainerState>>,
     exit: std::sync::mpsc::Receiver<stdio::Outcome>,
 }
@@ -108,10 +110,12 @@ fn start(args: &MonitorArgs, store: &Store) -> Result<Started> {
     trace.mark("bundle loaded");
     let cgroup = HostCgroup::join(&bundle, &args.id)?;
     trace.mark("cgroup joined");
-    let (mut vm, lease) = match &args.template {
+    let pause_config = PauseConfig::load()?;
+    let (mut vm, clone) = match &args.template {
         Some(name) => clone_vm(name, &dir, &plan)?,
         None => (MicroVm::start(options(&bundle, &dir, &plan)?)?, None),
     };
+    let (lease, template_dir) = clone.unzip();
     let mut agent = match lease {
         Some(_) => vm.clone_agent(AGENT_TIMEOUT),
         None => vm.agent(AGENT_TIMEOUT),
@@ -135,8 +139,11 @@ fn start(args: &MonitorArgs, store: &Store) -> Result<Started> {
     let attach = vm.agent(AGENT_TIMEOUT)?.attach_stdio(&args.id)?;
     let exit = stdio::bridge(attach.into_inner(), host)?;
     trace.mark("stdio attached");
+    let base = template_dir.map(|d| husk_vmm::snapshot::SnapshotPaths::in_dir(&d).memory);
+    let pager = Pager::new(pause_config, vm.control().clone(), base, &args.id);
     let mut initial = initial_state(args, &bundle)?;
     initial.cgroup_dirs = cgroup.keep();
+    initial.page_file = Some(pager.file().to_path_buf());
     let state = Arc::new(Mutex::new(initial));
     store.save(&state.lock().unwrap())?;
     trace.mark("state saved");
@@ -145,11 +152,14 @@ fn start(args: &MonitorArgs, store: &Store) -> Result<Started> {
         vm: vm.control().clone(),
         state: state.clone(),
         root: args.root.clone(),
+        pager: Arc::new(pager),
     };
+    let pager = ctx.pager.clone();
     serve_control(&dir, ctx)?;
     Ok(Started {
         vm,
         _lease: lease,
+        pager,
         state,
         exit,
     })
@@ -157,7 +167,12 @@ fn start(args: &MonitorArgs, store: &Store) -> Result<Started> {
 
 /// Restores the VM from template `name`, with this container's console, vsock socket and
 /// directories in the template's share slots.
-fn clone_vm(name: &str, dir: &Path, plan: &GuestPlan) -> Result<(MicroVm, Option<Lease>)> {
+/// Also returns the lease and the template's snapshot directory.
+fn clone_vm(
+    name: &str,
+    dir: &Path,
+    plan: &GuestPlan,
+) -> Result<(MicroVm, Option<(Lease, PathBuf)>)> {
     let templates = husk_templates::Store::from_env();
     let Some(template) = templates.open(name)? else {
         anyhow::bail!("template {name} does not exist");
@@ -171,7 +186,7 @@ fn clone_vm(name: &str, dir: &Path, plan: &GuestPlan) -> Result<(MicroVm, Option
     };
     let vm = MicroVm::restore(&template.snapshot_dir(), opts)
         .with_context(|| format!("cloning template {name}"))?;
-    Ok((vm, Some(lease)))
+    Ok((vm, Some((lease, template.snapshot_dir()))))
 }
 
 /// Bytes of host randomness a clone's pool is reseeded with.
@@ -239,6 +254,7 @@ fn finish(mut s: Started, store: &Store) -> i32 {
     if let Err(e) = s.vm.wait_timeout(crate::boot::POWEROFF_TIMEOUT) {
         eprintln!("husk: {e:#}");
     }
+    s.pager.remove_file();
     stdio::exit_code(&status)
 }
 
@@ -278,6 +294,7 @@ fn initial_state(args: &MonitorArgs, bundle: &Bundle) -> Result<ContainerState> 
         pid_start_time: super::process_start_time(pid).unwrap_or(0),
         annotations: annotations.into_iter().collect(),
         cgroup_dirs: Vec::new(),
+        page_file: None,
     })
 }
 
@@ -332,6 +349,7 @@ struct Control {
     vm: husk_vmm::VmControl,
     state: Arc<Mutex<ContainerState>>,
     root: PathBuf,
+    pager: Arc<Pager>,
 }
 
 /// Serves `monitor.sock` on a thread: each request gets a fresh agent connection.
@@ -368,11 +386,18 @@ impl Control {
             }
             Request::Kill { signal, all } => self.agent()?.signal_container(&id, signal, all)?,
             // Pausing freezes the whole VM: no guest code runs until resume.
+            // `paused` may page the memory out (see paging.rs). The container is paused
+            // either way: a failed page-out leaves its memory in RAM, and says why.
             Request::Pause => {
                 self.vm.pause()?;
                 self.set(Status::Paused)?;
+                if let Err(e) = self.pager.paused() {
+                    eprintln!("husk: {e:#}");
+                }
             }
+            // A page file that cannot be read back leaves the container paused.
             Request::Resume => {
+                self.pager.resuming()?;
                 self.vm.resume();
                 self.set(Status::Running)?;
             }

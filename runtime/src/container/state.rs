@@ -48,6 +48,10 @@ pub struct ContainerState {
     /// The monitor's host cgroup directories, removed by `delete`.
     #[serde(default)]
     pub cgroup_dirs: Vec<PathBuf>,
+    /// Where a pause pages the guest's memory out to; removed by `delete` (a monitor killed
+    /// while paused cannot remove it itself).
+    #[serde(default)]
+    pub page_file: Option<PathBuf>,
 }
 
 impl ContainerState {
@@ -177,6 +181,7 @@ mod tests {
             pid_start_time: 7,
             annotations: BTreeMap::new(),
             cgroup_dirs: Vec::new(),
+            page_file: None,
         }
     }
 
