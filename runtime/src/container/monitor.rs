@@ -115,6 +115,11 @@ fn start(args: &MonitorArgs, store: &Store) -> Result<Started> {
         Some(name) => clone_vm(name, &dir, &plan)?,
         None => (MicroVm::start(options(&bundle, &dir, &plan)?)?, None),
     };
+    trace.mark(if clone.is_some() {
+        "VM restored"
+    } else {
+        "VM started"
+    });
     let (lease, template_dir) = clone.unzip();
     let mut agent = match lease {
         Some(_) => vm.clone_agent(AGENT_TIMEOUT),
