@@ -26,6 +26,9 @@ const KICK_INTERVAL: Duration = Duration::from_millis(2);
 struct GateState {
     paused: bool,
     parked: usize,
+    /// vCPU threads the VM starts; a pause waits for the late ones to register and park
+    /// (a snapshot needs every vCPU, and a thread still starting is not parked yet).
+    expected: usize,
     threads: Vec<libc::pthread_t>,
     /// Work for parked vCPUs, by vCPU index.
     jobs: HashMap<u8, VcpuJob>,
@@ -42,6 +45,11 @@ pub struct PauseGate {
 }
 
 impl PauseGate {
+    /// Called before the vCPU threads start, with how many there will be.
+    pub fn expect_threads(&self, count: usize) {
+        self.lock().expected = count;
+    }
+
     /// Called by each vCPU thread when it starts, so that `pause` can kick it.
     pub fn register_current_thread(&self) {
         // SAFETY: pthread_self has no preconditions.
@@ -120,7 +128,7 @@ impl VmControl {
         let deadline = Instant::now() + PARK_TIMEOUT;
         let mut st = self.gate.lock();
         st.paused = true;
-        while st.parked < st.threads.len() {
+        while st.parked < st.threads.len().max(st.expected) {
             if self.stop.is_stopping() {
                 return Err(VmError::Host("the VM stopped while pausing".into()));
             }

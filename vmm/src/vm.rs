@@ -194,6 +194,7 @@ impl Vm {
     /// Runs the guest until it stops; returns how it ended.
     pub fn run(self) -> Result<VmExit, VmError> {
         vcpu::install_kick_handler()?;
+        self.shared.gate.expect_threads(self.vcpus.len());
         let mut threads = Vec::with_capacity(self.vcpus.len());
         for (i, vcpu) in self.vcpus.into_iter().enumerate() {
             match std::thread::Builder::new()
