@@ -118,7 +118,7 @@ fn mem_available_kib() -> Result<u64> {
 }
 
 /// The number of a `Name:   123 kB` line of /proc/meminfo or smaps_rollup; `name` with its colon.
-fn kib_field(text: &str, name: &str) -> Option<u64> {
+pub(crate) fn kib_field(text: &str, name: &str) -> Option<u64> {
     text.lines().find_map(|line| {
         let mut words = line.split_whitespace();
         (words.next() == Some(name)).then(|| words.next()?.parse().ok())?

@@ -33,6 +33,9 @@ pub struct PauseBench {
     /// Lazy resumes per fill size.
     #[arg(long, default_value_t = 9)]
     runs: usize,
+    /// Instead (in the lab): a busybox container's monitor memory running, paused, resumed.
+    #[arg(long)]
+    container: bool,
 }
 
 /// How long the guest may take for anything (its fill is emulated).
@@ -42,6 +45,9 @@ const MIB: u64 = 1 << 20;
 const CODECS: [Codec; 2] = [Codec::Zstd, Codec::Lz4];
 
 pub fn run(b: &PauseBench) -> Result<()> {
+    if b.container {
+        return crate::bench_pause_container::run();
+    }
     if b.runs == 0 || b.fill.is_empty() {
         bail!("--runs and --fill must not be empty");
     }

@@ -232,6 +232,11 @@ impl Runtime {
         Ok(began.elapsed())
     }
 
+    /// Runs `exe --root ROOT ARGS` to its end; an error if it fails.
+    pub fn invoke(&self, args: &[&str]) -> Result<Duration> {
+        time(self.command().args(args))
+    }
+
     /// The status `state` reports (`created`, `running`, `stopped`, …).
     fn status(&self, id: &str) -> Result<String> {
         let (_, out) = run_to_files(self.command().args(["state", id]))?;

@@ -3,6 +3,7 @@ pub mod assets;
 pub mod bench;
 pub mod bench_density;
 pub mod bench_pause;
+pub mod bench_pause_container;
 pub mod bench_restore;
 pub mod bench_run;
 pub mod bench_start;
