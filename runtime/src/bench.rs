@@ -170,6 +170,18 @@ fn wait_for_line(child: &mut Child, needle: &str, start: Instant) -> Result<Dura
         .context("the ready marker never arrived")
 }
 
+/// For the benchmarks that run raw test guests on the host's /dev/kvm: fails unless there is
+/// one, then makes their scratch directory (`prefix`…, `what` it holds, for the error).
+pub fn host_kvm_scratch(prefix: &str, what: &str) -> Result<tempfile::TempDir> {
+    if !Path::new("/dev/kvm").exists() {
+        bail!("/dev/kvm is missing: this benchmark runs on the host's KVM");
+    }
+    tempfile::Builder::new()
+        .prefix(prefix)
+        .tempdir()
+        .with_context(|| format!("creating the {what} directory"))
+}
+
 pub fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }

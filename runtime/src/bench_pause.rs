@@ -51,13 +51,7 @@ pub fn run(b: &PauseBench) -> Result<()> {
     if b.runs == 0 || b.fill.is_empty() {
         bail!("--runs and --fill must not be empty");
     }
-    if !Path::new("/dev/kvm").exists() {
-        bail!("/dev/kvm is missing: this benchmark runs on the host's KVM");
-    }
-    let dir = tempfile::Builder::new()
-        .prefix("husk-bench-pause-")
-        .tempdir()
-        .context("creating the page file directory")?;
+    let dir = crate::bench::host_kvm_scratch("husk-bench-pause-", "page file")?;
     println!(
         "guest: raw long-mode counting guest, 1 vCPU, RAM = fill + {} MiB, page files in {}",
         FILL_START / MIB + 16,

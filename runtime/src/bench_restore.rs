@@ -61,13 +61,7 @@ pub fn run(b: &RestoreBench) -> Result<()> {
             b.memory
         );
     }
-    if !Path::new("/dev/kvm").exists() {
-        bail!("/dev/kvm is missing: this benchmark runs on the host's KVM");
-    }
-    let dir = tempfile::Builder::new()
-        .prefix("husk-bench-restore-")
-        .tempdir()
-        .context("creating the snapshot directory")?;
+    let dir = crate::bench::host_kvm_scratch("husk-bench-restore-", "snapshot")?;
     println!(
         "guest: raw long-mode counting guest, {} MiB RAM, vCPU 0 fills {} MiB with a pattern first",
         b.memory, b.fill

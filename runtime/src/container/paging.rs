@@ -77,7 +77,8 @@ impl PauseConfig {
     }
 }
 
-/// The monitor's pager: pages out after a pause, back in on resume.
+/// The monitor's pager: pages out after a pause, back in on resume. Clones share the epoch.
+#[derive(Clone)]
 pub struct Pager {
     config: PauseConfig,
     vm: husk_vmm::VmControl,
@@ -124,7 +125,7 @@ impl Pager {
         if after == 0 {
             return self.page_out(epoch);
         }
-        let me = self.clone_handle();
+        let me = self.clone();
         std::thread::Builder::new()
             .name("page-out".into())
             .spawn(move || {
@@ -166,16 +167,6 @@ impl Pager {
             eprintln!("husk monitor: paged out: {report:?}");
         }
         Ok(())
-    }
-
-    fn clone_handle(&self) -> Pager {
-        Pager {
-            config: self.config.clone(),
-            vm: self.vm.clone(),
-            base: self.base.clone(),
-            file: self.file.clone(),
-            epoch: self.epoch.clone(),
-        }
     }
 
     /// Removes the page file (the VM is gone or never needs it again).

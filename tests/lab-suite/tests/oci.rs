@@ -62,19 +62,9 @@ fn exit_codes_come_back() {
 fn lifecycle_create_start_state_kill_delete() {
     let oci = Oci::new();
     let b = oci.bundle("b", &["sleep", "300"]);
-    let pid_file = oci.dir.path().join("pid");
-    let out = oci.husk_detached(&[
-        "create",
-        "--bundle",
-        b.to_str().unwrap(),
-        "--pid-file",
-        pid_file.to_str().unwrap(),
-        "c1",
-    ]);
-    assert_eq!(out.code, 0, "{}", out.stderr);
+    let pid = oci.create(&b, "c1");
     let created = state(&oci, "c1");
     assert_eq!(created["status"], "created");
-    let pid: i64 = std::fs::read_to_string(&pid_file).unwrap().parse().unwrap();
     assert_eq!(created["pid"], pid);
     assert_eq!(created["bundle"], b.to_str().unwrap());
     assert!(Path::new(&format!("/proc/{pid}")).exists());
@@ -94,7 +84,7 @@ fn lifecycle_create_start_state_kill_delete() {
     // "stopped" is recorded before the guest powers off; the monitor follows within the
     // poweroff bound.
     assert!(
-        wait_gone(pid, Duration::from_secs(40)),
+        wait_gone(pid.into(), Duration::from_secs(40)),
         "monitor still alive"
     );
     let killed = oci.husk(&["kill", "c1", "9"]);
@@ -382,22 +372,12 @@ fn resources_size_the_vm_and_limit_the_monitors_cgroup() {
         });
         v["linux"]["cgroupsPath"] = json!("/husk-test/res1");
     });
-    let pid_file = oci.dir.path().join("res.pid");
-    let out = oci.husk_detached(&[
-        "create",
-        "--bundle",
-        b.to_str().unwrap(),
-        "--pid-file",
-        pid_file.to_str().unwrap(),
-        "res1",
-    ]);
-    assert_eq!(out.code, 0, "{}", out.stderr);
-    let pid = std::fs::read_to_string(&pid_file).unwrap();
+    let pid = oci.create(&b, "res1").to_string();
     // The lab runs cgroup v2 (the hosts run v1; both are handled).
     let cg = Path::new("/sys/fs/cgroup/husk-test/res1");
     let read = |f: &str| std::fs::read_to_string(cg.join(f)).unwrap_or_default();
     assert!(
-        read("cgroup.procs").lines().any(|l| l == pid.trim()),
+        read("cgroup.procs").lines().any(|l| l == pid),
         "monitor not in {cg:?}"
     );
     // Guest RAM plus the VMM's 64 MiB allowance.

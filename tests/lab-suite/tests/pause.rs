@@ -35,23 +35,10 @@ fn counter(oci: &Oci, id: &str) -> i32 {
     config();
     let script = "i=0; while :; do i=$((i+1)); echo $i > /dev/shm/n; usleep 100000; done";
     let b = oci.bundle(id, &["sh", "-c", script]);
-    let pid_file = oci.dir.path().join(format!("{id}.pid"));
-    let out = oci.husk_detached(&[
-        "create",
-        "--bundle",
-        b.to_str().unwrap(),
-        "--pid-file",
-        pid_file.to_str().unwrap(),
-        id,
-    ]);
-    assert_eq!(out.code, 0, "{}", out.stderr);
+    let pid = oci.create(&b, id);
     let start = oci.husk(&["start", id]);
     assert_eq!(start.code, 0, "{}", start.stderr);
-    std::fs::read_to_string(pid_file)
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap()
+    pid
 }
 
 /// The counter's current value, read with `husk exec`.
