@@ -164,7 +164,7 @@ impl Runtime {
         };
         Runtime::new(
             name,
-            std::env::current_exe()?,
+            crate::bench::installed_husk(work)?,
             work.join(tag),
             Some(!template),
         )

@@ -45,11 +45,15 @@ pub struct CreateOpts {
 /// `husk create`: claims the id, picks (and if need be builds) the template, starts the
 /// monitor, returns once the container is created. `debug` hears why a VM is cold-booted.
 pub fn create(root: &Path, opts: &CreateOpts, debug: &dyn Fn(&str)) -> Result<i32> {
+    let trace = super::trace::Trace::start("create");
     let bundle = Bundle::load(&opts.bundle)?;
     let store = Store::new(root);
     store.create(&opts.id)?;
-    let spawned = template_choice::choose(&bundle, opts.no_template, debug)
-        .and_then(|template| spawn_monitor(root, opts, &bundle.dir, template.as_deref()));
+    let spawned = template_choice::choose(&bundle, opts.no_template, debug).and_then(|template| {
+        trace.mark("template chosen");
+        spawn_monitor(root, opts, &bundle.dir, template.as_deref())
+    });
+    trace.mark("monitor answered");
     match spawned {
         Ok(pid) => {
             if let Some(p) = &opts.pid_file {
@@ -138,6 +142,7 @@ pub fn load(store: &Store, id: &str) -> Result<ContainerState> {
 }
 
 pub fn start(root: &Path, id: &str) -> Result<()> {
+    let trace = super::trace::Trace::start("start");
     let store = Store::new(root);
     let st = load(&store, id)?;
     match st.status {
@@ -145,7 +150,9 @@ pub fn start(root: &Path, id: &str) -> Result<()> {
         Status::Stopped => bail!("cannot start a container that has stopped"),
         _ => bail!("cannot start an already running container"),
     }
+    trace.mark("state read");
     control::call(&store.dir(id), &Request::Start)?;
+    trace.mark("started");
     Ok(())
 }
 

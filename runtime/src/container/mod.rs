@@ -11,6 +11,7 @@ pub mod signal;
 pub mod state;
 pub mod stdio;
 pub mod template_choice;
+pub mod trace;
 
 /// Field 22 of /proc/PID/stat: tells a live process from a later one that reused its pid.
 pub fn process_start_time(pid: i32) -> Option<u64> {

@@ -20,6 +20,7 @@ use super::guest_plan::{GuestPlan, GUEST_ROOTFS};
 use super::paging::{Pager, PauseConfig};
 use super::state::{ContainerState, Status, Store};
 use super::stdio::{self, HostStdio};
+use super::trace::Trace;
 use crate::boot::AGENT_TIMEOUT;
 use crate::microvm::{MicroVm, Options, RestoreOptions};
 use crate::{assets, vsock};
@@ -102,7 +103,7 @@ struct Started {
 
 /// Boots, creates the container, saves the "created" state and starts the control server.
 fn start(args: &MonitorArgs, store: &Store) -> Result<Started> {
-    let trace = Trace::start();
+    let trace = Trace::start("monitor");
     let bundle = Bundle::load(&args.bundle)?;
     let plan = GuestPlan::new(&bundle)?;
     let dir = store.dir(&args.id);
@@ -301,21 +302,6 @@ fn initial_state(args: &MonitorArgs, bundle: &Bundle) -> Result<ContainerState> 
         cgroup_dirs: Vec::new(),
         page_file: None,
     })
-}
-
-/// `HUSK_TRACE=1`: how long each step of creating the container took, on stderr.
-struct Trace(Option<std::time::Instant>);
-
-impl Trace {
-    fn start() -> Self {
-        Self(std::env::var_os("HUSK_TRACE").map(|_| std::time::Instant::now()))
-    }
-
-    fn mark(&self, what: &str) {
-        if let Some(t0) = self.0 {
-            eprintln!("husk monitor: {what} at {} ms", t0.elapsed().as_millis());
-        }
-    }
 }
 
 /// The monitor's host cgroup while the container is being created: if creation fails, the
