@@ -32,9 +32,18 @@ fn config() {
 /// A busybox container counting in a shell variable and writing each value to tmpfs (guest
 /// RAM), created and started; returns the monitor's pid.
 fn counter(oci: &Oci, id: &str) -> i32 {
+    counter_booted(oci, id, false)
+}
+
+/// Like `counter`; `cold` boots the VM instead of cloning the template (its RAM then maps
+/// the kernel and initramfs files instead of the template's memory file).
+fn counter_booted(oci: &Oci, id: &str, cold: bool) -> i32 {
     config();
     let script = "i=0; while :; do i=$((i+1)); echo $i > /dev/shm/n; usleep 100000; done";
     let b = oci.bundle(id, &["sh", "-c", script]);
+    if cold {
+        oci.edit(&b, |v| v["annotations"]["io.husk.template"] = "none".into());
+    }
     let pid = oci.create(&b, id);
     let start = oci.husk(&["start", id]);
     assert_eq!(start.code, 0, "{}", start.stderr);
@@ -77,35 +86,44 @@ fn page_file(id: &str, pid: i32) -> PathBuf {
 
 #[test]
 fn a_paused_container_gives_its_memory_back_and_resumes_counting() {
+    pause_and_resume("p1", false);
+}
+
+#[test]
+fn a_cold_booted_container_pauses_and_resumes_too() {
+    pause_and_resume("p5", true);
+}
+
+fn pause_and_resume(id: &str, cold: bool) {
     let oci = Oci::new();
-    let pid = counter(&oci, "p1");
-    let before = count(&oci, "p1");
+    let pid = counter_booted(&oci, id, cold);
+    let before = count(&oci, id);
     // Every page the guest dirtied is private to the monitor; a page-out releases them.
     let dirty = rollup(pid, "Private_Dirty");
-    let pause = oci.husk(&["pause", "p1"]);
+    let pause = oci.husk(&["pause", id]);
     assert_eq!(pause.code, 0, "{}", pause.stderr);
-    assert_eq!(status(&oci, "p1"), "paused");
-    assert!(page_file("p1", pid).exists(), "no page file after pause");
+    assert_eq!(status(&oci, id), "paused");
+    assert!(page_file(id, pid).exists(), "no page file after pause");
     let paused_dirty = rollup(pid, "Private_Dirty");
     eprintln!("monitor Private_Dirty: running {dirty} KiB, paused {paused_dirty} KiB");
     assert!(
         paused_dirty < dirty / 2,
         "pause released too little: {dirty} KiB -> {paused_dirty} KiB"
     );
-    let resume = oci.husk(&["resume", "p1"]);
+    let resume = oci.husk(&["resume", id]);
     assert_eq!(resume.code, 0, "{}", resume.stderr);
-    assert_eq!(status(&oci, "p1"), "running");
-    let after = count(&oci, "p1");
+    assert_eq!(status(&oci, id), "running");
+    let after = count(&oci, id);
     assert!(after >= before, "the count went back: {before} -> {after}");
     // And it keeps counting.
     std::thread::sleep(Duration::from_secs(2));
-    let later = count(&oci, "p1");
+    let later = count(&oci, id);
     assert!(
         later > after,
         "the counter stopped after resume: {after} -> {later}"
     );
-    assert_eq!(oci.husk(&["delete", "--force", "p1"]).code, 0);
-    assert!(!page_file("p1", pid).exists(), "page file left behind");
+    assert_eq!(oci.husk(&["delete", "--force", id]).code, 0);
+    assert!(!page_file(id, pid).exists(), "page file left behind");
 }
 
 #[test]

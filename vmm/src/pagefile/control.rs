@@ -167,7 +167,7 @@ fn page_out_held(
     };
     let mapping_is_base = match base_id {
         Some(id) => ram.backing == id,
-        None => ram.backing == Backing::Anon,
+        None => ram.backing == Backing::Anon && !ram.images_mapped,
     };
     let scan = ScanBase {
         file: base
@@ -256,6 +256,7 @@ fn release(
         Some((file, _)) => ram::file_id(file)?,
         None => Backing::Anon,
     };
+    ram.images_mapped = false;
     Ok(())
 }
 
