@@ -15,7 +15,7 @@ use std::thread;
 
 use husk_agent::proto::{ExitStatus, FrameKind, Response, MAX_DATA_CHUNK};
 
-use super::container::{ExitCell, Stdio};
+use super::container::{ExitCell, Split, Stdio};
 use super::server::Sender;
 
 /// The init's stdio and the connection it currently goes to.
@@ -31,25 +31,17 @@ pub struct Relay {
 impl Relay {
     /// Takes over `stdio` and starts forwarding it, and the exit status after it.
     pub fn start(stdio: Stdio, exit: Arc<ExitCell>) -> io::Result<Arc<Relay>> {
-        let (outputs, stdin, pty) = match stdio {
-            Stdio::Pipes {
-                stdin,
-                stdout,
-                stderr,
-            } => ([Some(stdout), Some(stderr)], stdin, None),
-            Stdio::Pty { master } => {
-                let reader = master.try_clone()?;
-                let pty = master.try_clone()?;
-                ([Some(reader), None], master, Some(pty))
-            }
-        };
+        let Split {
+            outputs: [stdout, stderr],
+            stdin,
+            pty,
+        } = stdio.split()?;
         let relay = Arc::new(Relay {
             attached: Mutex::new(None),
             changed: Condvar::new(),
             stdin: Mutex::new(Some(stdin)),
             pty,
         });
-        let [stdout, stderr] = outputs;
         let pumps = [(stdout, FrameKind::Stdout), (stderr, FrameKind::Stderr)]
             .into_iter()
             .filter_map(|(src, kind)| src.map(|s| relay.clone().pump(s, kind)))

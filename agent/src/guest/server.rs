@@ -18,7 +18,7 @@ use husk_agent::proto::{
     encode_data, read_frame, Frame, FrameError, FrameKind, Request, Response, PROTOCOL_VERSION,
 };
 
-use super::container::{self, Containers, ExecStarted, Stdio};
+use super::container::{self, Containers, ExecStarted, Split, Stdio};
 use super::exec::{self, Running};
 use super::reaper::Reaper;
 use super::relay::Relay;
@@ -344,19 +344,11 @@ impl Conn {
         running: Option<Running>,
     ) -> Result<(), String> {
         let fail = |e: io::Error| format!("stdio: {e}");
-        let (outputs, stdin, pty) = match stdio {
-            Stdio::Pipes {
-                stdin,
-                stdout,
-                stderr,
-            } => ([Some(stdout), Some(stderr)], stdin, None),
-            Stdio::Pty { master } => {
-                let reader = master.try_clone().map_err(fail)?;
-                let resize = master.try_clone().map_err(fail)?;
-                ([Some(reader), None], master, Some(resize))
-            }
-        };
-        let [stdout, stderr] = outputs;
+        let Split {
+            outputs: [stdout, stderr],
+            stdin,
+            pty,
+        } = stdio.split().map_err(fail)?;
         let pumps = [
             stdout.map(|s| exec::pump(s, FrameKind::Stdout, self.out.clone())),
             stderr.map(|s| exec::pump(s, FrameKind::Stderr, self.out.clone())),

@@ -20,17 +20,9 @@ fn counter(oci: &Oci, id: &str) -> PathBuf {
     b
 }
 
-/// The counter's current value, read with `husk exec`.
+/// The counter's current value.
 fn count(oci: &Oci, id: &str) -> u64 {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let out = oci.husk(&["exec", id, "cat", "/dev/shm/n"]);
-        if let Ok(n) = out.stdout.trim().parse() {
-            return n;
-        }
-        assert!(Instant::now() < deadline, "no count: {out:?}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    oci.number_in(id, "/dev/shm/n")
 }
 
 /// The last value the container appended to its rootfs file, read on the host.
@@ -40,13 +32,6 @@ fn logged(bundle: &Path) -> u64 {
         .last()
         .and_then(|l| l.parse().ok())
         .unwrap_or(0)
-}
-
-fn status(oci: &Oci, id: &str) -> String {
-    let out = oci.husk(&["state", id]);
-    assert_eq!(out.code, 0, "{}", out.stderr);
-    let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
-    v["status"].as_str().unwrap().to_string()
 }
 
 /// `husk restore --detach` of `image` as `id`; returns the pid in its pid file.
@@ -71,6 +56,18 @@ fn restore(oci: &Oci, image: &Path, bundle: &Path, id: &str) -> i32 {
     std::fs::read_to_string(&pid_file).unwrap().parse().unwrap()
 }
 
+/// `husk checkpoint --image-path <dir>/ID.image ARGS ID`, which must succeed; returns the
+/// image directory.
+fn checkpoint(oci: &Oci, id: &str, args: &[&str]) -> PathBuf {
+    let image = oci.dir.path().join(format!("{id}.image"));
+    let mut all = vec!["checkpoint", "--image-path", image.to_str().unwrap()];
+    all.extend_from_slice(args);
+    all.push(id);
+    let out = oci.husk(&all);
+    assert_eq!(out.code, 0, "checkpoint: {}", out.stderr);
+    image
+}
+
 /// Waits until `f` holds, for up to a minute.
 fn eventually(what: &str, f: impl Fn() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -85,21 +82,14 @@ fn a_checkpointed_container_stops_and_its_restore_counts_on() {
     let oci = Oci::new();
     let bundle = counter(&oci, "c1");
     count(&oci, "c1");
-    let image = oci.dir.path().join("image1");
-    let ck = oci.husk(&[
-        "checkpoint",
-        "--image-path",
-        image.to_str().unwrap(),
-        "--work-path",
-        bundle.to_str().unwrap(),
-        "--tcp-established",
-        "--file-locks",
-        "--manage-cgroups-mode",
-        "soft",
+    let work = bundle.to_str().unwrap();
+    let flags = ["--work-path", work, "--tcp-established", "--file-locks"];
+    let image = checkpoint(
+        &oci,
         "c1",
-    ]);
-    assert_eq!(ck.code, 0, "checkpoint: {}", ck.stderr);
-    assert_eq!(status(&oci, "c1"), "stopped");
+        &[&flags[..], &["--manage-cgroups-mode", "soft"]].concat(),
+    );
+    assert_eq!(oci.status("c1"), "stopped");
     let at_checkpoint = logged(&bundle);
     assert!(at_checkpoint > 0, "the counter never logged");
     std::thread::sleep(Duration::from_millis(500));
@@ -111,7 +101,7 @@ fn a_checkpointed_container_stops_and_its_restore_counts_on() {
     assert_eq!(oci.husk(&["delete", "c1"]).code, 0);
 
     let pid = restore(&oci, &image, &bundle, "c1");
-    assert_eq!(status(&oci, "c1"), "running");
+    assert_eq!(oci.status("c1"), "running");
     let state = oci.husk(&["state", "c1"]);
     assert!(
         state.stdout.contains(&format!("\"pid\": {pid}")),
@@ -142,26 +132,18 @@ fn leave_running_keeps_the_original_and_a_restore_under_a_new_id_runs_beside_it(
     let oci = Oci::new();
     let bundle = counter(&oci, "c2");
     count(&oci, "c2");
-    let image = oci.dir.path().join("image2");
-    let ck = oci.husk(&[
-        "checkpoint",
-        "--image-path",
-        image.to_str().unwrap(),
-        "--leave-running",
-        "c2",
-    ]);
-    assert_eq!(ck.code, 0, "checkpoint: {}", ck.stderr);
-    assert_eq!(status(&oci, "c2"), "running");
+    let image = checkpoint(&oci, "c2", &["--leave-running"]);
+    assert_eq!(oci.status("c2"), "running");
     let before = count(&oci, "c2");
     eventually("the original stopped counting", || {
         count(&oci, "c2") > before
     });
 
     restore(&oci, &image, &bundle, "c2-copy");
-    assert_eq!(status(&oci, "c2-copy"), "running");
+    assert_eq!(oci.status("c2-copy"), "running");
     let copy = count(&oci, "c2-copy");
     eventually("the copy does not count", || count(&oci, "c2-copy") > copy);
-    assert_eq!(status(&oci, "c2"), "running");
+    assert_eq!(oci.status("c2"), "running");
     for id in ["c2", "c2-copy"] {
         assert_eq!(oci.husk(&["delete", "--force", id]).code, 0);
     }
@@ -172,15 +154,7 @@ fn a_damaged_checkpoint_is_refused_with_one_line_and_leaves_nothing() {
     let oci = Oci::new();
     let bundle = counter(&oci, "c3");
     count(&oci, "c3");
-    let image = oci.dir.path().join("image3");
-    let ck = oci.husk(&[
-        "checkpoint",
-        "--image-path",
-        image.to_str().unwrap(),
-        "--leave-running",
-        "c3",
-    ]);
-    assert_eq!(ck.code, 0, "checkpoint: {}", ck.stderr);
+    let image = checkpoint(&oci, "c3", &["--leave-running"]);
     // Flip one byte in the middle of the page file.
     let pages = image.join("pages");
     let mut bytes = std::fs::read(&pages).unwrap();

@@ -76,6 +76,38 @@ pub enum Stdio {
     },
 }
 
+/// A process's stdio as the agent forwards it.
+pub struct Split {
+    /// stdout and stderr (a terminal has only the first).
+    pub outputs: [Option<File>; 2],
+    /// Where input goes: the pipe, or the pty master.
+    pub stdin: File,
+    /// The pty master again, for resizes, with a terminal.
+    pub pty: Option<File>,
+}
+
+impl Stdio {
+    /// Separate handles for reading output, writing input and resizing.
+    pub fn split(self) -> std::io::Result<Split> {
+        Ok(match self {
+            Stdio::Pipes {
+                stdin,
+                stdout,
+                stderr,
+            } => Split {
+                outputs: [Some(stdout), Some(stderr)],
+                stdin,
+                pty: None,
+            },
+            Stdio::Pty { master } => Split {
+                outputs: [Some(master.try_clone()?), None],
+                pty: Some(master.try_clone()?),
+                stdin: master,
+            },
+        })
+    }
+}
+
 /// A container init's exit status, set once by its watcher thread.
 #[derive(Default)]
 pub struct ExitCell {
