@@ -127,6 +127,11 @@ fn start(args: &MonitorArgs, store: &Store) -> Result<Started> {
     });
     let (lease, template) = clone.map(|c| (c.lease, c.template)).unzip();
     let restored = args.restore.is_some();
+    // A restored container keeps the id its guest agent knows it by.
+    let guest_id = match &args.restore {
+        Some(image) => Manifest::read(image)?.id,
+        None => args.id.clone(),
+    };
     let mut agent = match lease.is_some() || restored {
         true => vm.clone_agent(AGENT_TIMEOUT),
         false => vm.agent(AGENT_TIMEOUT),
@@ -151,7 +156,7 @@ fn start(args: &MonitorArgs, store: &Store) -> Result<Started> {
         (Some(sock), true) => stdio::terminal(sock)?,
         _ => HostStdio::Inherited,
     };
-    let attach = vm.agent(AGENT_TIMEOUT)?.attach_stdio(&args.id)?;
+    let attach = vm.agent(AGENT_TIMEOUT)?.attach_stdio(&guest_id)?;
     let exit = stdio::bridge(attach.into_inner(), host)?;
     trace.mark("stdio attached");
     let base = template
@@ -161,6 +166,9 @@ fn start(args: &MonitorArgs, store: &Store) -> Result<Started> {
     let mut initial = initial_state(args, &bundle)?;
     if restored {
         initial.status = Status::Running;
+    }
+    if guest_id != args.id {
+        initial.guest_id = Some(guest_id);
     }
     initial.cgroup_dirs = cgroup.keep();
     initial.page_file = Some(pager.file().to_path_buf());
@@ -356,6 +364,7 @@ fn initial_state(args: &MonitorArgs, bundle: &Bundle) -> Result<ContainerState> 
         annotations: annotations.into_iter().collect(),
         cgroup_dirs: Vec::new(),
         page_file: None,
+        guest_id: None,
     })
 }
 
@@ -446,7 +455,7 @@ fn serve_control(dir: &Path, ctx: Control) -> Result<()> {
 
 impl Control {
     fn handle(&self, req: Request) -> Result<Reply> {
-        let id = self.state.lock().unwrap().id.clone();
+        let id = self.state.lock().unwrap().guest_id().to_string();
         match req {
             Request::Start => {
                 self.agent()?.start_container(&id)?;
@@ -502,7 +511,7 @@ impl Control {
             .and_then(|_| {
                 let st = self.state.lock().unwrap().clone();
                 let template = self.template.as_ref().map(checkpoint::template_ref);
-                Manifest::new(dir, &st.id, &st.bundle, template.transpose()?)?.write(dir)
+                Manifest::new(dir, st.guest_id(), &st.bundle, template.transpose()?)?.write(dir)
             });
         if let Err(e) = written {
             checkpoint::remove_image(dir);

@@ -14,6 +14,7 @@ fn counter(oci: &Oci, id: &str) -> PathBuf {
     let script = "exec 3>>/count.log; i=0; \
                   while :; do i=$((i+1)); echo $i > /dev/shm/n; echo $i >&3; usleep 100000; done";
     let b = oci.bundle(id, &["sh", "-c", script]);
+    oci.edit(&b, |v| v["root"]["readonly"] = false.into());
     oci.create(&b, id);
     let start = oci.husk(&["start", id]);
     assert_eq!(start.code, 0, "{}", start.stderr);
