@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::{Parser, Subcommand};
+use husk_runtime::container::checkpoint::{self, CheckpointOpts, RestoreOpts};
 use husk_runtime::container::commands::{self, CreateOpts};
 use husk_runtime::container::exec::{self, ExecOpts};
 use husk_runtime::container::monitor::{self, MonitorArgs};
@@ -97,6 +98,10 @@ enum Command {
     },
     /// Run a new process inside a running container.
     Exec(ExecOpts),
+    /// Write the container's whole micro-VM to a directory (and stop it, unless told not to).
+    Checkpoint(CheckpointOpts),
+    /// Bring a checkpointed container back, running, in a new micro-VM monitor.
+    Restore(RestoreOpts),
     /// Print the features Husk honours (runc's JSON).
     Features,
     /// Write a default config.json for a bundle.
@@ -127,6 +132,9 @@ enum Command {
         /// Clone the VM from this template instead of booting it.
         #[arg(long)]
         template: Option<String>,
+        /// Restore the VM from this checkpoint instead of booting it.
+        #[arg(long)]
+        restore: Option<PathBuf>,
         id: String,
     },
 }
@@ -176,6 +184,12 @@ fn dispatch(cli: Cli, started: Instant, logger: &Logger) -> Result<i32, Failure>
         Command::Ps { format, id } => plain(commands::ps(&root, &id, format == "json")),
         Command::List { format, quiet } => plain(commands::list(&root, format == "json", quiet)),
         Command::Exec(opts) => exec::exec(&root, &opts).map_err(|e| ("", e)),
+        Command::Checkpoint(opts) => checkpoint::checkpoint(&root, &opts)
+            .map(|()| 0)
+            .map_err(|e| ("husk checkpoint failed: ", e)),
+        Command::Restore(opts) => {
+            checkpoint::restore(&root, &opts).map_err(|e| ("husk restore failed: ", e))
+        }
         Command::Features => plain(commands::features()),
         Command::Spec { bundle } => plain(commands::spec(&bundle)),
         Command::Monitor {
@@ -183,6 +197,7 @@ fn dispatch(cli: Cli, started: Instant, logger: &Logger) -> Result<i32, Failure>
             console_socket,
             ready_fd,
             template,
+            restore,
             id,
         } => Ok(monitor::run(MonitorArgs {
             root,
@@ -191,6 +206,7 @@ fn dispatch(cli: Cli, started: Instant, logger: &Logger) -> Result<i32, Failure>
             console_socket,
             ready_fd,
             template,
+            restore,
         })),
         Command::Boot(args) => vm_cmd(boot::run(&args, started)),
         Command::Vm(args) => vm_cmd(vm::run(args)),

@@ -43,6 +43,18 @@ pub struct RestoreOptions {
     pub shares: Vec<(PathBuf, bool)>,
 }
 
+impl RestoreOptions {
+    fn overrides(self) -> (RestoreOverrides, PathBuf) {
+        let overrides = RestoreOverrides {
+            serial: self.serial,
+            vsock: Some((GUEST_CID, self.vsock_path.clone())),
+            shares: Some(self.shares),
+            kvm_device: PathBuf::from("/dev/kvm"),
+        };
+        (overrides, self.vsock_path)
+    }
+}
+
 /// A running micro-VM. Dropping it without `wait` leaves the VMM thread to end with the guest.
 pub struct MicroVm {
     uds: PathBuf,
@@ -80,14 +92,17 @@ impl MicroVm {
     /// console, vsock socket and share directories (one per share of the snapshot). The
     /// agent already listens; the guest learns of its new host side by a transport reset.
     pub fn restore(snapshot_dir: &Path, opts: RestoreOptions) -> Result<MicroVm> {
-        let overrides = RestoreOverrides {
-            serial: opts.serial,
-            vsock: Some((GUEST_CID, opts.vsock_path.clone())),
-            shares: Some(opts.shares),
-            kvm_device: PathBuf::from("/dev/kvm"),
-        };
+        let (overrides, uds) = opts.overrides();
         let dir = snapshot_dir.to_path_buf();
-        Self::spawn(move || Vm::restore(&dir, overrides), opts.vsock_path, None)
+        Self::spawn(move || Vm::restore(&dir, overrides), uds, None)
+    }
+
+    /// Brings back the VM checkpointed into `dir` (see `VmControl::checkpoint`), with this
+    /// VM's own console, vsock socket and share directories; its memory comes back lazily.
+    pub fn restore_checkpoint(dir: &Path, opts: RestoreOptions) -> Result<MicroVm> {
+        let (overrides, uds) = opts.overrides();
+        let dir = dir.to_path_buf();
+        Self::spawn(move || Vm::restore_checkpoint(&dir, overrides), uds, None)
     }
 
     /// Builds the VM on its own thread with `build` and runs it there.

@@ -161,7 +161,7 @@ pub struct Vm {
     console: Arc<Mutex<ConsoleLog>>,
     vsock: Option<VsockControl>,
     /// The VM fd, KVM, memory and the devices a snapshot saves.
-    parts: Arc<VmParts>,
+    pub(crate) parts: Arc<VmParts>,
 }
 
 impl Vm {

@@ -6,6 +6,7 @@ pub mod container;
 pub mod exec;
 pub mod init;
 pub mod reaper;
+pub mod relay;
 pub mod server;
 pub mod shares;
 pub mod vsock_send;

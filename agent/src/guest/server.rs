@@ -18,9 +18,10 @@ use husk_agent::proto::{
     encode_data, read_frame, Frame, FrameError, FrameKind, Request, Response, PROTOCOL_VERSION,
 };
 
-use super::container::{self, Containers, ExecStarted, ExitCell, Stdio};
+use super::container::{self, Containers, ExecStarted, Split, Stdio};
 use super::exec::{self, Running};
 use super::reaper::Reaper;
+use super::relay::Relay;
 
 /// What kind of system the agent runs on; decides what `Poweroff` does.
 pub enum Mode {
@@ -45,6 +46,11 @@ pub struct Ctx {
 pub struct Sender(Arc<Mutex<File>>);
 
 impl Sender {
+    /// Whether both are the same connection.
+    pub fn same(&self, other: &Sender) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+
     pub fn send(&self, frame: &Frame) -> io::Result<()> {
         self.write(&frame.encode())
     }
@@ -149,6 +155,8 @@ struct Conn {
     stdin: Option<File>,
     /// The pty master of the exec or attached container, for `Resize` and `CloseStdin`.
     pty: Option<File>,
+    /// The container init's stdio, when this connection is attached to it.
+    relay: Option<Arc<Relay>>,
 }
 
 impl Conn {
@@ -163,6 +171,7 @@ impl Conn {
             running: Arc::default(),
             stdin: None,
             pty: None,
+            relay: None,
         };
         let mut reader = BufReader::new(stream);
         loop {
@@ -313,14 +322,17 @@ impl Conn {
             })
     }
 
-    /// Makes this connection the container init's stdio: `Ok`, then its output and `Exit`.
+    /// Makes this connection the container init's stdio: `Ok`, then its output and `Exit`
+    /// (taking the stdio over from a connection attached before).
     fn attach(&mut self, id: &str) -> Result<(), String> {
-        let (stdio, exit): (Stdio, Arc<ExitCell>) = self.ctx.containers.attach(id)?;
+        let relay = self.ctx.containers.attach(id)?;
+        self.pty = match relay.pty() {
+            Some(pty) => Some(pty.try_clone().map_err(|e| format!("stdio: {e}"))?),
+            None => None,
+        };
         self.reply(Response::Ok);
-        let status = move || exit.wait();
-        if let Err(e) = self.stream(stdio, status, None) {
-            eprintln!("husk-agent: attach {id}: {e}");
-        }
+        relay.attach(self.out.clone());
+        self.relay = Some(relay);
         Ok(())
     }
 
@@ -332,19 +344,11 @@ impl Conn {
         running: Option<Running>,
     ) -> Result<(), String> {
         let fail = |e: io::Error| format!("stdio: {e}");
-        let (outputs, stdin, pty) = match stdio {
-            Stdio::Pipes {
-                stdin,
-                stdout,
-                stderr,
-            } => ([Some(stdout), Some(stderr)], stdin, None),
-            Stdio::Pty { master } => {
-                let reader = master.try_clone().map_err(fail)?;
-                let resize = master.try_clone().map_err(fail)?;
-                ([Some(reader), None], master, Some(resize))
-            }
-        };
-        let [stdout, stderr] = outputs;
+        let Split {
+            outputs: [stdout, stderr],
+            stdin,
+            pty,
+        } = stdio.split().map_err(fail)?;
         let pumps = [
             stdout.map(|s| exec::pump(s, FrameKind::Stdout, self.out.clone())),
             stderr.map(|s| exec::pump(s, FrameKind::Stderr, self.out.clone())),
@@ -358,6 +362,9 @@ impl Conn {
     /// Ends the process's input: closes the pipe, or on a terminal types EOF (^D), which is
     /// what closing the host side of a terminal means to a reader in canonical mode.
     fn close_stdin(&mut self) {
+        if let Some(relay) = &self.relay {
+            return relay.close_stdin();
+        }
         if self.pty.is_some() {
             if let Some(stdin) = &mut self.stdin {
                 let _ = stdin.write_all(b"\x04");
@@ -368,6 +375,9 @@ impl Conn {
     }
 
     fn write_stdin(&mut self, data: &[u8]) {
+        if let Some(relay) = &self.relay {
+            return relay.write_stdin(data);
+        }
         // Stdin frames get no reply; once the child stops reading, further input is dropped.
         if let Some(stdin) = &mut self.stdin {
             if stdin.write_all(data).is_err() {

@@ -42,16 +42,36 @@ pub struct CreateOpts {
     pub id: String,
 }
 
+/// Where a monitor gets its VM from.
+pub enum VmSource {
+    /// Cloned from this template, or cold-booted (`None`).
+    Template(Option<String>),
+    /// Restored from the checkpoint in this directory.
+    Checkpoint(PathBuf),
+}
+
 /// `husk create`: claims the id, picks (and if need be builds) the template, starts the
 /// monitor, returns once the container is created. `debug` hears why a VM is cold-booted.
 pub fn create(root: &Path, opts: &CreateOpts, debug: &dyn Fn(&str)) -> Result<i32> {
-    let trace = super::trace::Trace::start("create");
+    create_with(root, opts, |bundle| {
+        template_choice::choose(bundle, opts.no_template, debug).map(VmSource::Template)
+    })
+}
+
+/// Claims the id and starts a monitor on the VM `source` gives; returns the monitor's pid
+/// (also written to `--pid-file`). A failure leaves no state directory behind.
+pub fn create_with(
+    root: &Path,
+    opts: &CreateOpts,
+    source: impl FnOnce(&Bundle) -> Result<VmSource>,
+) -> Result<i32> {
     let bundle = Bundle::load(&opts.bundle)?;
     let store = Store::new(root);
     store.create(&opts.id)?;
-    let spawned = template_choice::choose(&bundle, opts.no_template, debug).and_then(|template| {
-        trace.mark("template chosen");
-        spawn_monitor(root, opts, &bundle.dir, template.as_deref())
+    let trace = super::trace::Trace::start("create");
+    let spawned = source(&bundle).and_then(|source| {
+        trace.mark("VM source chosen");
+        spawn_monitor(root, opts, &bundle.dir, &source)
     });
     trace.mark("monitor answered");
     match spawned {
@@ -68,12 +88,7 @@ pub fn create(root: &Path, opts: &CreateOpts, debug: &dyn Fn(&str)) -> Result<i3
     }
 }
 
-fn spawn_monitor(
-    root: &Path,
-    opts: &CreateOpts,
-    bundle: &Path,
-    template: Option<&str>,
-) -> Result<i32> {
+fn spawn_monitor(root: &Path, opts: &CreateOpts, bundle: &Path, source: &VmSource) -> Result<i32> {
     let (read, write) = nix::unistd::pipe()?;
     let write_fd = high_fd(write)?;
     let mut cmd = Command::new(std::env::current_exe()?);
@@ -85,9 +100,11 @@ fn spawn_monitor(
     if let Some(s) = &opts.console_socket {
         cmd.arg("--console-socket").arg(s);
     }
-    if let Some(t) = template {
-        cmd.arg("--template").arg(t);
-    }
+    match source {
+        VmSource::Template(Some(t)) => cmd.arg("--template").arg(t),
+        VmSource::Template(None) => &mut cmd,
+        VmSource::Checkpoint(dir) => cmd.arg("--restore").arg(dir),
+    };
     cmd.arg(&opts.id);
     // SAFETY: only async-signal-safe calls (setsid, fcntl) between fork and exec.
     unsafe {
@@ -172,7 +189,7 @@ pub fn run(root: &Path, opts: &CreateOpts, detach: bool, debug: &dyn Fn(&str)) -
 }
 
 /// Waits for our child monitor and maps its end to an exit code.
-fn wait_pid(pid: i32) -> i32 {
+pub fn wait_pid(pid: i32) -> i32 {
     use nix::sys::wait::{waitpid, WaitStatus};
     loop {
         match waitpid(nix::unistd::Pid::from_raw(pid), None) {
@@ -236,7 +253,7 @@ fn stop_monitor(store: &Store, st: &ContainerState) {
 }
 
 /// Gives the monitor up to 10 s to exit on its own, then kills it.
-fn finish_monitor(st: &ContainerState) {
+pub fn finish_monitor(st: &ContainerState) {
     let deadline = Instant::now() + Duration::from_secs(10);
     while monitor_alive(st) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));

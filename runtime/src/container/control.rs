@@ -15,10 +15,19 @@ pub const SOCKET: &str = "monitor.sock";
 #[serde(tag = "op", rename_all = "snake_case")]
 pub enum Request {
     Start,
-    Kill { signal: i32, all: bool },
+    Kill {
+        signal: i32,
+        all: bool,
+    },
     Pause,
     Resume,
     Ps,
+    /// Write a checkpoint image into `dir`; the container stops afterwards unless
+    /// `leave_running`.
+    Checkpoint {
+        dir: std::path::PathBuf,
+        leave_running: bool,
+    },
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -90,7 +90,7 @@ pub fn exec(root: &Path, opts: &ExecOpts) -> Result<i32> {
     }
     let uds = store.dir(&opts.id).join("vsock.sock");
     let mut agent = Client::new(vsock::connect(&uds, husk_agent::AGENT_VSOCK_PORT)?);
-    agent.start_exec_in_container(&opts.id, &process)?;
+    agent.start_exec_in_container(st.guest_id(), &process)?;
     let host = match (&opts.console_socket, process["terminal"].as_bool()) {
         (Some(sock), Some(true)) => stdio::terminal(sock)?,
         _ => HostStdio::Inherited,

@@ -1,6 +1,7 @@
 //! OCI containers: bundles, the state directory, the monitor, and the lifecycle commands.
 pub mod bundle;
 pub mod cgroup;
+pub mod checkpoint;
 pub mod commands;
 pub mod control;
 pub mod exec;

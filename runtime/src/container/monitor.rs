@@ -7,14 +7,16 @@ use std::io::Write;
 use std::os::fd::{FromRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
 use husk_agent::client::Client;
-use husk_templates::Lease;
+use husk_templates::{Lease, Template};
 
 use super::bundle::Bundle;
 use super::cgroup;
+use super::checkpoint::{self, Manifest};
 use super::control::{self, Reply, Request};
 use super::guest_plan::{GuestPlan, GUEST_ROOTFS};
 use super::paging::{Pager, PauseConfig};
@@ -35,6 +37,8 @@ pub struct MonitorArgs {
     pub ready_fd: Option<RawFd>,
     /// The template to clone the VM from; cold boot when `None`.
     pub template: Option<String>,
+    /// Restore the VM (and its running container) from this checkpoint instead.
+    pub restore: Option<PathBuf>,
 }
 
 /// Runs the container to its end; returns the monitor's exit code.
@@ -112,42 +116,61 @@ fn start(args: &MonitorArgs, store: &Store) -> Result<Started> {
     let cgroup = HostCgroup::join(&bundle, &args.id)?;
     trace.mark("cgroup joined");
     let pause_config = PauseConfig::load()?;
-    let (mut vm, clone) = match &args.template {
-        Some(name) => clone_vm(name, &dir, &plan)?,
-        None => (MicroVm::start(options(&bundle, &dir, &plan)?)?, None),
+    let (mut vm, clone) = match (&args.restore, &args.template) {
+        (Some(image), _) => restore_vm(image, &dir, &plan)?,
+        (None, Some(name)) => clone_vm(name, &dir, &plan)?,
+        (None, None) => (MicroVm::start(options(&bundle, &dir, &plan)?)?, None),
     };
     trace.mark(if clone.is_some() {
         "VM restored"
     } else {
         "VM started"
     });
-    let (lease, template_dir) = clone.unzip();
-    let mut agent = match lease {
-        Some(_) => vm.clone_agent(AGENT_TIMEOUT),
-        None => vm.agent(AGENT_TIMEOUT),
+    let (lease, template) = clone.map(|c| (c.lease, c.template)).unzip();
+    let restored = args.restore.is_some();
+    // A restored container keeps the id its guest agent knows it by.
+    let guest_id = match &args.restore {
+        Some(image) => Manifest::read(image)?.id,
+        None => args.id.clone(),
+    };
+    let mut agent = match lease.is_some() || restored {
+        true => vm.clone_agent(AGENT_TIMEOUT),
+        false => vm.agent(AGENT_TIMEOUT),
     }
     .context("waiting for the guest agent")?;
     trace.mark("agent answering");
-    if lease.is_some() {
+    // A restored guest also needs the clock set: it stood still since the checkpoint.
+    if lease.is_some() || restored {
         make_unique(&mut agent)?;
         trace.mark("clone made unique");
     }
-    plan.mount_shares(&mut agent)?;
-    trace.mark("shares mounted");
-    agent
-        .create_container(&args.id, &plan.spec, GUEST_ROOTFS)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    trace.mark("container created");
+    // A restored guest has its shares mounted and its container running already.
+    if !restored {
+        plan.mount_shares(&mut agent)?;
+        trace.mark("shares mounted");
+        agent
+            .create_container(&args.id, &plan.spec, GUEST_ROOTFS)
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        trace.mark("container created");
+    }
     let host = match (&args.console_socket, terminal(&bundle)) {
         (Some(sock), true) => stdio::terminal(sock)?,
         _ => HostStdio::Inherited,
     };
-    let attach = vm.agent(AGENT_TIMEOUT)?.attach_stdio(&args.id)?;
+    let attach = vm.agent(AGENT_TIMEOUT)?.attach_stdio(&guest_id)?;
     let exit = stdio::bridge(attach.into_inner(), host)?;
     trace.mark("stdio attached");
-    let base = template_dir.map(|d| husk_vmm::snapshot::SnapshotPaths::in_dir(&d).memory);
+    let base = template
+        .as_ref()
+        .map(|t| husk_vmm::snapshot::SnapshotPaths::in_dir(&t.snapshot_dir()).memory);
     let pager = Pager::new(pause_config, vm.control().clone(), base, &args.id);
     let mut initial = initial_state(args, &bundle)?;
+    if restored {
+        initial.status = Status::Running;
+    }
+    if guest_id != args.id {
+        initial.guest_id = Some(guest_id);
+    }
     initial.cgroup_dirs = cgroup.keep();
     initial.page_file = Some(pager.file().to_path_buf());
     let state = Arc::new(Mutex::new(initial));
@@ -159,6 +182,8 @@ fn start(args: &MonitorArgs, store: &Store) -> Result<Started> {
         state: state.clone(),
         root: args.root.clone(),
         pager: Arc::new(pager),
+        template,
+        stop_after_reply: AtomicBool::new(false),
     };
     let pager = ctx.pager.clone();
     serve_control(&dir, ctx)?;
@@ -171,28 +196,67 @@ fn start(args: &MonitorArgs, store: &Store) -> Result<Started> {
     })
 }
 
+/// A VM cloned from a template (or restored from a checkpoint of such a clone).
+struct Cloned {
+    /// Marks this monitor as a running clone of the template (the template stays meanwhile).
+    lease: Lease,
+    template: Template,
+}
+
 /// Restores the VM from template `name`, with this container's console, vsock socket and
 /// directories in the template's share slots.
-/// Also returns the lease and the template's snapshot directory.
-fn clone_vm(
-    name: &str,
-    dir: &Path,
-    plan: &GuestPlan,
-) -> Result<(MicroVm, Option<(Lease, PathBuf)>)> {
+fn clone_vm(name: &str, dir: &Path, plan: &GuestPlan) -> Result<(MicroVm, Option<Cloned>)> {
+    let (template, lease) = open_template(name)?;
+    let opts = own_devices(dir, template_shares(&template, plan));
+    let vm = MicroVm::restore(&template.snapshot_dir(), opts)
+        .with_context(|| format!("cloning template {name}"))?;
+    Ok((vm, Some(Cloned { lease, template })))
+}
+
+/// Brings back the checkpoint in `image` with this container's console, vsock socket and
+/// (possibly new) bundle's directories; the pages are relative to the template's memory, which
+/// must be the one the checkpoint was taken against.
+fn restore_vm(image: &Path, dir: &Path, plan: &GuestPlan) -> Result<(MicroVm, Option<Cloned>)> {
+    let manifest = Manifest::read(image)?;
+    let (shares, cloned) = match &manifest.template {
+        Some(t) => {
+            let (template, lease) = open_template(&t.name)?;
+            checkpoint::check_template(t, &template)?;
+            let shares = template_shares(&template, plan);
+            (shares, Some(Cloned { lease, template }))
+        }
+        None => {
+            let shares = plan.shares.iter().map(|s| (s.path.clone(), s.read_only));
+            (shares.collect(), None)
+        }
+    };
+    let vm = MicroVm::restore_checkpoint(image, own_devices(dir, shares))
+        .with_context(|| format!("restoring the checkpoint in {}", image.display()))?;
+    Ok((vm, cloned))
+}
+
+fn open_template(name: &str) -> Result<(Template, Lease)> {
     let templates = husk_templates::Store::from_env();
     let Some(template) = templates.open(name)? else {
         anyhow::bail!("template {name} does not exist");
     };
     let lease = templates.lease(&template)?;
+    Ok((template, lease))
+}
+
+/// The container's directories in the template's share slots.
+fn template_shares(template: &Template, plan: &GuestPlan) -> Vec<(PathBuf, bool)> {
     let slots = usize::from(template.manifest.settings.share_slots);
-    let opts = RestoreOptions {
+    plan.slot_directories(slots, &template.placeholder())
+}
+
+/// This container's console, vsock socket and share directories for a restored VM.
+fn own_devices(dir: &Path, shares: Vec<(PathBuf, bool)>) -> RestoreOptions {
+    RestoreOptions {
         serial: husk_vmm::SerialOutput::File(dir.join("console.log")),
         vsock_path: dir.join("vsock.sock"),
-        shares: plan.slot_directories(slots, &template.placeholder()),
-    };
-    let vm = MicroVm::restore(&template.snapshot_dir(), opts)
-        .with_context(|| format!("cloning template {name}"))?;
-    Ok((vm, Some((lease, template.snapshot_dir()))))
+        shares,
+    }
 }
 
 /// Bytes of host randomness a clone's pool is reseeded with.
@@ -301,6 +365,7 @@ fn initial_state(args: &MonitorArgs, bundle: &Bundle) -> Result<ContainerState> 
         annotations: annotations.into_iter().collect(),
         cgroup_dirs: Vec::new(),
         page_file: None,
+        guest_id: None,
     })
 }
 
@@ -341,6 +406,10 @@ struct Control {
     state: Arc<Mutex<ContainerState>>,
     root: PathBuf,
     pager: Arc<Pager>,
+    /// The template the VM was cloned from (a checkpoint's pages are relative to it).
+    template: Option<Template>,
+    /// Set by a checkpoint that ends the container: the VM stops once the reply is out.
+    stop_after_reply: AtomicBool,
 }
 
 /// Serves `monitor.sock` on a thread: each request gets a fresh agent connection.
@@ -362,6 +431,9 @@ fn serve_control(dir: &Path, ctx: Control) -> Result<()> {
                     },
                 };
                 let _ = control::write_reply(&conn, &reply);
+                if ctx.stop_after_reply.swap(false, Ordering::SeqCst) {
+                    ctx.vm.stop();
+                }
             }
         })?;
     Ok(())
@@ -369,7 +441,7 @@ fn serve_control(dir: &Path, ctx: Control) -> Result<()> {
 
 impl Control {
     fn handle(&self, req: Request) -> Result<Reply> {
-        let id = self.state.lock().unwrap().id.clone();
+        let id = self.state.lock().unwrap().guest_id().to_string();
         match req {
             Request::Start => {
                 self.agent()?.start_container(&id)?;
@@ -392,6 +464,13 @@ impl Control {
                 self.vm.resume();
                 self.set(Status::Running)?;
             }
+            Request::Checkpoint { dir, leave_running } => {
+                self.checkpoint(&dir, leave_running)?;
+                if !leave_running {
+                    self.set(Status::Stopped)?;
+                    self.stop_after_reply.store(true, Ordering::SeqCst);
+                }
+            }
             Request::Ps => {
                 return Ok(Reply::Pids {
                     pids: self.agent()?.list_processes(&id)?,
@@ -399,6 +478,35 @@ impl Control {
             }
         }
         Ok(Reply::Ok)
+    }
+
+    /// Writes the checkpoint image into `dir`: the VM's state and pages, then the manifest.
+    /// Without `leave_running` the VM stays paused (the caller stops it); on an error
+    /// whatever was written is removed and the container runs on.
+    fn checkpoint(&self, dir: &Path, leave_running: bool) -> Result<()> {
+        use husk_vmm::snapshot::AfterSnapshot;
+        let after = match leave_running {
+            true => AfterSnapshot::Resume,
+            false => AfterSnapshot::StayPaused,
+        };
+        let was_paused = self.vm.is_paused();
+        let written = self
+            .vm
+            .checkpoint(dir, self.pager.base(), after)
+            .map_err(|e| anyhow::anyhow!("{e}"))
+            .and_then(|_| {
+                let st = self.state.lock().unwrap().clone();
+                let template = self.template.as_ref().map(checkpoint::template_ref);
+                Manifest::new(dir, st.guest_id(), &st.bundle, template.transpose()?)?.write(dir)
+            });
+        if let Err(e) = written {
+            checkpoint::remove_image(dir);
+            if !was_paused && self.vm.is_paused() {
+                self.vm.resume();
+            }
+            return Err(e.context(format!("checkpointing into {}", dir.display())));
+        }
+        Ok(())
     }
 
     fn agent(&self) -> Result<Client<UnixStream>> {

@@ -109,6 +109,11 @@ impl Pager {
         }
     }
 
+    /// The template's memory file a clone's pages are relative to; `None` for a cold boot.
+    pub fn base(&self) -> Option<&Path> {
+        self.base.as_deref()
+    }
+
     /// Where this container's page file goes (recorded in its state, for `delete`).
     pub fn file(&self) -> &Path {
         &self.file

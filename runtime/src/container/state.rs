@@ -52,9 +52,18 @@ pub struct ContainerState {
     /// while paused cannot remove it itself).
     #[serde(default)]
     pub page_file: Option<PathBuf>,
+    /// The container's id inside the guest, when it differs from `id`: a container restored
+    /// under a new id keeps the one its agent knows it by.
+    #[serde(default)]
+    pub guest_id: Option<String>,
 }
 
 impl ContainerState {
+    /// The id the guest agent knows the container by.
+    pub fn guest_id(&self) -> &str {
+        self.guest_id.as_deref().unwrap_or(&self.id)
+    }
+
     /// runc's `state` output.
     pub fn oci_json(&self) -> serde_json::Value {
         let pid = if self.status == Status::Stopped {
@@ -182,6 +191,7 @@ mod tests {
             annotations: BTreeMap::new(),
             cgroup_dirs: Vec::new(),
             page_file: None,
+            guest_id: None,
         }
     }
 

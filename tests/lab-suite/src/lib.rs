@@ -251,6 +251,28 @@ impl Oci {
         std::fs::read_to_string(&pid_file).unwrap().parse().unwrap()
     }
 
+    /// The container's status as `husk state` reports it.
+    pub fn status(&self, id: &str) -> String {
+        let out = self.husk(&["state", id]);
+        assert_eq!(out.code, 0, "{}", out.stderr);
+        let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+        v["status"].as_str().unwrap().to_string()
+    }
+
+    /// The number in `file` inside container `id` (read with `husk exec`), retried for up to
+    /// a minute while the file is missing or being written.
+    pub fn number_in(&self, id: &str, file: &str) -> u64 {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let out = self.husk(&["exec", id, "cat", file]);
+            if let Ok(n) = out.stdout.trim().parse() {
+                return n;
+            }
+            assert!(Instant::now() < deadline, "no number in {file}: {out:?}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
     /// Runs `runc --root <root>/runc ARGS` (the reference).
     pub fn runc(&self, args: &[&str]) -> Out {
         let mut cmd = Command::new("runc");

@@ -50,24 +50,9 @@ fn counter_booted(oci: &Oci, id: &str, cold: bool) -> i32 {
     pid
 }
 
-/// The counter's current value, read with `husk exec`.
+/// The counter's current value.
 fn count(oci: &Oci, id: &str) -> u64 {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let out = oci.husk(&["exec", id, "cat", "/dev/shm/n"]);
-        if let Ok(n) = out.stdout.trim().parse() {
-            return n;
-        }
-        assert!(Instant::now() < deadline, "no count: {out:?}");
-        std::thread::sleep(Duration::from_millis(200));
-    }
-}
-
-fn status(oci: &Oci, id: &str) -> String {
-    let out = oci.husk(&["state", id]);
-    assert_eq!(out.code, 0, "{}", out.stderr);
-    let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
-    v["status"].as_str().unwrap().to_string()
+    oci.number_in(id, "/dev/shm/n")
 }
 
 /// A field of /proc/PID/smaps_rollup, in KiB.
@@ -102,7 +87,7 @@ fn pause_and_resume(id: &str, cold: bool) {
     let dirty = rollup(pid, "Private_Dirty");
     let pause = oci.husk(&["pause", id]);
     assert_eq!(pause.code, 0, "{}", pause.stderr);
-    assert_eq!(status(&oci, id), "paused");
+    assert_eq!(oci.status(id), "paused");
     assert!(page_file(id, pid).exists(), "no page file after pause");
     let paused_dirty = rollup(pid, "Private_Dirty");
     eprintln!("monitor Private_Dirty: running {dirty} KiB, paused {paused_dirty} KiB");
@@ -112,7 +97,7 @@ fn pause_and_resume(id: &str, cold: bool) {
     );
     let resume = oci.husk(&["resume", id]);
     assert_eq!(resume.code, 0, "{}", resume.stderr);
-    assert_eq!(status(&oci, id), "running");
+    assert_eq!(oci.status(id), "running");
     let after = count(&oci, id);
     assert!(after >= before, "the count went back: {before} -> {after}");
     // And it keeps counting.
@@ -147,7 +132,7 @@ fn a_truncated_page_file_is_refused_and_the_container_stays_paused() {
         "{}",
         resume.stderr
     );
-    assert_eq!(status(&oci, "p2"), "paused");
+    assert_eq!(oci.status("p2"), "paused");
     assert_eq!(oci.husk(&["delete", "--force", "p2"]).code, 0);
     assert!(!file.exists(), "page file left behind");
 }
@@ -162,7 +147,7 @@ fn a_monitor_killed_while_paused_is_cleaned_up_by_delete() {
     // SAFETY: kill(2) of the monitor this test started.
     unsafe { libc::kill(pid, libc::SIGKILL) };
     let deadline = Instant::now() + Duration::from_secs(30);
-    while status(&oci, "p3") != "stopped" {
+    while oci.status("p3") != "stopped" {
         assert!(
             Instant::now() < deadline,
             "a dead monitor still counts as alive"

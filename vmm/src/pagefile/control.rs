@@ -148,6 +148,46 @@ fn page_out_held(
     base: Option<&Path>,
     codec: Codec,
 ) -> Result<PageOutReport, VmError> {
+    let written = write_held(parts, ram, path, base, codec)?;
+    // The page file is durable: from here on the VM can only come back from it.
+    ram.paged_out = Some(path.to_path_buf());
+    let t = Instant::now();
+    release(
+        ram,
+        &written.regions,
+        written
+            .base
+            .as_ref()
+            .map(|(_, f, _)| (f, &written.offsets[..])),
+        written.mapping_is_base,
+    )
+    .map_err(|source| VmError::PageFileIo {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mut report = written.report;
+    report.release_time = t.elapsed();
+    Ok(report)
+}
+
+/// A page file just written, and what releasing the RAM after it needs to know.
+struct Written {
+    regions: Vec<HostRegion>,
+    offsets: Vec<u64>,
+    base: Option<(PathBuf, File, BaseFile)>,
+    mapping_is_base: bool,
+    report: PageOutReport,
+}
+
+/// Writes the page file of a paused VM with its devices held, leaving the RAM as it is (a
+/// lazy page-in still going on is completed first).
+fn write_held(
+    parts: &VmParts,
+    ram: &mut RamState,
+    path: &Path,
+    base: Option<&Path>,
+    codec: Codec,
+) -> Result<Written, VmError> {
     if let Some(pager) = ram.pager.take() {
         pager.finish()?;
         ram.backing = Backing::Anon;
@@ -189,30 +229,60 @@ fn page_out_held(
         })
         .collect();
     let (raw_bytes, file_bytes) = w.finish(saved_regions, base.as_ref().map(|b| b.2.clone()))?;
-    let write_time = t.elapsed();
-    // The page file is durable: from here on the VM can only come back from it.
-    ram.paged_out = Some(path.to_path_buf());
-    let t = Instant::now();
-    release(
-        ram,
-        &regions,
-        base.as_ref().map(|(_, f, _)| (f, &offsets[..])),
-        mapping_is_base,
-    )
-    .map_err(|source| VmError::PageFileIo {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    Ok(PageOutReport {
+    let report = PageOutReport {
         path: path.to_path_buf(),
         codec,
         pages_stored: stored,
         ram_bytes: regions.iter().map(|r| r.len as u64).sum(),
         raw_bytes,
         file_bytes,
-        write_time,
-        release_time: t.elapsed(),
+        write_time: t.elapsed(),
+        release_time: std::time::Duration::ZERO,
+    };
+    Ok(Written {
+        regions,
+        offsets,
+        base,
+        mapping_is_base,
+        report,
     })
+}
+
+/// Writes the page file of a paused VM whose devices are held and keeps the RAM (a
+/// checkpoint): returns what was written.
+pub(crate) fn write_keeping_ram(
+    parts: &VmParts,
+    path: &Path,
+    base: Option<&Path>,
+) -> Result<PageOutReport, VmError> {
+    let mut ram = lock(parts);
+    if let Some(p) = &ram.paged_out {
+        return Err(VmError::SnapshotState(format!(
+            "the VM's memory is paged out to {}; resume it first",
+            p.display()
+        )));
+    }
+    write_held(parts, &mut ram, path, base, DEFAULT_CODEC).map(|w| w.report)
+}
+
+/// For a VM being restored from a checkpoint, before any device can touch its RAM: replaces
+/// the RAM with memory that userfaultfd fills from `file` (and its base) on first touch.
+pub(crate) fn start_lazy_restore(
+    mem: &crate::memory::GuestMemory,
+    file: PageFile,
+    stop: Arc<crate::stop::StopState>,
+) -> Result<Pager, VmError> {
+    let regions = ram::host_regions(mem);
+    check_regions(&file.path.clone(), &file, &regions)?;
+    let base = file.open_base()?;
+    Pager::start(file, base, &regions, stop)
+}
+
+/// Hands the pager of [`start_lazy_restore`] to the built VM.
+pub(crate) fn adopt_pager(parts: &VmParts, pager: Pager) {
+    let mut ram = lock(parts);
+    ram.pager = Some(pager);
+    ram.backing = Backing::Lazy;
 }
 
 /// Opens the base file and checks it has the size of this VM's memory file.

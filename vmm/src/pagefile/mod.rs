@@ -29,7 +29,9 @@ use std::time::Duration;
 
 use crate::error::VmError;
 pub use control::PageState;
+pub(crate) use control::{adopt_pager, start_lazy_restore, write_keeping_ram};
 use format::{damaged, Block, Index};
+pub(crate) use pager::Pager;
 pub(crate) use ram::RamState;
 
 /// How blocks are compressed.
@@ -237,6 +239,12 @@ impl PageFile {
             self.read_block(b, &mut comp, &mut raw)?;
         }
         Ok(())
+    }
+
+    /// The base file the index names; `None` without a base.
+    pub fn base_path(&self) -> Option<PathBuf> {
+        let base = self.index.base.as_ref()?;
+        Some(PathBuf::from(std::ffi::OsStr::from_bytes(&base.path)))
     }
 
     /// Opens the base file the index names and checks its size; `None` without a base.

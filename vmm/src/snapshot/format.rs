@@ -29,7 +29,7 @@ use crate::error::VmError;
 /// First bytes of every state file.
 pub const MAGIC: [u8; 8] = *b"HUSKSNAP";
 /// The format this build writes and the only one it reads.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// Size of the fixed header.
 pub const HEADER_LEN: usize = 28;
 

@@ -23,6 +23,7 @@
 //! State the host's KVM cannot read is left out and listed in the body's `skipped`; a restore
 //! refuses state the restoring KVM does not accept.
 
+pub mod checkpoint;
 mod config;
 pub(crate) mod devices;
 pub mod format;
@@ -40,6 +41,7 @@ use kvm_ioctls::{Kvm, VmFd};
 use crate::memory::GuestMemory;
 use crate::vm::SerialOutput;
 
+pub use checkpoint::{CheckpointPaths, PAGES_FILE};
 pub use config::SavedConfig;
 pub use devices::{decode_state, encode_state};
 pub use restore::{bench_restore, check};

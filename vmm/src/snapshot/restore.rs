@@ -4,9 +4,11 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::checkpoint::CheckpointPaths;
 use super::format::{self, SnapshotBody};
 use super::{devices, memory_file, vcpu_state, vm_state, RestoreOverrides, SnapshotPaths};
 use crate::error::VmError;
+use crate::pagefile::{PageFile, Pager};
 use crate::vm::{self, IrqchipMode, Vm, VmBuilder, VmConfig, VsockConfig};
 
 impl Vm {
@@ -22,33 +24,84 @@ impl Vm {
     /// version, from a host with other CPU features, with a damaged state file or with a
     /// memory file of the wrong size.
     pub fn restore_from(paths: &SnapshotPaths, overrides: RestoreOverrides) -> Result<Vm, VmError> {
-        let body = read_checked(paths, &overrides)?;
+        let body = read_checked(&paths.state, &overrides)?;
         let cfg = restored_config(&body, overrides)?;
         let mem = Arc::new(memory_file::map(&paths.memory, &body.memory)?);
-        let mut builder = VmBuilder::with_memory(cfg, mem, IrqchipMode::Exactly(body.irqchip))?;
-        builder.add_configured_devices()?;
-        if builder.has_irqchip() != body.irqchip {
-            return Err(VmError::SnapshotUnsupported("in-kernel irqchip".into()));
-        }
-        // Interrupt controllers before the devices: a device worker may raise an interrupt
-        // as soon as it is activated.
-        vm_state::restore(builder.vm_fd(), &body.vm)?;
-        devices::restore_all(builder.persist_devices(), &body.devices)?;
-        let vm = builder.finish(|b, index, cpuid| {
-            let fd = b.create_bare_vcpu(index, cpuid)?;
-            // The vCPU has never run and has no thread yet: nothing is in flight, so its state
-            // is set here rather than on its thread, and a refusal fails the restore at once.
-            vcpu_state::restore(&fd, &body.vcpus[usize::from(index)])?;
-            Ok(fd)
-        })?;
-        // Only now, with every LAPIC restored, may the reset's interrupt be raised.
-        if let Some(vsock) = vm.vsock_control() {
-            vsock
-                .reset_transport()
-                .map_err(|e| VmError::Host(format!("queueing the vsock transport reset: {e}")))?;
-        }
-        Ok(vm)
+        build(&body, cfg, mem, |_| Ok(None))
     }
+
+    /// Brings back the checkpoint in `dir` (see [`super::checkpoint`]): guest memory is the
+    /// page file's base (the template's memory file, mapped copy-on-write, or zero), and each
+    /// chunk the page file holds comes back on the guest's first touch of it. Refuses, with
+    /// one error line, what [`Vm::restore_from`] refuses and a damaged page file (its blocks
+    /// are checked as they are read; check them all first with `PageFile::verify` when the
+    /// file's integrity is in doubt).
+    pub fn restore_checkpoint(dir: &Path, overrides: RestoreOverrides) -> Result<Vm, VmError> {
+        let paths = CheckpointPaths::in_dir(dir);
+        let body = read_checked(&paths.state, &overrides)?;
+        let pages = PageFile::open(&paths.pages)?;
+        let cfg = restored_config(&body, overrides)?;
+        let mem = match pages.base_path() {
+            Some(base) => memory_file::map(&base, &body.memory)?,
+            None => anonymous_memory(&cfg, &body)?,
+        };
+        let mem = Arc::new(mem);
+        build(&body, cfg, mem, move |b| {
+            crate::pagefile::start_lazy_restore(b.memory(), pages, b.stop_state().clone()).map(Some)
+        })
+    }
+}
+
+/// Builds the restored VM on `mem` and sets the saved state. `before_devices` runs once the
+/// memory is mapped and before any device could touch it (it may start a lazy pager).
+fn build(
+    body: &SnapshotBody,
+    cfg: VmConfig,
+    mem: Arc<crate::memory::GuestMemory>,
+    before_devices: impl FnOnce(&VmBuilder) -> Result<Option<Pager>, VmError>,
+) -> Result<Vm, VmError> {
+    let mut builder = VmBuilder::with_memory(cfg, mem, IrqchipMode::Exactly(body.irqchip))?;
+    let pager = before_devices(&builder)?;
+    builder.add_configured_devices()?;
+    if builder.has_irqchip() != body.irqchip {
+        return Err(VmError::SnapshotUnsupported("in-kernel irqchip".into()));
+    }
+    // Interrupt controllers before the devices: a device worker may raise an interrupt
+    // as soon as it is activated.
+    vm_state::restore(builder.vm_fd(), &body.vm)?;
+    devices::restore_all(builder.persist_devices(), &body.devices)?;
+    let vm = builder.finish(|b, index, cpuid| {
+        let fd = b.create_bare_vcpu(index, cpuid)?;
+        // The vCPU has never run and has no thread yet: nothing is in flight, so its state
+        // is set here rather than on its thread, and a refusal fails the restore at once.
+        vcpu_state::restore(&fd, &body.vcpus[usize::from(index)])?;
+        Ok(fd)
+    })?;
+    if let Some(pager) = pager {
+        crate::pagefile::adopt_pager(&vm.parts, pager);
+    }
+    // Only now, with every LAPIC restored, may the reset's interrupt be raised.
+    if let Some(vsock) = vm.vsock_control() {
+        vsock
+            .reset_transport()
+            .map_err(|e| VmError::Host(format!("queueing the vsock transport reset: {e}")))?;
+    }
+    Ok(vm)
+}
+
+/// Fresh anonymous RAM for a cold-booted VM's checkpoint; its layout must be the saved one.
+fn anonymous_memory(
+    cfg: &VmConfig,
+    body: &SnapshotBody,
+) -> Result<crate::memory::GuestMemory, VmError> {
+    let mem = crate::memory::create_guest_memory(cfg.memory_mib)?;
+    if memory_file::layout(&mem) != body.memory {
+        return Err(VmError::SnapshotState(format!(
+            "the checkpoint's RAM layout {:x?} is not that of {} MiB",
+            body.memory, cfg.memory_mib
+        )));
+    }
+    Ok(mem)
 }
 
 /// Checks the snapshot in `dir` as a restore would (format version, checksum, this host's CPU
@@ -59,28 +112,25 @@ pub fn check(dir: &Path, kvm_device: &Path) -> Result<(), VmError> {
         kvm_device: kvm_device.to_path_buf(),
         ..Default::default()
     };
-    let body = read_checked(&paths, &overrides)?;
+    let body = read_checked(&paths.state, &overrides)?;
     memory_file::check_size(&paths.memory, &body.memory)
 }
 
 /// Reads the state file and checks it against this build and this host.
-fn read_checked(
-    paths: &SnapshotPaths,
-    overrides: &RestoreOverrides,
-) -> Result<SnapshotBody, VmError> {
-    let (header, body) = format::read(&paths.state)?;
+fn read_checked(state: &Path, overrides: &RestoreOverrides) -> Result<SnapshotBody, VmError> {
+    let (header, body) = format::read(state)?;
     let kvm = vm::open_kvm(&overrides.kvm_device)?;
     let host = format::cpu_fingerprint(&crate::cpuid::supported(&kvm)?);
     if header.cpu_fingerprint != host {
         return Err(VmError::SnapshotCpu {
-            path: paths.state.clone(),
+            path: state.to_path_buf(),
             found: header.cpu_fingerprint,
             host,
         });
     }
     if body.vcpus.len() != usize::from(body.config.vcpus) {
         return Err(VmError::SnapshotFormat {
-            path: paths.state.clone(),
+            path: state.to_path_buf(),
             reason: format!(
                 "{} vCPU states for {} vCPUs",
                 body.vcpus.len(),

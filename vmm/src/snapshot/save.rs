@@ -13,6 +13,20 @@ impl VmControl {
     /// missing; an older snapshot there is replaced only once the new one is complete), then
     /// resumes or stays paused as `after` says. The VM must be running (`Vm::run`).
     pub fn snapshot(&self, dir: &Path, after: AfterSnapshot) -> Result<SnapshotPaths, VmError> {
+        self.with_devices_held(after, |parts| {
+            self.capture(parts)
+                .and_then(|body| write_snapshot(parts, &body, dir))
+        })
+    }
+
+    /// Pauses the VM (if it is not paused already) and holds its devices still while `f`
+    /// reads its state and memory, then resumes or stays paused as `after` says. The VM must
+    /// be running (`Vm::run`), with its memory in RAM.
+    pub(super) fn with_devices_held<T>(
+        &self,
+        after: AfterSnapshot,
+        f: impl FnOnce(&VmParts) -> Result<T, VmError>,
+    ) -> Result<T, VmError> {
         let parts = self.parts()?;
         if self.is_stopping() {
             return Err(VmError::SnapshotState("the VM is stopping".into()));
@@ -27,25 +41,19 @@ impl VmControl {
         if !was_paused {
             self.pause()?;
         }
-        let result = self.snapshot_paused(&parts, dir);
+        let result = devices::quiesce_all(&parts.devices).and_then(|()| {
+            let result = f(&parts);
+            devices::release_all(&parts.devices);
+            result
+        });
         if after == AfterSnapshot::Resume && !was_paused {
             self.resume();
         }
         result
     }
 
-    /// Holds the devices still for as long as their state and guest memory are read.
-    fn snapshot_paused(&self, parts: &VmParts, dir: &Path) -> Result<SnapshotPaths, VmError> {
-        devices::quiesce_all(&parts.devices)?;
-        let result = self
-            .capture(parts)
-            .and_then(|body| write_snapshot(parts, &body, dir));
-        devices::release_all(&parts.devices);
-        result
-    }
-
     /// Reads every piece of state but guest memory.
-    fn capture(&self, parts: &VmParts) -> Result<SnapshotBody, VmError> {
+    pub(super) fn capture(&self, parts: &VmParts) -> Result<SnapshotBody, VmError> {
         let msr_indices = parts
             .kvm
             .get_msr_index_list()
@@ -111,14 +119,14 @@ fn write_snapshot(
     Ok(paths)
 }
 
-fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+pub(super) fn write_durably(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     use std::io::Write;
     let mut f = File::create(path)?;
     f.write_all(bytes)?;
     f.sync_all()
 }
 
-fn tmp_name(path: &Path) -> PathBuf {
+pub(super) fn tmp_name(path: &Path) -> PathBuf {
     let mut name = path.as_os_str().to_owned();
     name.push(".tmp");
     PathBuf::from(name)

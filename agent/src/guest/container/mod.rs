@@ -27,6 +27,7 @@ use husk_agent::proto::ExitStatus;
 use oci_spec::runtime::{LinuxNamespaceType, Process, Spec};
 
 use super::reaper::Reaper;
+use super::relay::Relay;
 use spawn::{spawn_helper, ChildFds};
 use sync::{FromHelper, SyncSocket, ToHelper};
 
@@ -50,8 +51,10 @@ struct Container {
     init_pid: i32,
     spec: Spec,
     phase: Mutex<Phase>,
-    /// The init's stdio until a connection attaches to it.
+    /// The init's stdio until a connection first attaches to it.
     stdio: Mutex<Option<Stdio>>,
+    /// The init's stdio from the first attach on (it outlives connections).
+    relay: Mutex<Option<Arc<Relay>>>,
     exit: Arc<ExitCell>,
 }
 
@@ -71,6 +74,38 @@ pub enum Stdio {
     Pty {
         master: File,
     },
+}
+
+/// A process's stdio as the agent forwards it.
+pub struct Split {
+    /// stdout and stderr (a terminal has only the first).
+    pub outputs: [Option<File>; 2],
+    /// Where input goes: the pipe, or the pty master.
+    pub stdin: File,
+    /// The pty master again, for resizes, with a terminal.
+    pub pty: Option<File>,
+}
+
+impl Stdio {
+    /// Separate handles for reading output, writing input and resizing.
+    pub fn split(self) -> std::io::Result<Split> {
+        Ok(match self {
+            Stdio::Pipes {
+                stdin,
+                stdout,
+                stderr,
+            } => Split {
+                outputs: [Some(stdout), Some(stderr)],
+                stdin,
+                pty: None,
+            },
+            Stdio::Pty { master } => Split {
+                outputs: [Some(master.try_clone()?), None],
+                pty: Some(master.try_clone()?),
+                stdin: master,
+            },
+        })
+    }
 }
 
 /// A container init's exit status, set once by its watcher thread.
@@ -147,6 +182,7 @@ impl Containers {
                 spec,
                 phase: Mutex::new(Phase::Created(sync)),
                 stdio: Mutex::new(Some(helper.stdio)),
+                relay: Mutex::new(None),
                 exit,
             }),
         );
@@ -173,13 +209,20 @@ impl Containers {
         outcome
     }
 
-    /// Takes the init's stdio for an attaching connection (once).
-    pub fn attach(&self, id: &str) -> HelperResult<(Stdio, Arc<ExitCell>)> {
+    /// The relay of the init's stdio, started on the first attach; a later attach (after the
+    /// first connection was lost, e.g. to a restore's transport reset) gets the same relay.
+    pub fn attach(&self, id: &str) -> HelperResult<Arc<Relay>> {
         let c = self.get(id)?;
+        let mut relay = lock(&c.relay);
+        if let Some(r) = relay.as_ref() {
+            return Ok(r.clone());
+        }
         let stdio = lock(&c.stdio)
             .take()
-            .ok_or_else(|| format!("stdio of container {id} is already attached"))?;
-        Ok((stdio, c.exit.clone()))
+            .ok_or_else(|| format!("stdio of container {id} is gone"))?;
+        let started = Relay::start(stdio, c.exit.clone()).map_err(|e| format!("stdio: {e}"))?;
+        *relay = Some(started.clone());
+        Ok(started)
     }
 
     /// Blocks until container `id`'s init has exited.

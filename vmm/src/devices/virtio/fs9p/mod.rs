@@ -10,6 +10,7 @@
 //! `mount -t 9p -o trans=virtio,version=9p2000.L,msize=65560 <tag> <dir>`. Requests are served
 //! one at a time on a worker thread, so a slow host filesystem never stalls a vCPU.
 
+mod fids;
 mod wire;
 mod worker;
 
@@ -17,7 +18,7 @@ use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::{mpsc, Arc};
+use std::sync::{mpsc, Arc, Mutex};
 
 use virtio_queue::Queue;
 use vmm_sys_util::eventfd::EventFd;
@@ -26,6 +27,7 @@ use super::{
     check_queues, read_config_bytes, ActivateError, GuestMemoryMmap, Interrupt, VirtioDevice,
     Worker, VIRTIO_F_VERSION_1,
 };
+use fids::FidTable;
 use worker::{confined_server, Fs9pWorker};
 
 /// Device id of a virtio 9p transport.
@@ -75,6 +77,9 @@ pub struct Fs9p {
     acked_features: u64,
     queue_sizes: [u16; 1],
     worker: Option<Worker<()>>,
+    /// The fids the guest holds (followed by the worker; a restore sets them before the
+    /// worker starts, which opens them again).
+    fids: Arc<Mutex<FidTable>>,
 }
 
 impl Fs9p {
@@ -91,6 +96,7 @@ impl Fs9p {
             acked_features: 0,
             queue_sizes: [QUEUE_SIZE],
             worker: None,
+            fids: Arc::default(),
         })
     }
 
@@ -102,15 +108,17 @@ impl Fs9p {
         notify: EventFd,
     ) -> Result<(), ActivateError> {
         let root = self.root.try_clone().map_err(ActivateError::Worker)?;
+        let fids = self.fids.clone();
         let (ready_tx, ready_rx) = mpsc::sync_channel(1);
         let spawned = Worker::spawn("virtio-9p", move |ctl| {
-            let server = match confined_server(&root) {
+            let mut server = match confined_server(&root) {
                 Ok(server) => server,
                 Err(e) => {
                     let _ = ready_tx.send(Err(e));
                     return;
                 }
             };
+            worker::replay(&mut server, &mut worker::lock(&fids));
             let _ = ready_tx.send(Ok(()));
             worker(server).run(&ctl, &notify);
         })
@@ -217,12 +225,14 @@ impl VirtioDevice for Fs9p {
         check_queues(&queues, 1)?;
         let queue = queues.remove(0);
         let read_only = self.read_only;
+        let fids = self.fids.clone();
         let worker = move |server| Fs9pWorker {
             mem,
             queue,
             server,
             read_only,
             interrupt,
+            fids,
         };
         self.start_worker(worker, notifies.remove(0))
     }
@@ -232,17 +242,19 @@ impl VirtioDevice for Fs9p {
         if let Some(w) = self.worker.take() {
             w.stop();
         }
+        *worker::lock(&self.fids) = FidTable::default();
         self.acked_features = 0;
     }
 }
 
-/// What a snapshot records of a share. The fids the guest held are not preserved: a restored
-/// VM's server starts empty, so the guest must mount the share again (its old fids fail).
+/// What a snapshot records of a share: its tag and directory, and the fids the guest holds
+/// as paths, which the restored server opens again in its own directory (see `fids`).
 #[derive(serde::Serialize, serde::Deserialize)]
 struct Fs9pState {
     tag: String,
     path: PathBuf,
     read_only: bool,
+    fids: FidTable,
 }
 
 impl crate::snapshot::Persist for Fs9p {
@@ -259,6 +271,7 @@ impl crate::snapshot::Persist for Fs9p {
             tag: self.tag.clone(),
             path: self.path.clone(),
             read_only: self.read_only,
+            fids: worker::lock(&self.fids).clone(),
         })
     }
 
@@ -275,6 +288,8 @@ impl crate::snapshot::Persist for Fs9p {
                 self.path.display()
             ));
         }
+        // Called before the transport activates the device, whose worker opens them again.
+        *worker::lock(&self.fids) = s.fids;
         Ok(())
     }
 }

@@ -14,6 +14,10 @@ pub(super) const RLERROR_LEN: usize = HEADER_LEN + 4;
 /// Message types from include/net/9p/9p.h.
 pub(super) mod msg {
     pub const RLERROR: u8 = 7;
+    pub const TVERSION: u8 = 100;
+    pub const TATTACH: u8 = 104;
+    pub const TWALK: u8 = 110;
+    pub const TCLUNK: u8 = 120;
     pub const TLOPEN: u8 = 12;
     pub const TLCREATE: u8 = 14;
     pub const TSYMLINK: u8 = 16;

@@ -2,9 +2,9 @@
 //! directory, then answers each descriptor chain with the p9 server.
 
 use std::fs::File;
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use nix::sched::{unshare, CloneFlags};
 use nix::sys::stat::{umask, Mode};
@@ -12,6 +12,7 @@ use nix::unistd::{chroot, fchdir};
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
+use super::fids::{self, FidTable};
 use super::wire;
 use crate::devices::virtio::{serve_queue, GuestMemoryMmap, Interrupt, WorkerCtl};
 
@@ -46,6 +47,8 @@ pub(super) struct Fs9pWorker {
     pub(super) server: p9::Server,
     pub(super) read_only: bool,
     pub(super) interrupt: Arc<Interrupt>,
+    /// The fids the guest holds, for snapshots.
+    pub(super) fids: Arc<Mutex<FidTable>>,
 }
 
 impl Fs9pWorker {
@@ -88,6 +91,9 @@ impl Fs9pWorker {
         if self.read_only && wire::modifies_host(header.ty, &reader) {
             return reply_error(writer, header.tag, libc::EROFS);
         }
+        if fids::tracks(header.ty) {
+            return self.handle_tracked(reader, writer, header.tag);
+        }
         // The server writes through a copy so that, if the reply does not fit, the original
         // still points at the start of the buffer and can carry an Rlerror instead.
         let mut out = writer.clone();
@@ -99,6 +105,58 @@ impl Fs9pWorker {
             }
         }
     }
+}
+
+impl Fs9pWorker {
+    /// Answers a request that makes, moves, opens or drops a fid: the reply goes through a
+    /// buffer so that the fid table can follow what the server did. These replies are small.
+    fn handle_tracked(
+        &mut self,
+        mut reader: virtio_queue::Reader<'_, ()>,
+        writer: Writer<'_>,
+        tag: u16,
+    ) -> u32 {
+        let mut request = Vec::new();
+        if reader.clone().read_to_end(&mut request).is_err() {
+            return reply_error(writer, tag, libc::EINVAL);
+        }
+        let mut reply = Vec::new();
+        if let Err(e) = self.server.handle_message(&mut reader, &mut reply) {
+            return reply_error(writer, tag, errno_of(&e));
+        }
+        let mut out = writer.clone();
+        if out.write_all(&reply).is_err() {
+            return reply_error(writer, tag, libc::EMSGSIZE);
+        }
+        lock(&self.fids).observe(&request, &reply);
+        reply.len() as u32
+    }
+}
+
+/// Rebuilds `table` in a fresh `server` (a restored VM's); fids that cannot be opened again
+/// (their file is gone from the new directory) are dropped, and the guest gets EBADF on them.
+pub(super) fn replay(server: &mut p9::Server, table: &mut FidTable) {
+    let mut lost = Vec::new();
+    for (request, fid) in table.replay() {
+        let mut reply = Vec::new();
+        let ok = server
+            .handle_message(&mut io::Cursor::new(&request), &mut reply)
+            .is_ok()
+            && reply.get(4).is_some_and(|&t| t != wire::msg::RLERROR);
+        if !ok {
+            lost.extend(fid);
+        }
+    }
+    for fid in lost {
+        if let Some(f) = table.fids.remove(&fid) {
+            let path = f.path.join("/");
+            log::warn!("virtio-9p: cannot reopen fid {fid} (/{path}) after a restore");
+        }
+    }
+}
+
+pub(super) fn lock(t: &Mutex<FidTable>) -> std::sync::MutexGuard<'_, FidTable> {
+    t.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The errno to report when the server could not answer at all: the reply did not fit the

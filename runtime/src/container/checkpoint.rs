@@ -1,0 +1,330 @@
+//! `husk checkpoint` and `husk restore`: a container's whole micro-VM written to a directory
+//! and brought back in a new monitor, with runc's flags as podman and conmon pass them.
+//!
+//! The image directory holds the VMM's checkpoint (`state`: vCPU, interrupt-controller,
+//! clock and device state, including the 9p fids of the rootfs and bind mounts; `pages`: the
+//! guest pages that differ from the template's memory file, or from zero for a cold-booted
+//! container, lz4-compressed) and `manifest.json`, written last, which names the container,
+//! its bundle and template and carries a checksum of each file. A restore checks all of it
+//! before anything is created, maps the template's memory (or anonymous memory) and pages the
+//! rest in lazily. CRIU is not involved; its flags are accepted and have nothing to act on.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use super::commands::{self, CreateOpts, VmSource};
+use super::control::{self, Request};
+use super::state::{Status, Store};
+
+/// The manifest's own format; bump on any incompatible change.
+pub const MANIFEST_FORMAT: u32 = 1;
+/// The manifest's name in the image directory.
+pub const MANIFEST_FILE: &str = "manifest.json";
+
+/// `husk checkpoint` (runc's flags; those about CRIU are accepted and ignored).
+#[derive(clap::Args, Debug, Clone)]
+pub struct CheckpointOpts {
+    /// Directory the checkpoint is written to.
+    #[arg(long)]
+    pub image_path: PathBuf,
+    /// Accepted for runc compatibility (CRIU's logs would go there).
+    #[arg(long)]
+    pub work_path: Option<PathBuf>,
+    /// Keep the container running after the checkpoint.
+    #[arg(long)]
+    pub leave_running: bool,
+    /// A pre-dump: written like a checkpoint, and the container keeps running.
+    #[arg(long)]
+    pub pre_dump: bool,
+    #[command(flatten)]
+    pub criu: CriuFlags,
+    /// Accepted for runc compatibility (incremental checkpoints are not kept).
+    #[arg(long)]
+    pub parent_path: Option<PathBuf>,
+    /// Accepted for runc compatibility.
+    #[arg(long)]
+    pub page_server: Option<String>,
+    /// Accepted for runc compatibility.
+    #[arg(long)]
+    pub status_fd: Option<i32>,
+    pub id: String,
+}
+
+/// `husk restore`: `create`'s options, plus the image and runc's restore flags.
+#[derive(clap::Args, Debug, Clone)]
+pub struct RestoreOpts {
+    /// Directory of the checkpoint.
+    #[arg(long)]
+    pub image_path: PathBuf,
+    /// Accepted for runc compatibility.
+    #[arg(long)]
+    pub work_path: Option<PathBuf>,
+    /// Return once the container runs, instead of waiting for it (and deleting it).
+    #[arg(short, long)]
+    pub detach: bool,
+    #[command(flatten)]
+    pub criu: CriuFlags,
+    /// Accepted for runc compatibility.
+    #[arg(long)]
+    pub tcp_close: bool,
+    /// Accepted for runc compatibility.
+    #[arg(long)]
+    pub no_subreaper: bool,
+    /// Accepted for runc compatibility.
+    #[arg(long)]
+    pub lsm_profile: Option<String>,
+    /// Accepted for runc compatibility.
+    #[arg(long)]
+    pub lsm_mount_context: Option<String>,
+    #[command(flatten)]
+    pub create: CreateOpts,
+}
+
+/// runc's flags that steer CRIU. A micro-VM's checkpoint holds every connection, lock and
+/// socket of the guest anyway, so none of them changes anything here.
+#[derive(clap::Args, Debug, Clone, Default)]
+pub struct CriuFlags {
+    #[arg(long, hide = true)]
+    pub tcp_established: bool,
+    #[arg(long, hide = true)]
+    pub ext_unix_sk: bool,
+    #[arg(long, hide = true)]
+    pub shell_job: bool,
+    #[arg(long, hide = true)]
+    pub file_locks: bool,
+    #[arg(long, hide = true)]
+    pub lazy_pages: bool,
+    #[arg(long, hide = true)]
+    pub auto_dedup: bool,
+    #[arg(long, hide = true)]
+    pub manage_cgroups_mode: Option<String>,
+    #[arg(long, hide = true)]
+    pub empty_ns: Vec<String>,
+    #[arg(long, hide = true)]
+    pub tcp_skip_in_flight: bool,
+    #[arg(long, hide = true)]
+    pub link_remap: bool,
+}
+
+/// `manifest.json`: what a restore needs besides the VMM's files.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Manifest {
+    pub format: u32,
+    pub id: String,
+    pub bundle: PathBuf,
+    /// The template the VM was cloned from; `None`: cold-booted (pages are against zero).
+    pub template: Option<TemplateRef>,
+    /// The VMM's files with their sizes and checksums.
+    pub files: Vec<FileSum>,
+}
+
+/// The template a checkpoint's pages are relative to, and how to tell it was rebuilt since.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TemplateRef {
+    pub name: String,
+    /// The template's content hash (its manifest's).
+    pub hash: String,
+    /// Its memory file's identity: a rebuilt template has another file at the same path.
+    pub memory: FileStamp,
+}
+
+/// A file's identity on this host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileStamp {
+    pub size: u64,
+    pub inode: u64,
+    pub mtime_ns: i128,
+}
+
+impl FileStamp {
+    pub fn of(path: &Path) -> Result<FileStamp> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(path).with_context(|| format!("{}", path.display()))?;
+        Ok(FileStamp {
+            size: m.len(),
+            inode: m.ino(),
+            mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
+        })
+    }
+}
+
+/// One file of the image and its CRC-32.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileSum {
+    pub name: String,
+    pub size: u64,
+    pub crc32: u32,
+}
+
+impl FileSum {
+    fn of(dir: &Path, name: &str) -> Result<FileSum> {
+        let path = dir.join(name);
+        let mut f = std::fs::File::open(&path).with_context(|| format!("{}", path.display()))?;
+        let mut hasher = crc32fast::Hasher::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut size = 0;
+        loop {
+            let n = std::io::Read::read(&mut f, &mut buf)?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+            size += n as u64;
+        }
+        Ok(FileSum {
+            name: name.to_string(),
+            size,
+            crc32: hasher.finalize(),
+        })
+    }
+}
+
+/// The VMM's files in an image directory.
+fn vmm_files() -> [&'static str; 2] {
+    [
+        husk_vmm::snapshot::STATE_FILE,
+        husk_vmm::snapshot::PAGES_FILE,
+    ]
+}
+
+impl Manifest {
+    /// The manifest of the VMM checkpoint just written into `dir`.
+    pub fn new(
+        dir: &Path,
+        id: &str,
+        bundle: &Path,
+        template: Option<TemplateRef>,
+    ) -> Result<Manifest> {
+        let files = vmm_files()
+            .iter()
+            .map(|name| FileSum::of(dir, name))
+            .collect::<Result<_>>()?;
+        Ok(Manifest {
+            format: MANIFEST_FORMAT,
+            id: id.to_string(),
+            bundle: bundle.to_path_buf(),
+            template,
+            files,
+        })
+    }
+
+    /// Writes it into `dir` last, durably: an image with a manifest is complete.
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        let path = dir.join(MANIFEST_FILE);
+        let tmp = dir.join(format!(".{MANIFEST_FILE}.tmp"));
+        let mut f = std::fs::File::create(&tmp)?;
+        std::io::Write::write_all(&mut f, &serde_json::to_vec_pretty(self)?)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))
+    }
+
+    /// Reads the manifest of the image in `dir` and checks every file against it.
+    pub fn read_checked(dir: &Path) -> Result<Manifest> {
+        let m = Self::read(dir)?;
+        for want in &m.files {
+            let found = FileSum::of(dir, &want.name)?;
+            if &found != want {
+                bail!(
+                    "checkpoint file {} is damaged ({} bytes, crc32 {:08x}; the manifest says {} bytes, crc32 {:08x})",
+                    dir.join(&want.name).display(),
+                    found.size,
+                    found.crc32,
+                    want.size,
+                    want.crc32
+                );
+            }
+        }
+        Ok(m)
+    }
+
+    /// Reads the manifest of the image in `dir` (checking its format, not the files).
+    pub fn read(dir: &Path) -> Result<Manifest> {
+        let path = dir.join(MANIFEST_FILE);
+        let bytes = std::fs::read(&path)
+            .with_context(|| format!("{} is not a checkpoint image", dir.display()))?;
+        let m: Manifest = serde_json::from_slice(&bytes)
+            .with_context(|| format!("checkpoint manifest {} is damaged", path.display()))?;
+        if m.format != MANIFEST_FORMAT {
+            bail!(
+                "checkpoint {} has format {}; this husk reads format {MANIFEST_FORMAT}",
+                dir.display(),
+                m.format
+            );
+        }
+        Ok(m)
+    }
+}
+
+/// What a checkpoint of a clone of `template` records of it.
+pub fn template_ref(template: &husk_templates::Template) -> Result<TemplateRef> {
+    Ok(TemplateRef {
+        name: template.manifest.name.clone(),
+        hash: template.manifest.hash.clone(),
+        memory: FileStamp::of(&template_memory(template))?,
+    })
+}
+
+/// Refuses a template that is not the one the checkpoint's pages were written against.
+pub fn check_template(saved: &TemplateRef, template: &husk_templates::Template) -> Result<()> {
+    let now = template_ref(template)?;
+    if &now != saved {
+        bail!(
+            "template {} was rebuilt since the checkpoint was taken; the checkpoint cannot be restored",
+            saved.name
+        );
+    }
+    Ok(())
+}
+
+fn template_memory(template: &husk_templates::Template) -> PathBuf {
+    husk_vmm::snapshot::SnapshotPaths::in_dir(&template.snapshot_dir()).memory
+}
+
+/// Removes what a failed checkpoint may have written into `dir`, leaving anything else.
+pub fn remove_image(dir: &Path) {
+    for name in vmm_files().iter().chain(&[MANIFEST_FILE]) {
+        let _ = std::fs::remove_file(dir.join(name));
+        let _ = std::fs::remove_file(dir.join(format!("{name}.tmp")));
+    }
+    let _ = std::fs::remove_file(dir.join(format!(".{MANIFEST_FILE}.tmp")));
+    // Only if it is empty: the caller may have made it, or may keep other files there.
+    let _ = std::fs::remove_dir(dir);
+}
+
+/// `husk checkpoint`: the monitor writes the image; without `--leave-running` the container
+/// is stopped afterwards, as runc's is, and this returns once its monitor is gone.
+pub fn checkpoint(root: &Path, opts: &CheckpointOpts) -> Result<()> {
+    let store = Store::new(root);
+    let st = commands::load(&store, &opts.id)?;
+    if !matches!(st.status, Status::Running | Status::Paused) {
+        bail!("container {} is not running", opts.id);
+    }
+    let dir = std::path::absolute(&opts.image_path)?;
+    let leave_running = opts.leave_running || opts.pre_dump;
+    let req = Request::Checkpoint {
+        dir: dir.clone(),
+        leave_running,
+    };
+    control::call(&store.dir(&opts.id), &req)?;
+    if !leave_running {
+        commands::finish_monitor(&st);
+    }
+    Ok(())
+}
+
+/// `husk restore`: checks the image, claims the id and starts a monitor that brings the VM
+/// back; returns once the container runs (with `--detach`), or waits for it like `run`.
+pub fn restore(root: &Path, opts: &RestoreOpts) -> Result<i32> {
+    let dir = std::path::absolute(&opts.image_path)?;
+    Manifest::read_checked(&dir)?;
+    let source = |_: &_| Ok(VmSource::Checkpoint(dir.clone()));
+    let pid = commands::create_with(root, &opts.create, source)?;
+    if opts.detach {
+        return Ok(0);
+    }
+    let code = commands::wait_pid(pid);
+    let _ = commands::delete(root, &opts.create.id, true);
+    Ok(code)
+}
