@@ -16,7 +16,6 @@ use linux_loader::loader::elf::start_info::{
 use linux_loader::loader::{Elf, KernelLoader, PvhBootCapability};
 use vm_memory::{Address, ByteValued, Bytes, GuestAddress, GuestMemoryBackend};
 
-use crate::elf_image;
 use crate::error::VmError;
 use crate::memory::{GuestMemory, HIGH_RAM_START, LOW_RAM_END};
 
@@ -241,8 +240,6 @@ pub struct LinuxImage {
 pub struct LoadedLinux {
     pvh_entry: u64,
     module: Option<(u64, u64)>,
-    /// Some of guest RAM maps the image files (see `map_image`), not anonymous memory.
-    pub mapped: bool,
 }
 
 /// Loads a vmlinux with a PVH note, its initramfs and command line, and the PVH start info.
@@ -263,19 +260,12 @@ pub fn load_linux_images(
     kernel: &Path,
     initramfs: Option<&Path>,
 ) -> Result<LoadedLinux, VmError> {
-    let (pvh_entry, kernel_end, kernel_mapped) = load_kernel_elf(mem, kernel)?;
-    let (module, module_mapped) = match initramfs {
-        Some(path) => {
-            let (module, mapped) = load_initramfs(mem, path, kernel_end)?;
-            (Some(module), mapped)
-        }
-        None => (None, false),
+    let (pvh_entry, kernel_end) = load_kernel_elf(mem, kernel)?;
+    let module = match initramfs {
+        Some(path) => Some(load_initramfs(mem, path, kernel_end)?),
+        None => None,
     };
-    Ok(LoadedLinux {
-        pvh_entry,
-        module,
-        mapped: kernel_mapped || module_mapped,
-    })
+    Ok(LoadedLinux { pvh_entry, module })
 }
 
 /// Writes the command line and PVH start info for images loaded by `load_linux_images`.
@@ -295,9 +285,8 @@ pub fn finish_linux(
     })
 }
 
-/// Loads the ELF segments; returns the PVH entry, the end of the kernel image and whether
-/// the segments were mapped rather than copied.
-fn load_kernel_elf(mem: &GuestMemory, kernel: &Path) -> Result<(u64, u64, bool), VmError> {
+/// Loads the ELF segments; returns the PVH entry and the end of the kernel image.
+fn load_kernel_elf(mem: &GuestMemory, kernel: &Path) -> Result<(u64, u64), VmError> {
     let read_err = |source| VmError::KernelRead {
         path: kernel.to_path_buf(),
         source,
@@ -308,41 +297,52 @@ fn load_kernel_elf(mem: &GuestMemory, kernel: &Path) -> Result<(u64, u64, bool),
         reason,
     };
     let low_end = (mem.last_addr().raw_value() + 1).min(LOW_RAM_END);
-    let layout = elf_image::Layout::read(&mut file, HIMEM_START);
-    if let Some(end) = layout.as_ref().map(|l| l.end).filter(|end| *end > low_end) {
+    if let Some(end) = elf_load_end(&mut file).filter(|end| *end > low_end) {
         return Err(VmError::Config(format!(
             "memory too small: the kernel needs {} MiB of low RAM, the guest has {} MiB",
             end.div_ceil(1 << 20),
             low_end >> 20
         )));
     }
-    if let Some(layout) = layout {
-        if let Some(entry) = layout.pvh_entry {
-            if layout.map(mem, &file).map_err(read_err)? {
-                return Ok((entry, layout.end, true));
-            }
-        }
-    }
-    // An ELF the mapping does not handle: linux-loader copies it (and says what is wrong).
     let loaded = Elf::load(mem, None, &mut file, Some(GuestAddress(HIMEM_START)))
         .map_err(|e| format_err(e.to_string()))?;
     match loaded.pvh_boot_cap {
-        PvhBootCapability::PvhEntryPresent(addr) => {
-            Ok((addr.raw_value(), loaded.kernel_end, false))
-        }
+        PvhBootCapability::PvhEntryPresent(addr) => Ok((addr.raw_value(), loaded.kernel_end)),
         _ => Err(format_err(
             "no PVH entry note (build the kernel with CONFIG_PVH=y)".into(),
         )),
     }
 }
 
-/// Places the initramfs at the top of low RAM; returns its (address, size) and whether it
-/// was mapped rather than copied.
-fn load_initramfs(
-    mem: &GuestMemory,
-    path: &Path,
-    kernel_end: u64,
-) -> Result<((u64, u64), bool), VmError> {
+/// The highest physical address any PT_LOAD segment of an ELF64 reaches, or None if the
+/// headers cannot be read (the loader then reports what is wrong).
+fn elf_load_end(file: &mut File) -> Option<u64> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut ehdr = [0u8; 64];
+    file.seek(SeekFrom::Start(0)).ok()?;
+    file.read_exact(&mut ehdr).ok()?;
+    if &ehdr[..4] != b"\x7fELF" || ehdr[4] != 2 {
+        return None;
+    }
+    let u16_at = |b: &[u8], at: usize| u16::from_le_bytes([b[at], b[at + 1]]);
+    let u64_at =
+        |b: &[u8], at: usize| u64::from_le_bytes(b[at..at + 8].try_into().unwrap_or_default());
+    let (phoff, phentsize, phnum) = (u64_at(&ehdr, 32), u16_at(&ehdr, 54), u16_at(&ehdr, 56));
+    if phentsize != 56 {
+        return None;
+    }
+    let mut phdrs = vec![0u8; 56 * usize::from(phnum)];
+    file.seek(SeekFrom::Start(phoff)).ok()?;
+    file.read_exact(&mut phdrs).ok()?;
+    phdrs
+        .chunks_exact(56)
+        .filter(|p| p[..4] == 1u32.to_le_bytes()) // PT_LOAD
+        .map(|p| u64_at(p, 24).saturating_add(u64_at(p, 40))) // p_paddr + p_memsz
+        .max()
+}
+
+/// Places the initramfs at the top of low RAM; returns its (address, size).
+fn load_initramfs(mem: &GuestMemory, path: &Path, kernel_end: u64) -> Result<(u64, u64), VmError> {
     let read_err = |source| VmError::InitramfsRead {
         path: path.to_path_buf(),
         source,
@@ -353,13 +353,10 @@ fn load_initramfs(
     let addr = low_end.checked_sub(size).map(|a| a & !0xfff);
     match addr {
         Some(addr) if addr >= kernel_end && size > 0 => {
-            let mapped = elf_image::map_image(mem, addr, &file, 0, size).map_err(read_err)?;
-            if !mapped {
-                // Straight from the file into guest RAM: no buffer to fill and copy.
-                mem.read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize)
-                    .map_err(|e| VmError::Memory(format!("initramfs: {e}")))?;
-            }
-            Ok(((addr, size), mapped))
+            // Straight from the file into guest RAM: no intermediate buffer to fill and copy.
+            mem.read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize)
+                .map_err(|e| VmError::Memory(format!("initramfs: {e}")))?;
+            Ok((addr, size))
         }
         _ => Err(VmError::Config(format!(
             "memory too small: kernel ends at {} MiB and the {} MiB initramfs needs to fit below {} MiB",

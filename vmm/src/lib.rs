@@ -6,7 +6,6 @@ pub mod boot;
 pub mod bus;
 pub mod cpuid;
 pub mod devices;
-pub mod elf_image;
 pub mod error;
 pub mod i8042;
 pub mod memory;

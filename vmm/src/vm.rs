@@ -285,8 +285,6 @@ pub struct VmBuilder {
     leftovers: Leftovers,
     /// The kernel and initramfs being copied into memory while the VM is set up.
     preload: Option<JoinHandle<Result<boot::LoadedLinux, VmError>>>,
-    /// The boot images are mapped into RAM rather than copied (see `elf_image`).
-    images_mapped: bool,
 }
 
 type Preload = Option<JoinHandle<Result<boot::LoadedLinux, VmError>>>;
@@ -368,7 +366,6 @@ impl VmBuilder {
             persist: Vec::new(),
             leftovers: Leftovers::default(),
             preload,
-            images_mapped: false,
         };
         if let Err(e) = builder.add_legacy_devices() {
             let _ = join_preload(builder.preload.take());
@@ -574,10 +571,7 @@ impl VmBuilder {
             irqchip: self.irqchip,
             vm_fd: self.vm_fd,
             kvm: self.kvm,
-            ram: Mutex::new(crate::pagefile::RamState::new(
-                &self.mem,
-                self.images_mapped,
-            )),
+            ram: Mutex::new(crate::pagefile::RamState::new(&self.mem)),
             mem: self.mem,
         };
         Ok(Vm {
@@ -646,7 +640,6 @@ impl VmBuilder {
                     Some(loaded) => loaded?,
                     None => boot::load_linux_images(&self.mem, kernel, initramfs.as_deref())?,
                 };
-                self.images_mapped = loaded.mapped;
                 mptable::write(&self.mem, self.cfg.vcpus)?;
                 let cmdline = self.full_cmdline(cmdline);
                 let image = boot::finish_linux(&self.mem, &loaded, &cmdline)?;

@@ -79,21 +79,19 @@ impl Guest {
         std::fs::read_to_string(self.dir.path().join("console.log")).unwrap_or_default()
     }
 
-    /// A new connection to the agent (waits for it to come up).
+    /// A new connection to the agent (waits for it to come up). If the VMM exits first, the
+    /// error carries its stderr and the console's last lines.
     pub fn agent(&mut self) -> Result<Client<UnixStream>> {
         let uds = self.vsock_path();
-        let child = &mut self.child;
-        let mut exited = None;
-        let alive = || true;
+        let child = std::cell::RefCell::new(&mut self.child);
+        let alive = || matches!(child.borrow_mut().try_wait(), Ok(None));
         let stream = husk_runtime::vsock::connect_retry(
             &uds,
             husk_agent::AGENT_VSOCK_PORT,
             Duration::from_secs(120),
             &alive,
         );
-        if let Ok(Some(status)) = child.try_wait() {
-            exited = Some(status);
-        }
+        let exited = child.borrow_mut().try_wait().ok().flatten();
         match (stream, exited) {
             (Ok(s), _) => {
                 let mut c = Client::new(s);
@@ -101,7 +99,19 @@ impl Guest {
                 Ok(c)
             }
             (Err(e), Some(status)) => {
-                bail!("VMM exited ({status}) before the agent answered: {e:#}")
+                let mut err = String::new();
+                if let Some(mut pipe) = self.child.stderr.take() {
+                    use std::io::Read;
+                    let _ = pipe.read_to_string(&mut err);
+                }
+                let console = self.console();
+                let tail: Vec<&str> = console.lines().rev().take(15).collect();
+                let tail: Vec<&str> = tail.into_iter().rev().collect();
+                bail!(
+                    "VMM exited ({status}) before the agent answered: {e:#}\nVMM stderr: {}\nconsole tail:\n{}",
+                    err.trim(),
+                    tail.join("\n")
+                )
             }
             (Err(e), None) => Err(e),
         }

@@ -207,7 +207,7 @@ fn write_held(
     };
     let mapping_is_base = match base_id {
         Some(id) => ram.backing == id,
-        None => ram.backing == Backing::Anon && !ram.images_mapped,
+        None => ram.backing == Backing::Anon,
     };
     let scan = ScanBase {
         file: base
@@ -326,7 +326,6 @@ fn release(
         Some((file, _)) => ram::file_id(file)?,
         None => Backing::Anon,
     };
-    ram.images_mapped = false;
     Ok(())
 }
 

@@ -30,14 +30,11 @@ pub(crate) struct RamState {
     pub(crate) paged_out: Option<PathBuf>,
     /// Serves a lazy page-in until every chunk is back or the VM ends.
     pub(crate) pager: Option<Pager>,
-    /// Parts of anonymous RAM map the boot images (`elf_image`): a page absent there reads
-    /// the image, not zero, until the RAM is next released.
-    pub(crate) images_mapped: bool,
 }
 
 impl RamState {
     /// The state of freshly built RAM: a restored snapshot's is its memory file, mapped.
-    pub(crate) fn new(mem: &GuestMemory, images_mapped: bool) -> RamState {
+    pub(crate) fn new(mem: &GuestMemory) -> RamState {
         let file = mem.iter().find_map(|r| r.file_offset().map(|f| f.file()));
         let backing = match file.map(File::metadata) {
             Some(Ok(m)) => Backing::File {
@@ -50,7 +47,6 @@ impl RamState {
             backing,
             paged_out: None,
             pager: None,
-            images_mapped,
         }
     }
 }
