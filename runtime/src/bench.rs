@@ -69,13 +69,12 @@ fn boot(b: &BootBench) -> Result<()> {
     let work = tempfile::Builder::new()
         .prefix("husk-bench-boot-")
         .tempdir()?;
-    let exe = installed_husk(work.path())?;
     // QEMU boots the same installed copies of the kernel and initramfs.
-    let kernel = work.path().join("install/husk").join(assets::KERNEL_FILE);
-    let initramfs = work
-        .path()
-        .join("install/husk")
-        .join(assets::INITRAMFS_FILE);
+    let Installed {
+        husk: exe,
+        kernel,
+        initramfs,
+    } = installed_husk(work.path())?;
     let mut husk = Vec::new();
     let mut qemu = Vec::new();
     // Interleaved so that both see the same machine conditions.
@@ -189,36 +188,43 @@ pub fn host_kvm_scratch(prefix: &str, what: &str) -> Result<tempfile::TempDir> {
         .with_context(|| format!("creating the {what} directory"))
 }
 
+/// The husk binary, kernel and initramfs the benchmarks run (see [`installed_husk`]).
+pub struct Installed {
+    pub husk: PathBuf,
+    pub kernel: PathBuf,
+    pub initramfs: PathBuf,
+}
+
 /// Copies this husk binary, the guest kernel and the initramfs to `work/install` (the layout
-/// `assets` looks in) and returns the copy's path: the benchmarks run husk as an installed
-/// binary on local storage, as runc and QEMU are (a second call reuses the copy). Run straight from a lab's checkout, every
-/// exec would re-read the binary over the checkout's 9p share (cache=mmap keeps no pages
-/// between opens): about 200 ms per husk process there, which says nothing about Husk.
-pub fn installed_husk(work: &Path) -> Result<PathBuf> {
+/// `assets` looks in) unless already there: the benchmarks run husk as an installed binary on
+/// local storage, as runc and QEMU are. Run straight from a lab's checkout, every exec would
+/// re-read the binary over the checkout's 9p share (cache=mmap keeps no pages between opens):
+/// about 200 ms per husk process there, which says nothing about Husk.
+pub fn installed_husk(work: &Path) -> Result<Installed> {
     let install = work.join("install");
-    let bin = install.join("bin");
-    if bin.join("husk").exists() {
-        return Ok(bin.join("husk"));
-    }
     let assets_dir = install.join("husk");
-    for d in [&bin, &assets_dir] {
-        std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+    let to = Installed {
+        husk: install.join("bin").join("husk"),
+        kernel: assets_dir.join(assets::KERNEL_FILE),
+        initramfs: assets_dir.join(assets::INITRAMFS_FILE),
+    };
+    if to.husk.exists() {
+        return Ok(to);
     }
     let copies = [
-        (std::env::current_exe()?, bin.join("husk")),
-        (assets::kernel(None)?, assets_dir.join(assets::KERNEL_FILE)),
-        (
-            assets::initramfs(None)?,
-            assets_dir.join(assets::INITRAMFS_FILE),
-        ),
+        (std::env::current_exe()?, &to.husk),
+        (assets::kernel(None)?, &to.kernel),
+        (assets::initramfs(None)?, &to.initramfs),
     ];
-    for (from, to) in &copies {
-        std::fs::copy(from, to)
-            .with_context(|| format!("copying {} to {}", from.display(), to.display()))?;
+    for (from, dest) in copies {
+        if let Some(d) = dest.parent() {
+            std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+        }
+        std::fs::copy(&from, dest)
+            .with_context(|| format!("copying {} to {}", from.display(), dest.display()))?;
     }
-    let exe = copies[0].1.clone();
-    eprintln!("husk under test: {} (an installed copy)", exe.display());
-    Ok(exe)
+    eprintln!("husk under test: {} (an installed copy)", to.husk.display());
+    Ok(to)
 }
 
 pub fn ms(d: Duration) -> f64 {

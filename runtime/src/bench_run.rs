@@ -13,7 +13,7 @@ pub fn run(runs: &usize, podman_runs: &usize) -> Result<()> {
     let work = tempfile::tempdir()?;
     let bundle = work.path().join("bundle");
     make_bundle(&bundle, &["true"])?;
-    let husk = crate::bench::installed_husk(work.path())?;
+    let husk = crate::bench::installed_husk(work.path())?.husk;
     let husk_root = work.path().join("husk-root");
     let runc_root = work.path().join("runc-root");
     let mut h = Vec::new();

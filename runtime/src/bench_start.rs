@@ -164,7 +164,7 @@ impl Runtime {
         };
         Runtime::new(
             name,
-            crate::bench::installed_husk(work)?,
+            crate::bench::installed_husk(work)?.husk,
             work.join(tag),
             Some(!template),
         )

@@ -278,7 +278,8 @@ pub fn check_template(saved: &TemplateRef, template: &husk_templates::Template) 
     Ok(())
 }
 
-fn template_memory(template: &husk_templates::Template) -> PathBuf {
+/// The template's memory file: what a clone's pages (paged out or checkpointed) are relative to.
+pub fn template_memory(template: &husk_templates::Template) -> PathBuf {
     husk_vmm::snapshot::SnapshotPaths::in_dir(&template.snapshot_dir()).memory
 }
 

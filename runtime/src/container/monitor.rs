@@ -116,8 +116,9 @@ fn start(args: &MonitorArgs, store: &Store) -> Result<Started> {
     let cgroup = HostCgroup::join(&bundle, &args.id)?;
     trace.mark("cgroup joined");
     let pause_config = PauseConfig::load()?;
+    let manifest = args.restore.as_deref().map(Manifest::read).transpose()?;
     let (mut vm, clone) = match (&args.restore, &args.template) {
-        (Some(image), _) => restore_vm(image, &dir, &plan)?,
+        (Some(image), _) => restore_vm(image, manifest.as_ref(), &dir, &plan)?,
         (None, Some(name)) => clone_vm(name, &dir, &plan)?,
         (None, None) => (MicroVm::start(options(&bundle, &dir, &plan)?)?, None),
     };
@@ -129,10 +130,7 @@ fn start(args: &MonitorArgs, store: &Store) -> Result<Started> {
     let (lease, template) = clone.map(|c| (c.lease, c.template)).unzip();
     let restored = args.restore.is_some();
     // A restored container keeps the id its guest agent knows it by.
-    let guest_id = match &args.restore {
-        Some(image) => Manifest::read(image)?.id,
-        None => args.id.clone(),
-    };
+    let guest_id = manifest.map_or_else(|| args.id.clone(), |m| m.id);
     let mut agent = match lease.is_some() || restored {
         true => vm.clone_agent(AGENT_TIMEOUT),
         false => vm.agent(AGENT_TIMEOUT),
@@ -160,9 +158,7 @@ fn start(args: &MonitorArgs, store: &Store) -> Result<Started> {
     let attach = vm.agent(AGENT_TIMEOUT)?.attach_stdio(&guest_id)?;
     let exit = stdio::bridge(attach.into_inner(), host)?;
     trace.mark("stdio attached");
-    let base = template
-        .as_ref()
-        .map(|t| husk_vmm::snapshot::SnapshotPaths::in_dir(&t.snapshot_dir()).memory);
+    let base = template.as_ref().map(checkpoint::template_memory);
     let pager = Pager::new(pause_config, vm.control().clone(), base, &args.id);
     let mut initial = initial_state(args, &bundle)?;
     if restored {
@@ -216,8 +212,13 @@ fn clone_vm(name: &str, dir: &Path, plan: &GuestPlan) -> Result<(MicroVm, Option
 /// Brings back the checkpoint in `image` with this container's console, vsock socket and
 /// (possibly new) bundle's directories; the pages are relative to the template's memory, which
 /// must be the one the checkpoint was taken against.
-fn restore_vm(image: &Path, dir: &Path, plan: &GuestPlan) -> Result<(MicroVm, Option<Cloned>)> {
-    let manifest = Manifest::read(image)?;
+fn restore_vm(
+    image: &Path,
+    manifest: Option<&Manifest>,
+    dir: &Path,
+    plan: &GuestPlan,
+) -> Result<(MicroVm, Option<Cloned>)> {
+    let manifest = manifest.context("restoring without the checkpoint's manifest")?;
     let (shares, cloned) = match &manifest.template {
         Some(t) => {
             let (template, lease) = open_template(&t.name)?;
