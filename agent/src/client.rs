@@ -191,6 +191,13 @@ impl<S: Read + Write> Client<S> {
         self.call_ok(Request::MountShares { shares })
     }
 
+    /// Has the guest clone a container helper into `namespaces` ahead of the next create
+    /// (see `Request::PrepareSpare`).
+    pub fn prepare_spare(&mut self, namespaces: &[&str]) -> Result<(), ClientError> {
+        let namespaces = namespaces.iter().map(|n| n.to_string()).collect();
+        self.call_ok(Request::PrepareSpare { namespaces })
+    }
+
     /// Lets a created container's init exec its process.
     pub fn start_container(&mut self, id: &str) -> Result<(), ClientError> {
         self.call_ok(Request::StartContainer { id: id.into() })

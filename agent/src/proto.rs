@@ -143,6 +143,10 @@ pub enum Request {
     /// itself: a shell running `mkdir` and `mount` costs several process starts per share,
     /// which dominate a clone's create time in a slow guest. `Ok`, or `Error` naming the share.
     MountShares { shares: Vec<ShareMount> },
+    /// Clone a container helper into these namespaces (OCI names) now, to wait for the next
+    /// `CreateContainer` asking for exactly them: a template prepares one before its snapshot,
+    /// so that its clones skip a helper's clone and exec. `Ok`.
+    PrepareSpare { namespaces: Vec<String> },
 }
 
 /// One virtio 9p share for `Request::MountShares`.

@@ -183,6 +183,9 @@ fn settle_and_snapshot(vm: &mut MicroVm, target: &BuildTarget, progress: &Progre
         ..Default::default()
     };
     agent.exec(&sync).context("sync in the guest")?;
+    agent
+        .prepare_spare(&SPARE_NAMESPACES)
+        .context("preparing a spare container helper")?;
     if std::env::var_os(TICK_ENV).is_some() {
         agent.exec(&tick()).context("starting the console ticker")?;
     }
@@ -201,6 +204,10 @@ fn settle_and_snapshot(vm: &mut MicroVm, target: &BuildTarget, progress: &Progre
     }
     Ok(())
 }
+
+/// The namespaces of the helper a template keeps ready for its clones' first container:
+/// those of `runc spec`, of `examples/busybox` and of podman on cgroup v1 hosts.
+const SPARE_NAMESPACES: [&str; 5] = ["pid", "network", "ipc", "uts", "mount"];
 
 /// Debugging clones: with this variable set, the template's guest prints `tick <uptime>`
 /// on its console every second, so a clone's console shows whether it runs and keeps time.

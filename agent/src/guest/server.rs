@@ -299,6 +299,9 @@ impl Conn {
                 .signal(&ctx.reaper, &id, signal, all)
                 .map(|()| Response::Ok),
             Request::DeleteContainer { id } => c.delete(&id).map(|()| Response::Ok),
+            Request::PrepareSpare { namespaces } => c
+                .prepare_spare(&ctx.reaper, &namespaces)
+                .map(|()| Response::Ok),
             Request::ListProcesses { id } => {
                 c.processes(&id).map(|pids| Response::Processes { pids })
             }

@@ -22,6 +22,9 @@ use super::state::{Status, Store};
 pub const MANIFEST_FORMAT: u32 = 1;
 /// The manifest's name in the image directory.
 pub const MANIFEST_FILE: &str = "manifest.json";
+/// CRIU's inventory file: podman refuses to restore from a directory without one, so a
+/// complete image carries this small marker beside the manifest (it holds no state).
+pub const INVENTORY_FILE: &str = "inventory.img";
 
 /// `husk checkpoint` (runc's flags; those about CRIU are accepted and ignored).
 #[derive(clap::Args, Debug, Clone)]
@@ -210,14 +213,12 @@ impl Manifest {
         })
     }
 
-    /// Writes it into `dir` last, durably: an image with a manifest is complete.
+    /// Writes it into `dir` last, durably: an image with a manifest is complete. The
+    /// inventory marker follows, for podman, which looks for it before it restores.
     pub fn write(&self, dir: &Path) -> Result<()> {
-        let path = dir.join(MANIFEST_FILE);
-        let tmp = dir.join(format!(".{MANIFEST_FILE}.tmp"));
-        let mut f = std::fs::File::create(&tmp)?;
-        std::io::Write::write_all(&mut f, &serde_json::to_vec_pretty(self)?)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))
+        write_durably(dir, MANIFEST_FILE, &serde_json::to_vec_pretty(self)?)?;
+        let note = "a husk micro-VM checkpoint: see manifest.json (CRIU was not used)\n";
+        write_durably(dir, INVENTORY_FILE, note.as_bytes())
     }
 
     /// Reads the manifest of the image in `dir` and checks every file against it.
@@ -257,6 +258,16 @@ impl Manifest {
     }
 }
 
+/// Writes `name` in `dir` through a temporary file, synced, so it is there whole or not at all.
+fn write_durably(dir: &Path, name: &str, bytes: &[u8]) -> Result<()> {
+    let path = dir.join(name);
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let mut f = std::fs::File::create(&tmp)?;
+    std::io::Write::write_all(&mut f, bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))
+}
+
 /// What a checkpoint of a clone of `template` records of it.
 pub fn template_ref(template: &husk_templates::Template) -> Result<TemplateRef> {
     Ok(TemplateRef {
@@ -285,11 +296,11 @@ pub fn template_memory(template: &husk_templates::Template) -> PathBuf {
 
 /// Removes what a failed checkpoint may have written into `dir`, leaving anything else.
 pub fn remove_image(dir: &Path) {
-    for name in vmm_files().iter().chain(&[MANIFEST_FILE]) {
+    for name in vmm_files().iter().chain(&[MANIFEST_FILE, INVENTORY_FILE]) {
         let _ = std::fs::remove_file(dir.join(name));
         let _ = std::fs::remove_file(dir.join(format!("{name}.tmp")));
+        let _ = std::fs::remove_file(dir.join(format!(".{name}.tmp")));
     }
-    let _ = std::fs::remove_file(dir.join(format!(".{MANIFEST_FILE}.tmp")));
     // Only if it is empty: the caller may have made it, or may keep other files there.
     let _ = std::fs::remove_dir(dir);
 }

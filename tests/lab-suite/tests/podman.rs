@@ -154,19 +154,7 @@ fn podman_volume_and_read_only() {
 #[test]
 fn podman_exec_stop_kill_pause_rm() {
     let name = "husk-lifecycle";
-    let _ = podman(&["rm", "-f", name]);
-    let out = podman(&[
-        "run",
-        "-d",
-        "--network",
-        "none",
-        "--name",
-        name,
-        IMAGE,
-        "sleep",
-        "300",
-    ]);
-    assert_eq!(out.code, 0, "{}", out.stderr);
+    run_detached(name, &["sleep", "300"]);
     let ex = podman(&["exec", name, "echo", "in-exec"]);
     assert_eq!(ex.stdout, "in-exec\n", "{}", ex.stderr);
     assert_eq!(podman(&["pause", name]).code, 0);
@@ -180,6 +168,15 @@ fn podman_exec_stop_kill_pause_rm() {
     assert_eq!(podman(&["kill", name]).code, 0);
     assert_eq!(podman(&["rm", "-f", name]).code, 0);
     assert_ne!(podman(&["inspect", name]).code, 0, "container still there");
+}
+
+/// `podman run -d` of the image as `name` (replacing any container of that name).
+fn run_detached(name: &str, cmd: &[&str]) {
+    let _ = podman(&["rm", "-f", name]);
+    let mut args = vec!["run", "-d", "--network", "none", "--name", name, IMAGE];
+    args.extend_from_slice(cmd);
+    let out = podman(&args);
+    assert_eq!(out.code, 0, "{}", out.stderr);
 }
 
 fn status(name: &str) -> String {
@@ -248,4 +245,46 @@ fn podman_interactive_tty() {
     let screen = text();
     assert!(screen.contains("/dev/pts/"), "{screen}");
     assert_eq!(status.code(), Some(4), "{screen}");
+}
+
+/// `podman container checkpoint` stops the container with its whole micro-VM written to disk;
+/// `podman container restore` brings it back where it was: a counter kept in the shell's
+/// memory carries on from its value at the checkpoint instead of starting again from 1.
+#[test]
+fn podman_checkpoint_and_restore() {
+    let name = "husk-checkpoint";
+    let script = "i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.2; done";
+    run_detached(name, &["sh", "-c", script]);
+    let count = || {
+        let out = podman(&["exec", name, "cat", "/tmp/count"]);
+        out.stdout.trim().parse::<u64>().unwrap_or(0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut before = count();
+    while before < 25 {
+        assert!(Instant::now() < deadline, "the counter did not get going");
+        std::thread::sleep(Duration::from_millis(500));
+        before = count();
+    }
+    let ck = podman(&["container", "checkpoint", name]);
+    assert_eq!(ck.code, 0, "checkpoint: {}", ck.stderr);
+    assert_eq!(status(name), "exited");
+    let rs = podman(&["container", "restore", name]);
+    assert_eq!(rs.code, 0, "restore: {}", rs.stderr);
+    assert_eq!(status(name), "running");
+    let after = count();
+    assert!(
+        after >= before,
+        "the counter started again ({after} after the restore, {before} before the checkpoint)"
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while count() <= after {
+        assert!(
+            Instant::now() < deadline,
+            "the restored counter stands still"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let rm = podman(&["rm", "-f", name]);
+    assert_eq!(rm.code, 0, "{}", rm.stderr);
 }

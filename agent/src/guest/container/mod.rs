@@ -20,6 +20,7 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
+use std::sync::mpsc::TryRecvError;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -36,6 +37,8 @@ pub use pty::resize;
 /// Errors in the helper are plain messages: they travel to the host as `Error{message}`.
 pub type HelperResult<T> = Result<T, String>;
 
+/// Where the host's shares are mounted (under /run/husk), after a spare helper was cloned.
+const SHARES_PARENT: &str = "/run";
 /// How long a helper may take to set up before the agent gives up on it.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long `DeleteContainer` waits for killed processes to be reaped.
@@ -45,6 +48,19 @@ const KILL_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Default)]
 pub struct Containers {
     map: Mutex<HashMap<String, Arc<Container>>>,
+    /// A helper cloned ahead of time and waiting for orders (see `prepare_spare`).
+    spare: Mutex<Option<Spawned>>,
+}
+
+/// A helper cloned into its namespaces and exec'd, waiting for its orders.
+struct Spawned {
+    /// The namespaces it was cloned into (CLONE_NEW* flags).
+    flags: libc::c_int,
+    pid: i32,
+    status: std::sync::mpsc::Receiver<ExitStatus>,
+    /// The agent's ends of its stdio pipes; `None` with a terminal (the helper makes a pty).
+    stdio: Option<Stdio>,
+    sync: SyncSocket,
 }
 
 struct Container {
@@ -172,7 +188,11 @@ impl Containers {
             spec: Box::new(spec.clone()),
             rootfs: PathBuf::from(rootfs),
         };
-        let (helper, sync) = launch(reaper, flags, None, terminal, &order)?;
+        let spawned = match self.take_spare(flags, terminal) {
+            Some(spare) => spare,
+            None => spawn(reaper, flags, None, terminal)?,
+        };
+        let (helper, sync) = give_orders(reaper, spawned, &order)?;
         let exit = Arc::new(ExitCell::default());
         watch_exit(helper.pid, helper.status, exit.clone())?;
         map.insert(
@@ -187,6 +207,42 @@ impl Containers {
             }),
         );
         Ok(helper.pid)
+    }
+
+    /// Clones a helper into the namespaces named (OCI names: "pid", "network", ...) and keeps
+    /// it waiting for orders. A template prepares one before its snapshot: every clone then
+    /// finds a helper already cloned and exec'd, and a create whose spec asks for exactly
+    /// these namespaces (and no terminal) skips the slowest part of its set-up in the guest.
+    pub fn prepare_spare(&self, reaper: &Reaper, namespaces: &[String]) -> HelperResult<()> {
+        let flags = ns::flags_of(namespaces)?;
+        // Shares are mounted under /run after the spare's mount namespace was copied: shared
+        // propagation carries them into it (the helper turns it into a slave on orders).
+        nix::mount::mount(
+            None::<&str>,
+            SHARES_PARENT,
+            None::<&str>,
+            nix::mount::MsFlags::MS_SHARED,
+            None::<&str>,
+        )
+        .map_err(|e| format!("make {SHARES_PARENT} shared: {e}"))?;
+        let spawned = spawn(reaper, flags, None, false)?;
+        // A spare it replaces reads EOF on its sync socket and exits.
+        *lock(&self.spare) = Some(spawned);
+        Ok(())
+    }
+
+    /// The spare helper, if it fits a container with these namespaces and is still alive.
+    fn take_spare(&self, flags: libc::c_int, terminal: bool) -> Option<Spawned> {
+        let mut spare = lock(&self.spare);
+        let fits = spare.as_ref().is_some_and(|s| {
+            let alive = matches!(s.status.try_recv(), Err(TryRecvError::Empty));
+            !terminal && s.flags == flags && alive
+        });
+        if fits {
+            spare.take()
+        } else {
+            None
+        }
     }
 
     /// Lets a created container's init exec its process.
@@ -345,6 +401,17 @@ fn launch(
     terminal: bool,
     order: &ToHelper,
 ) -> HelperResult<(ExecStarted, SyncSocket)> {
+    let spawned = spawn(reaper, flags, pidns, terminal)?;
+    give_orders(reaper, spawned, order)
+}
+
+/// Clones a helper into `flags` (and `pidns`) with fresh stdio; it waits for its orders.
+fn spawn(
+    reaper: &Reaper,
+    flags: libc::c_int,
+    pidns: Option<&File>,
+    terminal: bool,
+) -> HelperResult<Spawned> {
     let (ours, theirs) = sync::pair().map_err(|e| format!("socketpair: {e}"))?;
     let (child, agent_side) = stdio_pair(terminal).map_err(|e| format!("stdio: {e}"))?;
     let fds = ChildFds {
@@ -357,6 +424,28 @@ fn launch(
         spawn_helper(reaper, flags, pidns, &fds).map_err(|e| format!("clone: {e}"))?;
     // The child has its copies; ours would keep pipes open and hide EOF.
     drop((child, theirs));
+    Ok(Spawned {
+        flags,
+        pid,
+        status,
+        stdio: agent_side,
+        sync: ours,
+    })
+}
+
+/// Sends a spawned helper its orders and waits for `Ready`; kills it on failure.
+fn give_orders(
+    reaper: &Reaper,
+    helper: Spawned,
+    order: &ToHelper,
+) -> HelperResult<(ExecStarted, SyncSocket)> {
+    let Spawned {
+        pid,
+        status,
+        stdio: agent_side,
+        sync: ours,
+        ..
+    } = helper;
     let ready = ours
         .set_timeout(SETUP_TIMEOUT)
         .and_then(|()| ours.send(order, None))

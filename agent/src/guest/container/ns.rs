@@ -35,6 +35,20 @@ pub fn clone_flags(spec: &Spec) -> Result<libc::c_int, String> {
     Ok(flags)
 }
 
+/// Clone flags for namespaces given by their OCI names ("pid", "network", "mount", ...).
+pub fn flags_of(names: &[String]) -> Result<libc::c_int, String> {
+    names.iter().try_fold(0, |flags, name| {
+        let typ: LinuxNamespaceType = serde_json::from_value(serde_json::json!(name))
+            .map_err(|_| format!("unknown namespace type {name:?}"))?;
+        match typ {
+            LinuxNamespaceType::User | LinuxNamespaceType::Time => {
+                Err(format!("{name} namespaces are not supported"))
+            }
+            t => Ok(flags | t as libc::c_int),
+        }
+    })
+}
+
 /// Whether the container gets its own namespace of `typ` (created or joined).
 pub fn has(spec: &Spec, typ: LinuxNamespaceType) -> bool {
     requested(spec).iter().any(|ns| ns.typ() == typ)
