@@ -26,6 +26,11 @@ use serde::{Deserialize, Serialize};
 pub const MAGIC: [u8; 3] = *b"HSK";
 /// Version byte carried by every frame; bumped on any incompatible change.
 pub const PROTOCOL_VERSION: u8 = 1;
+
+/// Spec annotation the host sets on a `CreateContainer` spec: where `process.args[0]` (a bare
+/// name) is found on the process's PATH in the rootfs, looked up on the host, which spares the
+/// guest a walk over 9p per PATH entry. Absent when the guest must look it up itself.
+pub const EXEC_PATH_ANNOTATION: &str = "run.husk.exec-path";
 /// Size of the fixed frame header.
 pub const HEADER_LEN: usize = 9;
 /// Largest payload either side accepts (1 MiB).

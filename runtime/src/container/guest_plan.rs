@@ -46,6 +46,7 @@ impl GuestPlan {
             plan.spec["mounts"] = serde_json::Value::Array(rewritten);
         }
         plan.localise_network_namespace();
+        super::rootfs_lookup::resolve_into(&mut plan.spec, &bundle.spec, &bundle.rootfs);
         if plan.shares.len() > usize::from(SHARE_SLOTS) {
             bail!(
                 "the bundle needs {} shared directories (the rootfs and {} bind-mount directories), but a micro-VM has {SHARE_SLOTS} share slots",

@@ -8,6 +8,7 @@ pub mod exec;
 pub mod guest_plan;
 pub mod monitor;
 pub mod paging;
+pub mod rootfs_lookup;
 pub mod signal;
 pub mod state;
 pub mod stdio;

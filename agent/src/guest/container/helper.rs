@@ -71,7 +71,11 @@ fn init(sync: &SyncSocket, spec: &Spec, rootfs: &Path) -> HelperResult<Infallibl
         finish_mounts(spec)?;
     }
     let seccomp = spec.linux().as_ref().and_then(|l| l.seccomp().as_ref());
-    let prepared = process::prepare(process, seccomp)?;
+    let found = spec
+        .annotations()
+        .as_ref()
+        .and_then(|a| a.get(husk_agent::proto::EXEC_PATH_ANNOTATION));
+    let prepared = process::prepare(process, seccomp, found.map(Path::new))?;
     report_ready(sync, prepared.master.as_ref())?;
     match sync.recv::<ToHelper>() {
         Ok(Some((ToHelper::Start, _))) => process::exec(prepared),
@@ -107,7 +111,7 @@ fn exec(
     seccomp: Option<&LinuxSeccomp>,
 ) -> HelperResult<Infallible> {
     ns::join_container(init_pid, namespaces)?;
-    let prepared = process::prepare(process, seccomp)?;
+    let prepared = process::prepare(process, seccomp, None)?;
     report_ready(sync, prepared.master.as_ref())?;
     process::exec(prepared)
 }

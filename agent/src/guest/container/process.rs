@@ -35,7 +35,12 @@ pub struct Prepared {
 }
 
 /// Applies everything but the final seccomp filters and `execve`, in runc's order.
-pub fn prepare(process: &Process, profile: Option<&LinuxSeccomp>) -> HelperResult<Prepared> {
+/// `found`: where the host found `args[0]` on PATH (see `EXEC_PATH_ANNOTATION`), if it did.
+pub fn prepare(
+    process: &Process,
+    profile: Option<&LinuxSeccomp>,
+    found: Option<&Path>,
+) -> HelperResult<Prepared> {
     let args = process.args().as_deref().unwrap_or_default();
     if args.is_empty() {
         return Err("args must not be empty".into());
@@ -74,7 +79,10 @@ pub fn prepare(process: &Process, profile: Option<&LinuxSeccomp>) -> HelperResul
             e.desc().to_lowercase()
         )
     })?;
-    let path = lookup(&args[0], &env)?;
+    let path = match found {
+        Some(path) if !args[0].contains('/') => path.to_path_buf(),
+        _ => lookup(&args[0], &env)?,
+    };
     Ok(Prepared {
         path: cstring(path.as_os_str().as_bytes())?,
         argv: args
