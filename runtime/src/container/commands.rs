@@ -3,17 +3,16 @@
 
 use std::io::{BufRead, BufReader};
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
 use super::bundle::Bundle;
 use super::control::{self, Reply, Request};
+use super::monitor::MonitorArgs;
 use super::state::{ContainerState, Status, Store};
-use super::{monitor_alive, signal, template_choice};
+use super::{launch, monitor_alive, signal, template_choice};
 
 /// Options shared by `create` and `run`.
 #[derive(clap::Args, Debug, Clone)]
@@ -91,40 +90,30 @@ pub fn create_with(
 fn spawn_monitor(root: &Path, opts: &CreateOpts, bundle: &Path, source: &VmSource) -> Result<i32> {
     let (read, write) = nix::unistd::pipe()?;
     let write_fd = high_fd(write)?;
-    let mut cmd = Command::new(std::env::current_exe()?);
-    cmd.arg("--root").arg(root).arg("monitor");
-    cmd.arg("--bundle")
-        .arg(bundle)
-        .arg("--ready-fd")
-        .arg(write_fd.to_string());
-    if let Some(s) = &opts.console_socket {
-        cmd.arg("--console-socket").arg(s);
-    }
-    match source {
-        VmSource::Template(Some(t)) => cmd.arg("--template").arg(t),
-        VmSource::Template(None) => &mut cmd,
-        VmSource::Checkpoint(dir) => cmd.arg("--restore").arg(dir),
+    let (template, restore) = match source {
+        VmSource::Template(t) => (t.clone(), None),
+        VmSource::Checkpoint(dir) => (None, Some(dir.clone())),
     };
-    cmd.arg(&opts.id);
-    // SAFETY: only async-signal-safe calls (setsid, fcntl) between fork and exec.
-    unsafe {
-        cmd.pre_exec(move || {
-            libc::setsid();
-            // Keep the readiness pipe open across exec (it was made close-on-exec).
-            libc::fcntl(write_fd, libc::F_SETFD, 0);
-            Ok(())
-        });
-    }
-    let mut child = cmd.spawn().context("starting the monitor")?;
+    let args = MonitorArgs {
+        root: root.to_path_buf(),
+        id: opts.id.clone(),
+        bundle: bundle.to_path_buf(),
+        console_socket: opts.console_socket.clone(),
+        ready_fd: Some(write_fd),
+        template,
+        restore,
+    };
+    let pid = launch::start(args)?;
     // SAFETY: write_fd is ours; the child has its own copy now.
     unsafe { libc::close(write_fd) };
     let mut line = String::new();
     BufReader::new(std::fs::File::from(read)).read_line(&mut line)?;
     match line.trim_end() {
-        "ok" => Ok(child.id() as i32),
+        "ok" => Ok(pid),
         msg => {
-            let _ = child.kill();
-            let _ = child.wait();
+            let _ =
+                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL);
+            let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
             if msg.is_empty() {
                 bail!("the monitor died before the container was created");
             }

@@ -6,6 +6,7 @@ pub mod commands;
 pub mod control;
 pub mod exec;
 pub mod guest_plan;
+pub mod launch;
 pub mod monitor;
 pub mod paging;
 pub mod rootfs_lookup;

@@ -1,0 +1,99 @@
+//! Starting a container's monitor from `create`: forked straight into `monitor::run` when the
+//! caller is single-threaded, else a fresh `husk monitor` process.
+//!
+//! The fork spares the exec of the husk binary and its start-up (a fifth of a clone's create
+//! in the lab, where every process start is emulated). Either way the monitor is a child of
+//! the caller in a session of its own, and holds exactly the fds an exec would have kept:
+//! close-on-exec ones are closed in the forked child too.
+
+use std::os::unix::process::CommandExt;
+use std::process::Command;
+
+use anyhow::{Context, Result};
+use nix::unistd::{fork, ForkResult};
+
+use super::monitor::{self, MonitorArgs};
+
+/// Starts the monitor for `args`; returns its pid. `args.ready_fd` is close-on-exec in the
+/// caller; the monitor gets its own copy, open.
+pub fn start(args: MonitorArgs) -> Result<i32> {
+    if !single_threaded() {
+        return exec_monitor(&args);
+    }
+    // Nothing buffered may be written twice, once by each process.
+    let _ = std::io::Write::flush(&mut std::io::stdout());
+    // SAFETY: this process has one thread (checked above), so the child is a complete copy
+    // and may go on running ordinary Rust code.
+    match unsafe { fork() }.context("starting the monitor")? {
+        ForkResult::Parent { child } => Ok(child.as_raw()),
+        ForkResult::Child => {
+            nix::unistd::setsid().ok();
+            close_cloexec_fds(args.ready_fd);
+            let code = monitor::run(args);
+            std::process::exit(code)
+        }
+    }
+}
+
+/// Whether the calling process has a single thread (the only case where fork is safe).
+fn single_threaded() -> bool {
+    std::fs::read_dir("/proc/self/task").is_ok_and(|d| d.count() == 1)
+}
+
+/// Closes what an exec would have: every close-on-exec fd but `keep`.
+fn close_cloexec_fds(keep: Option<i32>) {
+    let Ok(dir) = std::fs::read_dir("/proc/self/fd") else {
+        return;
+    };
+    // Collected first: the directory's own fd must stay open while it is read.
+    let fds: Vec<i32> = dir
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    for fd in fds {
+        if Some(fd) == keep {
+            continue;
+        }
+        // SAFETY: F_GETFD only queries; close(2) of an fd nothing in this process uses again
+        // (the forked child never returns into the frames that own them).
+        unsafe {
+            let flags = libc::fcntl(fd, libc::F_GETFD);
+            if flags >= 0 && flags & libc::FD_CLOEXEC != 0 {
+                libc::close(fd);
+            }
+        }
+    }
+}
+
+/// `husk monitor …` as a new process.
+fn exec_monitor(args: &MonitorArgs) -> Result<i32> {
+    let mut cmd = Command::new(std::env::current_exe()?);
+    cmd.arg("--root").arg(&args.root).arg("monitor");
+    cmd.arg("--bundle").arg(&args.bundle);
+    if let Some(fd) = args.ready_fd {
+        cmd.arg("--ready-fd").arg(fd.to_string());
+    }
+    if let Some(s) = &args.console_socket {
+        cmd.arg("--console-socket").arg(s);
+    }
+    if let Some(t) = &args.template {
+        cmd.arg("--template").arg(t);
+    }
+    if let Some(dir) = &args.restore {
+        cmd.arg("--restore").arg(dir);
+    }
+    cmd.arg(&args.id);
+    let ready_fd = args.ready_fd;
+    // SAFETY: only async-signal-safe calls (setsid, fcntl) between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::setsid();
+            // Keep the readiness pipe open across exec (it was made close-on-exec).
+            if let Some(fd) = ready_fd {
+                libc::fcntl(fd, libc::F_SETFD, 0);
+            }
+            Ok(())
+        });
+    }
+    let child = cmd.spawn().context("starting the monitor")?;
+    Ok(child.id() as i32)
+}
