@@ -9,7 +9,6 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use husk_agent::client::Client;
 use husk_templates::{slot_tag, SHARE_SLOTS};
 use husk_vmm::ShareConfig;
 
@@ -139,10 +138,8 @@ impl GuestPlan {
     }
 
     /// Mounts every share at its guest path (the agent runs busybox's mount).
-    pub fn mount_shares<S: std::io::Read + std::io::Write>(
-        &self,
-        agent: &mut Client<S>,
-    ) -> Result<()> {
+    /// The agent request that mounts every share on its guest directory.
+    pub fn mount_request(&self) -> husk_agent::proto::Request {
         let shares = self
             .mounts
             .iter()
@@ -153,9 +150,7 @@ impl GuestPlan {
                 msize: MSIZE,
             })
             .collect();
-        agent
-            .mount_shares(shares)
-            .context("mounting the shares in the guest")
+        husk_agent::proto::Request::MountShares { shares }
     }
 }
 

@@ -10,8 +10,9 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use husk_agent::client::Client;
+use husk_agent::proto::{Request as AgentRequest, Response};
 use husk_templates::{Lease, Template};
 
 use super::bundle::Bundle;
@@ -137,25 +138,34 @@ fn start(args: &MonitorArgs, store: &Store) -> Result<Started> {
     }
     .context("waiting for the guest agent")?;
     trace.mark("agent answering");
-    // A restored guest also needs the clock set: it stood still since the checkpoint.
+    // A clone is made unique; a restored guest also needs the clock set (it stood still since
+    // the checkpoint), but has its shares mounted and its container running already.
+    let mut steps = Vec::new();
     if lease.is_some() || restored {
-        make_unique(&mut agent)?;
-        trace.mark("clone made unique");
+        steps.push(("making the clone unique", unique_request()?));
     }
-    // A restored guest has its shares mounted and its container running already.
     if !restored {
-        plan.mount_shares(&mut agent)?;
-        trace.mark("shares mounted");
-        agent
-            .create_container(&args.id, &plan.spec, GUEST_ROOTFS)
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
-        trace.mark("container created");
+        steps.push(("mounting the shares in the guest", plan.mount_request()));
+        let create = AgentRequest::CreateContainer {
+            id: args.id.clone(),
+            spec: plan.spec.clone(),
+            rootfs: GUEST_ROOTFS.into(),
+        };
+        steps.push(("", create));
     }
+    let requests: Vec<AgentRequest> = steps.iter().map(|(_, r)| r.clone()).collect();
+    agent
+        .send_all(&requests)
+        .context("talking to the guest agent")?;
+    // The stdio connection is opened while the guest works through those requests.
+    let attach = vm.agent(AGENT_TIMEOUT);
+    check_replies(&mut agent, &steps)?;
+    trace.mark("guest prepared, container created");
     let host = match (&args.console_socket, terminal(&bundle)) {
         (Some(sock), true) => stdio::terminal(sock)?,
         _ => HostStdio::Inherited,
     };
-    let attach = vm.agent(AGENT_TIMEOUT)?.attach_stdio(&guest_id)?;
+    let attach = attach?.attach_stdio(&guest_id)?;
     let exit = stdio::bridge(attach.into_inner(), host)?;
     trace.mark("stdio attached");
     let base = template.as_ref().map(checkpoint::template_memory);
@@ -263,16 +273,36 @@ fn own_devices(dir: &Path, shares: Vec<(PathBuf, bool)>) -> RestoreOptions {
 /// Bytes of host randomness a clone's pool is reseeded with.
 const CLONE_ENTROPY: usize = 64;
 
-/// Tells a clone apart from its siblings: the host's wall clock and fresh entropy.
-fn make_unique(agent: &mut Client<UnixStream>) -> Result<()> {
+/// `CloneInit`: the host's wall clock and fresh entropy for a clone or a restored guest.
+fn unique_request() -> Result<AgentRequest> {
     let mut entropy = [0u8; CLONE_ENTROPY];
     getrandom(&mut entropy)?;
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .context("the host clock is before 1970")?;
-    agent
-        .clone_init(now.as_nanos() as u64, &entropy)
-        .context("making the clone unique")?;
+    Ok(AgentRequest::CloneInit {
+        time_ns: now.as_nanos() as u64,
+        entropy: entropy.to_vec(),
+    })
+}
+
+/// Reads the replies to `steps` (sent with `send_all`); the first refused step is the error,
+/// named by its description (the create's own message stands alone, as runc's would).
+fn check_replies(
+    agent: &mut Client<UnixStream>,
+    steps: &[(&'static str, AgentRequest)],
+) -> Result<()> {
+    let replies = agent
+        .replies(steps.len())
+        .context("talking to the guest agent")?;
+    for ((what, _), reply) in steps.iter().zip(replies) {
+        match reply {
+            Err(e) if what.is_empty() => return Err(anyhow::anyhow!("{e}")),
+            Err(e) => return Err(anyhow::Error::new(e).context(*what)),
+            Ok(Response::Ok | Response::Created { .. }) => {}
+            Ok(other) => bail!("{what}: unexpected reply {other:?} from the guest agent"),
+        }
+    }
     Ok(())
 }
 

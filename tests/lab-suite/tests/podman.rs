@@ -253,18 +253,26 @@ fn podman_interactive_tty() {
 #[test]
 fn podman_checkpoint_and_restore() {
     let name = "husk-checkpoint";
-    let script = "i=0; while :; do i=$((i+1)); echo $i > /tmp/count; sleep 0.2; done";
+    // The count is renamed into place so that a reader never sees a truncated, empty file.
+    let script =
+        "i=0; while :; do i=$((i+1)); echo $i > /tmp/c.new; mv /tmp/c.new /tmp/count; sleep 0.2; done";
     run_detached(name, &["sh", "-c", script]);
-    let count = || {
+    let try_count = || {
         let out = podman(&["exec", name, "cat", "/tmp/count"]);
-        out.stdout.trim().parse::<u64>().unwrap_or(0)
+        out.stdout.trim().parse::<u64>().map_err(|_| {
+            format!(
+                "podman exec cat /tmp/count: exit {}, stdout {:?}, stderr {}",
+                out.code, out.stdout, out.stderr
+            )
+        })
     };
+    let count = || try_count().unwrap_or_else(|e| panic!("{e}"));
     let deadline = Instant::now() + Duration::from_secs(120);
-    let mut before = count();
+    let mut before = try_count().unwrap_or(0);
     while before < 25 {
         assert!(Instant::now() < deadline, "the counter did not get going");
         std::thread::sleep(Duration::from_millis(500));
-        before = count();
+        before = try_count().unwrap_or(0);
     }
     let ck = podman(&["container", "checkpoint", name]);
     assert_eq!(ck.code, 0, "checkpoint: {}", ck.stderr);

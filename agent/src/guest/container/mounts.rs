@@ -56,14 +56,15 @@ fn is_dev_tmpfs(m: &Mount) -> bool {
     m.destination() == Path::new("/dev") && m.typ().as_deref() == Some("tmpfs")
 }
 
-/// Mounts one spec entry at its destination under `rootfs`, creating the mount point.
+/// Mounts one spec entry at its destination under `rootfs`, creating the mount point if it
+/// is missing. The mount is tried first: the mount point usually exists, and every lookup in
+/// the rootfs is a round trip over 9p to the host.
 fn mount_one(rootfs: &Path, m: &Mount) -> HelperResult<()> {
     let dest = in_root(rootfs, m.destination());
     let typ = m.typ().as_deref().unwrap_or("none");
     let (flags, data) = parse_options(m.options().as_deref().unwrap_or_default());
     let is_bind = flags.contains(MsFlags::MS_BIND) || typ == "bind";
     let source = m.source().clone().unwrap_or_else(|| PathBuf::from(typ));
-    make_mount_point(&dest, is_bind.then_some(source.as_path()))?;
     let what = format!(
         "mount {} on {}",
         source.display(),
@@ -72,17 +73,24 @@ fn mount_one(rootfs: &Path, m: &Mount) -> HelperResult<()> {
     let data = (!data.is_empty()).then_some(data.as_str());
     let propagation = flags & propagation_flags();
     let flags = flags - propagation;
-    if is_bind {
-        bind(&source, &dest, flags, &what)?;
-    } else {
-        // The spec says "cgroup"; the guest offers the unified hierarchy.
-        let fstype = if typ == "cgroup" { "cgroup2" } else { typ };
-        let source = if typ == "cgroup" {
-            Path::new("cgroup2")
+    let attempt = || -> nix::Result<()> {
+        if is_bind {
+            bind(&source, &dest, flags)
         } else {
-            &source
-        };
-        sys(mount(Some(source), &dest, Some(fstype), flags, data), &what)?;
+            // The spec says "cgroup"; the guest offers the unified hierarchy.
+            let (source, fstype) = match typ {
+                "cgroup" => (Path::new("cgroup2"), "cgroup2"),
+                _ => (source.as_path(), typ),
+            };
+            mount(Some(source), &dest, Some(fstype), flags, data)
+        }
+    };
+    match attempt() {
+        Err(nix::errno::Errno::ENOENT) => {
+            make_mount_point(&dest, is_bind.then_some(source.as_path()))?;
+            sys(attempt(), &what)?;
+        }
+        other => sys(other, &what)?,
     }
     if !propagation.is_empty() {
         sys(
@@ -94,25 +102,19 @@ fn mount_one(rootfs: &Path, m: &Mount) -> HelperResult<()> {
 }
 
 /// Binds `source` on `dest`; flags beyond bind/rec need a second, remounting call.
-fn bind(source: &Path, dest: &Path, flags: MsFlags, what: &str) -> HelperResult<()> {
+fn bind(source: &Path, dest: &Path, flags: MsFlags) -> nix::Result<()> {
     let rec = flags & MsFlags::MS_REC;
-    sys(
-        mount(
-            Some(source),
-            dest,
-            None::<&str>,
-            MsFlags::MS_BIND | rec,
-            None::<&str>,
-        ),
-        what,
+    mount(
+        Some(source),
+        dest,
+        None::<&str>,
+        MsFlags::MS_BIND | rec,
+        None::<&str>,
     )?;
     let extra = flags - MsFlags::MS_BIND - MsFlags::MS_REC;
     if !extra.is_empty() {
         let flags = extra | MsFlags::MS_BIND | MsFlags::MS_REMOUNT | rec;
-        sys(
-            mount(None::<&str>, dest, None::<&str>, flags, None::<&str>),
-            what,
-        )?;
+        mount(None::<&str>, dest, None::<&str>, flags, None::<&str>)?;
     }
     Ok(())
 }
@@ -333,10 +335,8 @@ pub fn mask_paths(paths: &[String]) -> HelperResult<()> {
                 &what,
             )?;
         } else {
-            bind(
-                Path::new("/dev/null"),
-                Path::new(p),
-                MsFlags::empty(),
+            sys(
+                bind(Path::new("/dev/null"), Path::new(p), MsFlags::empty()),
                 &what,
             )?;
         }
@@ -351,7 +351,10 @@ pub fn readonly_paths(paths: &[String]) -> HelperResult<()> {
             continue;
         }
         let flags = MsFlags::MS_REC | MsFlags::MS_RDONLY;
-        bind(Path::new(p), Path::new(p), flags, &format!("read-only {p}"))?;
+        sys(
+            bind(Path::new(p), Path::new(p), flags),
+            &format!("read-only {p}"),
+        )?;
     }
     Ok(())
 }
