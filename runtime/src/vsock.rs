@@ -13,8 +13,22 @@ use anyhow::{bail, Context, Result};
 /// Opens one connection to `port` in the guest. Fails if the VMM is not listening or the guest
 /// refuses the port (nothing listens there yet).
 pub fn connect(uds: &Path, port: u32) -> Result<UnixStream> {
-    let mut stream = UnixStream::connect(uds)
+    let stream = UnixStream::connect(uds)
         .with_context(|| format!("connecting to VM socket {}", uds.display()))?;
+    handshake(stream, port)
+}
+
+/// `connect` whose handshake and every later read and write on the stream give up after
+/// `timeout`: for request/reply exchanges with a guest that may have wedged.
+pub fn connect_timeout(uds: &Path, port: u32, timeout: Duration) -> Result<UnixStream> {
+    let stream = UnixStream::connect(uds)
+        .with_context(|| format!("connecting to VM socket {}", uds.display()))?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
+    handshake(stream, port).with_context(|| format!("no answer from guest port {port}"))
+}
+
+fn handshake(mut stream: UnixStream, port: u32) -> Result<UnixStream> {
     stream.write_all(format!("CONNECT {port}\n").as_bytes())?;
     let line = read_line(&stream)?;
     if !line.starts_with("OK ") {

@@ -9,6 +9,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use husk_agent::client::Client;
@@ -360,9 +361,13 @@ fn finish(mut s: Started, store: &Store) -> i32 {
 }
 
 fn vm_agent(vm: &MicroVm) -> Result<Client<UnixStream>> {
-    let stream = vsock::connect(vm.vsock_path(), husk_agent::AGENT_VSOCK_PORT)?;
     // A wedged guest must not block the monitor's exit on the poweroff reply.
-    stream.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+    agent_at(vm.vsock_path(), Duration::from_secs(10))
+}
+
+/// A connection to the guest agent whose replies are awaited for at most `timeout`.
+fn agent_at(uds: &Path, timeout: Duration) -> Result<Client<UnixStream>> {
+    let stream = vsock::connect_timeout(uds, husk_agent::AGENT_VSOCK_PORT, timeout)?;
     Ok(Client::new(stream))
 }
 
@@ -429,6 +434,10 @@ impl Drop for HostCgroup {
         }
     }
 }
+
+/// How long a control request waits for the guest agent (starting the process is the
+/// slowest request, well under a second even in the lab).
+const CONTROL_AGENT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What the control server needs to act on the container.
 struct Control {
@@ -540,11 +549,10 @@ impl Control {
         Ok(())
     }
 
+    /// The agent for one request of a CLI command: a guest that stopped answering becomes
+    /// an error well within the CLI's own wait ([`super::control::CALL_TIMEOUT`]).
     fn agent(&self) -> Result<Client<UnixStream>> {
-        Ok(Client::new(vsock::connect(
-            &self.uds,
-            husk_agent::AGENT_VSOCK_PORT,
-        )?))
+        agent_at(&self.uds, CONTROL_AGENT_TIMEOUT)
     }
 
     fn set(&self, status: Status) -> Result<()> {
