@@ -48,6 +48,11 @@ impl<S: Read + Write> Client<S> {
         Self { stream }
     }
 
+    /// The connection, e.g. to bound how long a reply is awaited.
+    pub fn get_ref(&self) -> &S {
+        &self.stream
+    }
+
     /// Gives the stream back (e.g. to drive it from an event loop with `proto`).
     pub fn into_inner(self) -> S {
         self.stream

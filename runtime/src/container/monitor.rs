@@ -155,6 +155,8 @@ fn start(args: &MonitorArgs, store: &Store) -> Result<Started> {
         steps.push(("", create));
     }
     let requests: Vec<AgentRequest> = steps.iter().map(|(_, r)| r.clone()).collect();
+    // A guest that stops answering fails the create instead of hanging it.
+    agent.get_ref().set_read_timeout(Some(AGENT_TIMEOUT))?;
     agent
         .send_all(&requests)
         .context("talking to the guest agent")?;
