@@ -88,8 +88,13 @@ pub(crate) fn time(cmd: &mut Command) -> Result<Duration> {
 /// Runs one command to its exit within [`COMMAND_TIMEOUT`]: how long it took and its stdout.
 /// A failure or timeout names the command and carries its stderr.
 pub(crate) fn run_to_files(cmd: &mut Command) -> Result<(Duration, String)> {
+    run_with_stderr(cmd, tempfile::tempfile()?)
+}
+
+/// [`run_to_files`] with stderr going to `err` (which outlives the command: a husk monitor
+/// forked by `create` keeps writing there after create has exited).
+pub(crate) fn run_with_stderr(cmd: &mut Command, err: std::fs::File) -> Result<(Duration, String)> {
     let out = tempfile::tempfile()?;
-    let err = tempfile::tempfile()?;
     let start = Instant::now();
     let mut child = cmd
         .stdin(Stdio::null())

@@ -21,7 +21,7 @@ use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 
 use crate::bench::{ms, Percentiles};
-use crate::bench_run::{make_bundle, run_to_files, time};
+use crate::bench_run::{make_bundle, run_to_files, run_with_stderr, time};
 use crate::container::template_choice::NO_TEMPLATE_ENV;
 
 #[derive(Args, Debug)]
@@ -226,9 +226,16 @@ impl Runtime {
         create.arg("--pid-file").arg(self.pid_file(id)).arg(id);
         let mut start = self.command();
         start.args(["start", id]);
+        // Kept in the work directory: if the container dies before `start`, the monitor's
+        // last words are there.
+        let stderr_path = self.dir.join(format!("{id}.create-stderr"));
+        let stderr = std::fs::File::create(&stderr_path)?;
         let began = Instant::now();
-        time(&mut create)?;
-        time(&mut start)?;
+        run_with_stderr(&mut create, stderr)?;
+        time(&mut start).map_err(|e| {
+            let monitor = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+            e.context(format!("the monitor's stderr: {:?}", monitor.trim()))
+        })?;
         Ok(began.elapsed())
     }
 
