@@ -179,23 +179,6 @@ impl<S: Read + Write> Client<S> {
         }
     }
 
-    /// Sets a freshly cloned guest's wall clock and reseeds its random pool (see
-    /// `Request::CloneInit`).
-    pub fn clone_init(&mut self, time_ns: u64, entropy: &[u8]) -> Result<(), ClientError> {
-        self.call_ok(Request::CloneInit {
-            time_ns,
-            entropy: entropy.to_vec(),
-        })
-    }
-
-    /// Mounts virtio 9p shares in the guest (see `Request::MountShares`).
-    pub fn mount_shares(
-        &mut self,
-        shares: Vec<crate::proto::ShareMount>,
-    ) -> Result<(), ClientError> {
-        self.call_ok(Request::MountShares { shares })
-    }
-
     /// Has the guest clone a container helper into `namespaces` ahead of the next create
     /// (see `Request::PrepareSpare`).
     pub fn prepare_spare(&mut self, namespaces: &[&str]) -> Result<(), ClientError> {

@@ -2,6 +2,7 @@
 //! `husk-agent` binary, the guest's PID 1 that serves it.
 
 pub mod client;
+pub mod passwd;
 pub mod proto;
 
 pub use client::{Attachment, Client, ClientError, ExecEvent, ExecOutput};

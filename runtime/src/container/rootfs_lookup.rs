@@ -109,10 +109,7 @@ fn home_of(root: &File, uid: u32) -> Option<String> {
     open_in_root(root, "/etc/passwd", OFlag::O_RDONLY)?
         .read_to_string(&mut text)
         .ok()?;
-    text.lines().find_map(|line| {
-        let f: Vec<&str> = line.split(':').collect();
-        (f.len() >= 6 && f[2].parse() == Ok(uid)).then(|| f[5].to_string())
-    })
+    husk_agent::passwd::home_of(&text, uid)
 }
 
 #[cfg(test)]

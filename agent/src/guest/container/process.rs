@@ -112,11 +112,7 @@ fn with_home(env: &[String], uid: u32) -> Vec<String> {
 }
 
 fn home_of(uid: u32) -> Option<String> {
-    let passwd = fs::read_to_string("/etc/passwd").ok()?;
-    passwd.lines().find_map(|line| {
-        let f: Vec<&str> = line.split(':').collect();
-        (f.len() >= 6 && f[2].parse() == Ok(uid)).then(|| f[5].to_string())
-    })
+    husk_agent::passwd::home_of(&fs::read_to_string("/etc/passwd").ok()?, uid)
 }
 
 /// Installs the remaining filters and execs; returns only on failure.
