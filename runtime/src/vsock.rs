@@ -13,24 +13,25 @@ use anyhow::{bail, Context, Result};
 /// Opens one connection to `port` in the guest. Fails if the VMM is not listening or the guest
 /// refuses the port (nothing listens there yet).
 pub fn connect(uds: &Path, port: u32) -> Result<UnixStream> {
-    let stream = UnixStream::connect(uds)
-        .with_context(|| format!("connecting to VM socket {}", uds.display()))?;
-    handshake(stream, port)
+    connect_with(uds, port, None)
 }
 
 /// `connect` whose handshake and every later read and write on the stream give up after
 /// `timeout`: for request/reply exchanges with a guest that may have wedged.
 pub fn connect_timeout(uds: &Path, port: u32, timeout: Duration) -> Result<UnixStream> {
-    let stream = UnixStream::connect(uds)
-        .with_context(|| format!("connecting to VM socket {}", uds.display()))?;
-    stream.set_read_timeout(Some(timeout))?;
-    stream.set_write_timeout(Some(timeout))?;
-    handshake(stream, port).with_context(|| format!("no answer from guest port {port}"))
+    connect_with(uds, port, Some(timeout))
 }
 
-fn handshake(mut stream: UnixStream, port: u32) -> Result<UnixStream> {
+/// The handshake of Firecracker's convention; `timeout` (`None`: wait forever) stays set on
+/// the stream.
+fn connect_with(uds: &Path, port: u32, timeout: Option<Duration>) -> Result<UnixStream> {
+    let mut stream = UnixStream::connect(uds)
+        .with_context(|| format!("connecting to VM socket {}", uds.display()))?;
+    stream.set_read_timeout(timeout)?;
+    stream.set_write_timeout(timeout)?;
     stream.write_all(format!("CONNECT {port}\n").as_bytes())?;
-    let line = read_line(&stream)?;
+    let line = read_line(&stream)
+        .with_context(|| format!("waiting for guest port {port} to take the connection"))?;
     if !line.starts_with("OK ") {
         bail!("guest port {port} refused the connection: {line:?}");
     }

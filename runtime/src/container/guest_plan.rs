@@ -137,7 +137,6 @@ impl GuestPlan {
         Ok(m)
     }
 
-    /// Mounts every share at its guest path (the agent runs busybox's mount).
     /// The agent request that mounts every share on its guest directory.
     pub fn mount_request(&self) -> husk_agent::proto::Request {
         let shares = self

@@ -154,7 +154,7 @@ fn start(args: &MonitorArgs, store: &Store) -> Result<Started> {
         };
         steps.push(("", create));
     }
-    let requests: Vec<AgentRequest> = steps.iter().map(|(_, r)| r.clone()).collect();
+    let (what, requests): (Vec<&'static str>, Vec<AgentRequest>) = steps.into_iter().unzip();
     // A guest that stops answering fails the create instead of hanging it.
     agent.get_ref().set_read_timeout(Some(AGENT_TIMEOUT))?;
     agent
@@ -162,7 +162,7 @@ fn start(args: &MonitorArgs, store: &Store) -> Result<Started> {
         .context("talking to the guest agent")?;
     // The stdio connection is opened while the guest works through those requests.
     let attach = vm.agent(AGENT_TIMEOUT);
-    check_replies(&mut agent, &steps)?;
+    check_replies(&mut agent, &what)?;
     trace.mark("guest prepared, container created");
     let host = match (&args.console_socket, terminal(&bundle)) {
         (Some(sock), true) => stdio::terminal(sock)?,
@@ -289,16 +289,14 @@ fn unique_request() -> Result<AgentRequest> {
     })
 }
 
-/// Reads the replies to `steps` (sent with `send_all`); the first refused step is the error,
-/// named by its description (the create's own message stands alone, as runc's would).
-fn check_replies(
-    agent: &mut Client<UnixStream>,
-    steps: &[(&'static str, AgentRequest)],
-) -> Result<()> {
+/// Reads the replies to the requests sent with `send_all`, one per entry of `steps` (what
+/// each request does); the first refused step is the error, named by its description (an
+/// empty one, the create's, leaves the agent's message alone, as runc's would be).
+fn check_replies(agent: &mut Client<UnixStream>, steps: &[&'static str]) -> Result<()> {
     let replies = agent
         .replies(steps.len())
         .context("talking to the guest agent")?;
-    for ((what, _), reply) in steps.iter().zip(replies) {
+    for (what, reply) in steps.iter().zip(replies) {
         match reply {
             Err(e) if what.is_empty() => return Err(anyhow::anyhow!("{e}")),
             Err(e) => return Err(anyhow::Error::new(e).context(*what)),
