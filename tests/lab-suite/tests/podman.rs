@@ -164,8 +164,10 @@ fn podman_exec_stop_kill_pause_rm() {
     let stop = podman(&["stop", "-t", "2", name]);
     assert_eq!(stop.code, 0, "{}", stop.stderr);
     assert_eq!(status(name), "exited");
-    assert_eq!(podman(&["start", name]).code, 0);
-    assert_eq!(podman(&["kill", name]).code, 0);
+    let restart = podman(&["start", name]);
+    assert_eq!(restart.code, 0, "{}", restart.stderr);
+    let kill = podman(&["kill", name]);
+    assert_eq!(kill.code, 0, "{}", kill.stderr);
     assert_eq!(podman(&["rm", "-f", name]).code, 0);
     assert_ne!(podman(&["inspect", name]).code, 0, "container still there");
 }
