@@ -260,9 +260,18 @@ pub fn load_linux_images(
     kernel: &Path,
     initramfs: Option<&Path>,
 ) -> Result<LoadedLinux, VmError> {
-    let (pvh_entry, kernel_end) = load_kernel_elf(mem, kernel)?;
-    let module = match initramfs {
-        Some(path) => Some(load_initramfs(mem, path, kernel_end)?),
+    // The initramfs goes to the top of low RAM whatever the kernel's size, so the two files
+    // are copied at once (in the lab each takes tens of milliseconds); whether they overlap
+    // is checked once both are in.
+    let (kernel, module) = std::thread::scope(|s| {
+        let module = initramfs.map(|path| s.spawn(|| load_initramfs(mem, path)));
+        let kernel = load_kernel_elf(mem, kernel);
+        let module = module.map(|m| m.join().expect("the initramfs loader panicked"));
+        (kernel, module)
+    });
+    let (pvh_entry, kernel_end) = kernel?;
+    let module = match module {
+        Some(m) => Some(check_initramfs_fits(m?, kernel_end, mem)?),
         None => None,
     };
     Ok(LoadedLinux { pvh_entry, module })
@@ -296,7 +305,7 @@ fn load_kernel_elf(mem: &GuestMemory, kernel: &Path) -> Result<(u64, u64), VmErr
         path: kernel.to_path_buf(),
         reason,
     };
-    let low_end = (mem.last_addr().raw_value() + 1).min(LOW_RAM_END);
+    let low_end = low_ram_end(mem);
     if let Some(end) = elf_load_end(&mut file).filter(|end| *end > low_end) {
         return Err(VmError::Config(format!(
             "memory too small: the kernel needs {} MiB of low RAM, the guest has {} MiB",
@@ -342,29 +351,50 @@ fn elf_load_end(file: &mut File) -> Option<u64> {
 }
 
 /// Places the initramfs at the top of low RAM; returns its (address, size).
-fn load_initramfs(mem: &GuestMemory, path: &Path, kernel_end: u64) -> Result<(u64, u64), VmError> {
+fn load_initramfs(mem: &GuestMemory, path: &Path) -> Result<(u64, u64), VmError> {
     let read_err = |source| VmError::InitramfsRead {
         path: path.to_path_buf(),
         source,
     };
     let mut file = File::open(path).map_err(read_err)?;
     let size = file.metadata().map_err(read_err)?.len();
-    let low_end = (mem.last_addr().raw_value() + 1).min(LOW_RAM_END);
-    let addr = low_end.checked_sub(size).map(|a| a & !0xfff);
-    match addr {
-        Some(addr) if addr >= kernel_end && size > 0 => {
+    let low_end = low_ram_end(mem);
+    match low_end.checked_sub(size).map(|a| a & !0xfff) {
+        Some(addr) if size > 0 => {
             // Straight from the file into guest RAM: no intermediate buffer to fill and copy.
             mem.read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize)
                 .map_err(|e| VmError::Memory(format!("initramfs: {e}")))?;
             Ok((addr, size))
         }
-        _ => Err(VmError::Config(format!(
-            "memory too small: kernel ends at {} MiB and the {} MiB initramfs needs to fit below {} MiB",
-            kernel_end >> 20,
-            size.div_ceil(1 << 20),
-            low_end >> 20
-        ))),
+        _ => Err(initramfs_too_big(0, size, low_end)),
     }
+}
+
+/// Fails if the initramfs loaded at `module` overlaps the kernel, which ends at `kernel_end`.
+fn check_initramfs_fits(
+    module: (u64, u64),
+    kernel_end: u64,
+    mem: &GuestMemory,
+) -> Result<(u64, u64), VmError> {
+    let (addr, size) = module;
+    if addr < kernel_end {
+        return Err(initramfs_too_big(kernel_end, size, low_ram_end(mem)));
+    }
+    Ok(module)
+}
+
+fn initramfs_too_big(kernel_end: u64, size: u64, low_end: u64) -> VmError {
+    VmError::Config(format!(
+        "memory too small: kernel ends at {} MiB and the {} MiB initramfs needs to fit below {} MiB",
+        kernel_end >> 20,
+        size.div_ceil(1 << 20),
+        low_end >> 20
+    ))
+}
+
+/// End of the RAM below the MMIO hole, where the initramfs goes.
+fn low_ram_end(mem: &GuestMemory) -> u64 {
+    (mem.last_addr().raw_value() + 1).min(LOW_RAM_END)
 }
 
 fn write_cmdline(mem: &GuestMemory, cmdline: &str) -> Result<(), VmError> {
