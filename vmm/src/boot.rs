@@ -271,7 +271,7 @@ pub fn load_linux_images(
     });
     let (pvh_entry, kernel_end) = kernel?;
     let module = match module {
-        Some(m) => Some(check_initramfs_fits(m?, kernel_end, mem)?),
+        Some(placed) => Some(placed?.above(kernel_end)?),
         None => None,
     };
     Ok(LoadedLinux { pvh_entry, module })
@@ -350,8 +350,31 @@ fn elf_load_end(file: &mut File) -> Option<u64> {
         .max()
 }
 
-/// Places the initramfs at the top of low RAM; returns its (address, size).
-fn load_initramfs(mem: &GuestMemory, path: &Path) -> Result<(u64, u64), VmError> {
+/// Where `load_initramfs` put the initramfs, before the kernel's end is known.
+struct PlacedInitramfs {
+    /// Its guest address; `None` if it is larger than low RAM (then it was not copied).
+    addr: Option<u64>,
+    size: u64,
+    low_end: u64,
+}
+
+impl PlacedInitramfs {
+    /// Its (address, size), or the error for memory too small to hold it above the kernel.
+    fn above(&self, kernel_end: u64) -> Result<(u64, u64), VmError> {
+        match self.addr {
+            Some(addr) if addr >= kernel_end => Ok((addr, self.size)),
+            _ => Err(VmError::Config(format!(
+                "memory too small: kernel ends at {} MiB and the {} MiB initramfs needs to fit below {} MiB",
+                kernel_end >> 20,
+                self.size.div_ceil(1 << 20),
+                self.low_end >> 20
+            ))),
+        }
+    }
+}
+
+/// Copies the initramfs to the top of low RAM, if it fits there at all.
+fn load_initramfs(mem: &GuestMemory, path: &Path) -> Result<PlacedInitramfs, VmError> {
     let read_err = |source| VmError::InitramfsRead {
         path: path.to_path_buf(),
         source,
@@ -359,37 +382,20 @@ fn load_initramfs(mem: &GuestMemory, path: &Path) -> Result<(u64, u64), VmError>
     let mut file = File::open(path).map_err(read_err)?;
     let size = file.metadata().map_err(read_err)?.len();
     let low_end = low_ram_end(mem);
-    match low_end.checked_sub(size).map(|a| a & !0xfff) {
-        Some(addr) if size > 0 => {
-            // Straight from the file into guest RAM: no intermediate buffer to fill and copy.
-            mem.read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize)
-                .map_err(|e| VmError::Memory(format!("initramfs: {e}")))?;
-            Ok((addr, size))
-        }
-        _ => Err(initramfs_too_big(0, size, low_end)),
+    let addr = low_end
+        .checked_sub(size)
+        .map(|a| a & !0xfff)
+        .filter(|_| size > 0);
+    if let Some(addr) = addr {
+        // Straight from the file into guest RAM: no intermediate buffer to fill and copy.
+        mem.read_exact_volatile_from(GuestAddress(addr), &mut file, size as usize)
+            .map_err(|e| VmError::Memory(format!("initramfs: {e}")))?;
     }
-}
-
-/// Fails if the initramfs loaded at `module` overlaps the kernel, which ends at `kernel_end`.
-fn check_initramfs_fits(
-    module: (u64, u64),
-    kernel_end: u64,
-    mem: &GuestMemory,
-) -> Result<(u64, u64), VmError> {
-    let (addr, size) = module;
-    if addr < kernel_end {
-        return Err(initramfs_too_big(kernel_end, size, low_ram_end(mem)));
-    }
-    Ok(module)
-}
-
-fn initramfs_too_big(kernel_end: u64, size: u64, low_end: u64) -> VmError {
-    VmError::Config(format!(
-        "memory too small: kernel ends at {} MiB and the {} MiB initramfs needs to fit below {} MiB",
-        kernel_end >> 20,
-        size.div_ceil(1 << 20),
-        low_end >> 20
-    ))
+    Ok(PlacedInitramfs {
+        addr,
+        size,
+        low_end,
+    })
 }
 
 /// End of the RAM below the MMIO hole, where the initramfs goes.
