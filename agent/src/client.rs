@@ -307,8 +307,8 @@ impl<S: Read + Write> Client<S> {
     /// Sends requests that each get one reply without waiting for any (the agent answers a
     /// connection's requests in order): the replies are read with [`Self::replies`]. Saves a
     /// round trip to the guest per request, which in a slow guest is worth it.
-    pub fn send_all(&mut self, reqs: &[Request]) -> Result<(), ClientError> {
-        reqs.iter().try_for_each(|r| self.send(r.clone()))
+    pub fn send_all(&mut self, reqs: Vec<Request>) -> Result<(), ClientError> {
+        reqs.into_iter().try_for_each(|r| self.send(r))
     }
 
     /// The replies to `n` requests sent with [`Self::send_all`], in order; each is `Err` if

@@ -158,7 +158,7 @@ fn start(args: &MonitorArgs, store: &Store) -> Result<Started> {
     // A guest that stops answering fails the create instead of hanging it.
     agent.get_ref().set_read_timeout(Some(AGENT_TIMEOUT))?;
     agent
-        .send_all(&requests)
+        .send_all(requests)
         .context("talking to the guest agent")?;
     // The stdio connection is opened while the guest works through those requests.
     let attach = vm.agent(AGENT_TIMEOUT);
