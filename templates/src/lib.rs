@@ -10,10 +10,12 @@
 //! This crate decides *when* to build and where things go; *how* to boot and snapshot a guest
 //! is the caller's [`Builder`] (the runtime boots its micro-VM for it).
 
+mod file_id;
 mod lease;
 mod manifest;
 mod store;
 
+pub use file_id::{read_chunks, FileStamp};
 pub use lease::Lease;
 pub use manifest::{Manifest, Settings};
 pub use store::{BuildTarget, Builder, Listing, Store, Template};

@@ -1,12 +1,12 @@
 //! What a template was built from, and the content hash that says when it is out of date.
 
-use std::io::Read;
-use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+
+use crate::file_id::{read_chunks, FileStamp};
 
 /// Bumped whenever the way templates are built changes (e.g. what the guest does before the
 /// snapshot), so that older templates are rebuilt.
@@ -23,24 +23,21 @@ pub struct Settings {
     pub share_slots: u8,
 }
 
-/// A file's identity as `stat` sees it: when it still matches, its content hash is reused
-/// instead of re-reading tens of megabytes on every `create`.
+/// A file of the template's recipe and its identity when the template was built: while that
+/// still matches, its content hash is reused instead of re-reading tens of megabytes on every
+/// `create`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 struct Stamp {
     path: PathBuf,
-    size: u64,
-    mtime_ns: i64,
-    inode: u64,
+    #[serde(flatten)]
+    file: FileStamp,
 }
 
 impl Stamp {
     fn of(path: &Path) -> Result<Stamp> {
-        let m = std::fs::metadata(path).with_context(|| format!("{}", path.display()))?;
         Ok(Stamp {
             path: path.to_path_buf(),
-            size: m.len(),
-            mtime_ns: m.mtime() * 1_000_000_000 + m.mtime_nsec(),
-            inode: m.ino(),
+            file: FileStamp::of(path)?,
         })
     }
 }
@@ -96,24 +93,13 @@ fn content_hash(settings: &Settings) -> Result<String> {
     h.update(RECIPE_VERSION.to_le_bytes());
     h.update(serde_json::to_vec(settings)?);
     for path in [&settings.kernel, &settings.initramfs] {
-        hash_file(&mut h, path).with_context(|| format!("reading {}", path.display()))?;
+        read_chunks(path, |bytes| h.update(bytes))
+            .with_context(|| format!("reading {}", path.display()))?;
     }
     Ok(h.finalize()
         .iter()
         .map(|b| format!("{b:02x}"))
         .collect::<String>())
-}
-
-fn hash_file(h: &mut Sha256, path: &Path) -> std::io::Result<()> {
-    let mut f = std::fs::File::open(path)?;
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            return Ok(());
-        }
-        h.update(&buf[..n]);
-    }
 }
 
 /// Settings over a fake kernel and initramfs written into `dir` (for tests).

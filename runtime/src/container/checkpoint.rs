@@ -12,6 +12,7 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use husk_templates::FileStamp;
 use serde::{Deserialize, Serialize};
 
 use super::commands::{self, CreateOpts, VmSource};
@@ -133,26 +134,6 @@ pub struct TemplateRef {
     pub memory: FileStamp,
 }
 
-/// A file's identity on this host.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct FileStamp {
-    pub size: u64,
-    pub inode: u64,
-    pub mtime_ns: i128,
-}
-
-impl FileStamp {
-    pub fn of(path: &Path) -> Result<FileStamp> {
-        use std::os::unix::fs::MetadataExt;
-        let m = std::fs::metadata(path).with_context(|| format!("{}", path.display()))?;
-        Ok(FileStamp {
-            size: m.len(),
-            inode: m.ino(),
-            mtime_ns: i128::from(m.mtime()) * 1_000_000_000 + i128::from(m.mtime_nsec()),
-        })
-    }
-}
-
 /// One file of the image and its CRC-32.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileSum {
@@ -164,18 +145,9 @@ pub struct FileSum {
 impl FileSum {
     fn of(dir: &Path, name: &str) -> Result<FileSum> {
         let path = dir.join(name);
-        let mut f = std::fs::File::open(&path).with_context(|| format!("{}", path.display()))?;
         let mut hasher = crc32fast::Hasher::new();
-        let mut buf = vec![0u8; 1 << 20];
-        let mut size = 0;
-        loop {
-            let n = std::io::Read::read(&mut f, &mut buf)?;
-            if n == 0 {
-                break;
-            }
-            hasher.update(&buf[..n]);
-            size += n as u64;
-        }
+        let size = husk_templates::read_chunks(&path, |bytes| hasher.update(bytes))
+            .with_context(|| format!("{}", path.display()))?;
         Ok(FileSum {
             name: name.to_string(),
             size,
