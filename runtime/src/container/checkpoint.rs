@@ -305,10 +305,5 @@ pub fn restore(root: &Path, opts: &RestoreOpts) -> Result<i32> {
     Manifest::read_checked(&dir)?;
     let source = |_: &_| Ok(VmSource::Checkpoint(dir.clone()));
     let pid = commands::create_with(root, &opts.create, source)?;
-    if opts.detach {
-        return Ok(0);
-    }
-    let code = commands::wait_pid(pid);
-    let _ = commands::delete(root, &opts.create.id, true);
-    Ok(code)
+    Ok(commands::follow(root, &opts.create.id, pid, opts.detach))
 }

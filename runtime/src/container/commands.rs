@@ -169,16 +169,22 @@ pub fn run(root: &Path, opts: &CreateOpts, detach: bool, debug: &dyn Fn(&str)) -
         let _ = delete(root, &opts.id, true);
         return Err(e);
     }
+    Ok(follow(root, &opts.id, pid, detach))
+}
+
+/// The end of `run` and `restore`: in the foreground, waits for the container's monitor
+/// `pid` and deletes the container, returning its exit code; detached, returns 0 at once.
+pub fn follow(root: &Path, id: &str, pid: i32, detach: bool) -> i32 {
     if detach {
-        return Ok(0);
+        return 0;
     }
     let code = wait_pid(pid);
-    let _ = delete(root, &opts.id, true);
-    Ok(code)
+    let _ = delete(root, id, true);
+    code
 }
 
 /// Waits for our child monitor and maps its end to an exit code.
-pub fn wait_pid(pid: i32) -> i32 {
+fn wait_pid(pid: i32) -> i32 {
     use nix::sys::wait::{waitpid, WaitStatus};
     loop {
         match waitpid(nix::unistd::Pid::from_raw(pid), None) {
