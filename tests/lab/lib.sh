@@ -20,7 +20,8 @@ LAB_CACHE_ROOT=${HUSK_CACHE:-/var/cache/husk}
 
 # Modules the lab loads at boot (dependencies are resolved and prepended automatically).
 # Others (veth, bridge, nf_tables...) load on demand: `modprobe X` or kernel autoload.
-LAB_MODULES=(virtio_mmio virtio_pci virtio_console 9p 9pnet_virtio overlay kvm_amd tun loop)
+# vhost_vsock: `husk bench boot` gives QEMU a vsock device only where /dev/vhost-vsock exists.
+LAB_MODULES=(virtio_mmio virtio_pci virtio_console 9p 9pnet_virtio overlay kvm_amd tun loop vhost_vsock)
 
 lab_die() { echo "lab: $*" >&2; exit 125; }
 lab_log() { [ -n "${LAB_QUIET:-}" ] || echo "lab: $*" >&2; }
