@@ -33,11 +33,8 @@ need_tools() {
 
 # There is no musl target here: glibc with crt-static. The explicit --target keeps RUSTFLAGS
 # away from proc-macros and build scripts, which must stay dynamic host binaries.
-# Position-dependent (relocation-model=static): a static PIE relocates itself at every start,
-# ~10,000 relocations for the agent, which is PID 1 of every cold boot; under the lab's
-# emulation that self-relocation was a visible part of the boot.
 build_agent() {
-    (cd "$repo" && RUSTFLAGS="-C target-feature=+crt-static -C relocation-model=static" \
+    (cd "$repo" && RUSTFLAGS="-C target-feature=+crt-static" \
         cargo build --profile guest --quiet -p husk-agent --target "$target")
     if ! file "$agent" | grep -Eq 'statically linked|static-pie linked' ||
         ldd "$agent" 2>&1 | grep -q '=>'; then
