@@ -58,7 +58,12 @@ pub fn connect_retry(
 ) -> Result<UnixStream> {
     let start = Instant::now();
     loop {
-        match connect(uds, port) {
+        // A guest that wedges after the VMM took the connection must not hold the handshake
+        // past the deadline; the stream itself waits without limit once the port answered.
+        let left = timeout
+            .saturating_sub(start.elapsed())
+            .max(Duration::from_millis(1));
+        match connect_with(uds, port, Some(left)).and_then(without_timeouts) {
             Ok(stream) => return Ok(stream),
             Err(e) if start.elapsed() >= timeout => {
                 return Err(e.context(format!("guest port {port} not reachable after {timeout:?}")))
@@ -67,6 +72,13 @@ pub fn connect_retry(
             Err(_) => std::thread::sleep(Duration::from_millis(2)),
         }
     }
+}
+
+/// Clears the read and write timeouts `connect_with` set.
+fn without_timeouts(stream: UnixStream) -> Result<UnixStream> {
+    stream.set_read_timeout(None)?;
+    stream.set_write_timeout(None)?;
+    Ok(stream)
 }
 
 /// Reads everything the other side sends until it closes.

@@ -31,6 +31,9 @@ pub fn require_lab() {
     );
 }
 
+/// How long `Guest::wait` gives the VMM to exit (a poweroff takes well under a second).
+const VMM_EXIT_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// What a test guest gets.
 #[derive(Clone, Debug, Default)]
 pub struct GuestOpts {
@@ -79,6 +82,13 @@ impl Guest {
         std::fs::read_to_string(self.dir.path().join("console.log")).unwrap_or_default()
     }
 
+    /// The console's last 15 lines, for error messages.
+    fn console_tail(&self) -> String {
+        let console = self.console();
+        let tail: Vec<&str> = console.lines().rev().take(15).collect();
+        tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+    }
+
     /// A new connection to the agent (waits for it to come up). If the VMM exits first, the
     /// error carries its stderr and the console's last lines.
     pub fn agent(&mut self) -> Result<Client<UnixStream>> {
@@ -104,13 +114,10 @@ impl Guest {
                     use std::io::Read;
                     let _ = pipe.read_to_string(&mut err);
                 }
-                let console = self.console();
-                let tail: Vec<&str> = console.lines().rev().take(15).collect();
-                let tail: Vec<&str> = tail.into_iter().rev().collect();
                 bail!(
                     "VMM exited ({status}) before the agent answered: {e:#}\nVMM stderr: {}\nconsole tail:\n{}",
                     err.trim(),
-                    tail.join("\n")
+                    self.console_tail()
                 )
             }
             (Err(e), None) => Err(e),
@@ -127,14 +134,28 @@ impl Guest {
         ))
     }
 
-    /// Waits for the VMM to exit; returns its status and what it wrote on stderr.
+    /// Waits for the VMM to exit; returns its status and what it wrote on stderr. A VMM still
+    /// running after `VMM_EXIT_TIMEOUT` (a wedged guest) is killed and reported, so a hang
+    /// fails its test instead of the whole lab run.
     pub fn wait(mut self) -> Result<(ExitStatus, String)> {
         use std::io::Read;
+        let deadline = Instant::now() + VMM_EXIT_TIMEOUT;
+        let status = loop {
+            if let Some(status) = self.child.try_wait()? {
+                break status;
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "the VMM was still running {VMM_EXIT_TIMEOUT:?} after it was expected to exit (killed)\nconsole tail:\n{}",
+                    self.console_tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
         let mut err = String::new();
         if let Some(mut e) = self.child.stderr.take() {
             e.read_to_string(&mut err)?;
         }
-        let status = self.child.wait()?;
         Ok((status, err))
     }
 
