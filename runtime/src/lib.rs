@@ -8,6 +8,7 @@ pub mod bench_restore;
 pub mod bench_run;
 pub mod bench_start;
 pub mod boot;
+pub mod cli;
 pub mod container;
 pub mod logging;
 pub mod microvm;

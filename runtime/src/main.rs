@@ -5,7 +5,8 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use clap::{Parser, Subcommand};
+use clap::{Args, Parser, Subcommand};
+use husk_runtime::cli::Deferred;
 use husk_runtime::container::checkpoint::{self, CheckpointOpts, RestoreOpts};
 use husk_runtime::container::commands::{self, CreateOpts};
 use husk_runtime::container::exec::{self, ExecOpts};
@@ -41,26 +42,16 @@ struct Cli {
     command: Command,
 }
 
+/// The subcommands. Those with more than a few arguments take them through `Deferred`, so that
+/// clap builds only the arguments of the subcommand being run.
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Create a container (its micro-VM boots; the process waits for `start`).
-    Create(CreateOpts),
+    Create(Deferred<CreateOpts>),
     /// Start the process of a created container.
     Start { id: String },
     /// Create and start a container, and wait for it unless detached.
-    Run {
-        #[command(flatten)]
-        opts: CreateOpts,
-        /// Detach from the container's process.
-        #[arg(short, long)]
-        detach: bool,
-        /// Do not delete the container after it exits.
-        #[arg(long)]
-        keep: bool,
-        /// Accepted for runc compatibility.
-        #[arg(long)]
-        no_subreaper: bool,
-    },
+    Run(Deferred<RunOpts>),
     /// Output the state of a container (runc's JSON).
     State { id: String },
     /// Send a signal (default SIGTERM) to the container's process.
@@ -97,11 +88,11 @@ enum Command {
         quiet: bool,
     },
     /// Run a new process inside a running container.
-    Exec(ExecOpts),
+    Exec(Deferred<ExecOpts>),
     /// Write the container's whole micro-VM to a directory (and stop it, unless told not to).
-    Checkpoint(CheckpointOpts),
+    Checkpoint(Deferred<CheckpointOpts>),
     /// Bring a checkpointed container back, running, in a new micro-VM monitor.
-    Restore(RestoreOpts),
+    Restore(Deferred<RestoreOpts>),
     /// Print the features Husk honours (runc's JSON).
     Features,
     /// Write a default config.json for a bundle.
@@ -111,32 +102,50 @@ enum Command {
         bundle: PathBuf,
     },
     /// Boot the default guest to a ready agent, report the time, and power it off.
-    Boot(boot::BootArgs),
+    Boot(Deferred<boot::BootArgs>),
     /// Run the bare VMM until the guest powers off.
-    Vm(vm::VmArgs),
+    Vm(Deferred<vm::VmArgs>),
     /// Templates: warmed guest snapshots every container's micro-VM is cloned from.
     #[command(subcommand)]
-    Template(template::TemplateCmd),
+    Template(Deferred<template::TemplateCmd>),
     /// Benchmarks against a reference measured in the same run.
     #[command(subcommand)]
-    Bench(bench::BenchCmd),
+    Bench(Deferred<bench::BenchCmd>),
     /// (internal) The per-container monitor started by `create`.
     #[command(hide = true)]
-    Monitor {
-        #[arg(long)]
-        bundle: PathBuf,
-        #[arg(long)]
-        console_socket: Option<PathBuf>,
-        #[arg(long)]
-        ready_fd: Option<i32>,
-        /// Clone the VM from this template instead of booting it.
-        #[arg(long)]
-        template: Option<String>,
-        /// Restore the VM from this checkpoint instead of booting it.
-        #[arg(long)]
-        restore: Option<PathBuf>,
-        id: String,
-    },
+    Monitor(Deferred<MonitorOpts>),
+}
+
+#[derive(Args, Debug)]
+struct RunOpts {
+    #[command(flatten)]
+    create: CreateOpts,
+    /// Detach from the container's process.
+    #[arg(short, long)]
+    detach: bool,
+    /// Do not delete the container after it exits.
+    #[arg(long)]
+    keep: bool,
+    /// Accepted for runc compatibility.
+    #[arg(long)]
+    no_subreaper: bool,
+}
+
+#[derive(Args, Debug)]
+struct MonitorOpts {
+    #[arg(long)]
+    bundle: PathBuf,
+    #[arg(long)]
+    console_socket: Option<PathBuf>,
+    #[arg(long)]
+    ready_fd: Option<i32>,
+    /// Clone the VM from this template instead of booting it.
+    #[arg(long)]
+    template: Option<String>,
+    /// Restore the VM from this checkpoint instead of booting it.
+    #[arg(long)]
+    restore: Option<PathBuf>,
+    id: String,
 }
 
 fn main() -> ExitCode {
@@ -169,11 +178,11 @@ fn dispatch(cli: Cli, started: Instant, logger: &Logger) -> Result<i32, Failure>
     let debug = |msg: &str| logger.debug(msg);
     let plain = |r: anyhow::Result<()>| r.map(|()| 0).map_err(|e| ("", e));
     match cli.command {
-        Command::Create(opts) => commands::create(&root, &opts, &debug)
+        Command::Create(Deferred(opts)) => commands::create(&root, &opts, &debug)
             .map(|_| 0)
             .map_err(|e| ("husk create failed: ", e)),
-        Command::Run { opts, detach, .. } => {
-            commands::run(&root, &opts, detach, &debug).map_err(|e| ("husk run failed: ", e))
+        Command::Run(Deferred(RunOpts { create, detach, .. })) => {
+            commands::run(&root, &create, detach, &debug).map_err(|e| ("husk run failed: ", e))
         }
         Command::Start { id } => plain(commands::start(&root, &id)),
         Command::State { id } => plain(commands::state(&root, &id)),
@@ -183,23 +192,23 @@ fn dispatch(cli: Cli, started: Instant, logger: &Logger) -> Result<i32, Failure>
         Command::Resume { id } => plain(commands::pause(&root, &id, false)),
         Command::Ps { format, id } => plain(commands::ps(&root, &id, format == "json")),
         Command::List { format, quiet } => plain(commands::list(&root, format == "json", quiet)),
-        Command::Exec(opts) => exec::exec(&root, &opts).map_err(|e| ("", e)),
-        Command::Checkpoint(opts) => checkpoint::checkpoint(&root, &opts)
+        Command::Exec(Deferred(opts)) => exec::exec(&root, &opts).map_err(|e| ("", e)),
+        Command::Checkpoint(Deferred(opts)) => checkpoint::checkpoint(&root, &opts)
             .map(|()| 0)
             .map_err(|e| ("husk checkpoint failed: ", e)),
-        Command::Restore(opts) => {
+        Command::Restore(Deferred(opts)) => {
             checkpoint::restore(&root, &opts).map_err(|e| ("husk restore failed: ", e))
         }
         Command::Features => plain(commands::features()),
         Command::Spec { bundle } => plain(commands::spec(&bundle)),
-        Command::Monitor {
+        Command::Monitor(Deferred(MonitorOpts {
             bundle,
             console_socket,
             ready_fd,
             template,
             restore,
             id,
-        } => Ok(monitor::run(MonitorArgs {
+        })) => Ok(monitor::run(MonitorArgs {
             root,
             id,
             bundle,
@@ -208,10 +217,10 @@ fn dispatch(cli: Cli, started: Instant, logger: &Logger) -> Result<i32, Failure>
             template,
             restore,
         })),
-        Command::Boot(args) => vm_cmd(boot::run(&args, started)),
-        Command::Vm(args) => vm_cmd(vm::run(args)),
-        Command::Bench(cmd) => vm_cmd(bench::run(cmd)),
-        Command::Template(cmd) => vm_cmd(template::run(cmd)),
+        Command::Boot(Deferred(args)) => vm_cmd(boot::run(&args, started)),
+        Command::Vm(Deferred(args)) => vm_cmd(vm::run(args)),
+        Command::Bench(Deferred(cmd)) => vm_cmd(bench::run(cmd)),
+        Command::Template(Deferred(cmd)) => vm_cmd(template::run(cmd)),
     }
 }
 
@@ -223,5 +232,54 @@ fn vm_cmd(r: anyhow::Result<()>) -> Result<i32, Failure> {
             eprintln!("husk: {e:#}");
             Ok(1)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        // Builds every (deferred) subcommand and runs clap's own checks on it.
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn deferred_subcommand_takes_global_and_own_flags() {
+        let argv = [
+            "husk",
+            "--root",
+            "/r",
+            "run",
+            "--log-format",
+            "json",
+            "-d",
+            "-b",
+            "/b",
+            "c1",
+        ];
+        let cli = Cli::try_parse_from(argv).unwrap();
+        assert_eq!(cli.root, PathBuf::from("/r"));
+        assert_eq!(cli.log_format, LogFormat::Json);
+        let Command::Run(Deferred(run)) = cli.command else {
+            panic!("parsed as {:?}", cli.command)
+        };
+        assert!(run.detach);
+        assert_eq!(run.create.bundle, PathBuf::from("/b"));
+        assert_eq!(run.create.id, "c1");
+    }
+
+    #[test]
+    fn deferred_subcommand_keeps_its_own_help_text() {
+        let mut cli = Cli::command();
+        cli.build();
+        let run = cli.find_subcommand("run").unwrap();
+        let about = run.get_about().map(|a| a.to_string());
+        assert_eq!(
+            about.as_deref(),
+            Some("Create and start a container, and wait for it unless detached")
+        );
     }
 }
