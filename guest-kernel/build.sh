@@ -6,20 +6,22 @@
 #
 # OUT defaults to <repo>/target/husk/vmlinux. The result is cached in
 # ${HUSK_CACHE:-/var/cache/husk}/kernel-<key>/vmlinux, where <key> is the
-# sha256 of config.fragment, this script and the installed linux-source-6.1
-# package version; a cached build is copied in well under a second.
+# sha256 of config.fragment, patches/*.patch, this script and the installed
+# linux-source-6.1 package version; a cached build is copied in well under a second.
 #
-# Recipe: `make tinyconfig`, merge config.fragment, `make olddefconfig`,
-# verify every option of the fragment survived, `make vmlinux`.
+# Recipe: apply patches/*.patch in name order, `make tinyconfig`, merge
+# config.fragment, `make olddefconfig`, verify every option of the fragment
+# survived, `make vmlinux`.
 set -euo pipefail
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(dirname "$SCRIPT_DIR")
 FRAGMENT="$SCRIPT_DIR/config.fragment"
+PATCHES=("$SCRIPT_DIR"/patches/*.patch)
 SELF="$SCRIPT_DIR/$(basename "${BASH_SOURCE[0]}")"
 SRC_PKG=linux-source-6.1
 SRC_TARBALL=/usr/src/linux-source-6.1.tar.xz
-PACKAGES=(linux-source-6.1 bc flex bison libelf-dev libssl-dev make xz-utils gcc libc6-dev perl)
+PACKAGES=(linux-source-6.1 bc flex bison libelf-dev libssl-dev make xz-utils gcc libc6-dev perl patch)
 
 die() { echo "build.sh: error: $*" >&2; exit 1; }
 log() { echo "build.sh: $*" >&2; }
@@ -59,7 +61,7 @@ fi
 [[ -f "$SRC_TARBALL" ]] || die "$SRC_TARBALL not found although $SRC_PKG is installed"
 
 SRC_VERSION=$(dpkg-query -W -f='${Version}' "$SRC_PKG")
-KEY=$({ cat "$FRAGMENT"; cat "$SELF"; echo "$SRC_PKG=$SRC_VERSION"; } | sha256sum | cut -c1-16)
+KEY=$({ cat "$FRAGMENT" "${PATCHES[@]}" "$SELF"; echo "$SRC_PKG=$SRC_VERSION"; } | sha256sum | cut -c1-16)
 CACHE_ROOT=${HUSK_CACHE:-/var/cache/husk}
 CACHE_DIR="$CACHE_ROOT/kernel-$KEY"
 CACHED="$CACHE_DIR/vmlinux"
@@ -100,6 +102,10 @@ KSRC="$BUILD_DIR/linux-source-6.1"
 log "source extracted in $(elapsed)"
 
 cd "$KSRC"
+for p in "${PATCHES[@]}"; do
+    patch -s -p1 <"$p" || die "patch $(basename "$p") does not apply to $SRC_PKG $SRC_VERSION"
+done
+log "${#PATCHES[@]} patch(es) applied"
 export KBUILD_BUILD_USER=husk KBUILD_BUILD_HOST=husk
 make -s tinyconfig >/dev/null || die "make tinyconfig failed"
 scripts/kconfig/merge_config.sh -m .config "$FRAGMENT" >merge.log 2>&1 \
