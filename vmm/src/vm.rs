@@ -40,8 +40,9 @@ use crate::{cpuid, mptable};
 /// `noreplace-smp`: a 1-vCPU guest would otherwise rewrite every LOCK prefix of its kernel at
 /// boot, one `text_poke` (and TLB flush) each; in the lab that was about 4% of a boot's CPU
 /// samples, and the LOCK prefixes it removes cost next to nothing on one vCPU.
+/// `8250.nr_uarts=1`: there is only COM1, and probing the three other legacy ports costs VM exits.
 pub const DEFAULT_CMDLINE: &str =
-    "console=ttyS0 reboot=k panic=0 quiet no_timer_check noreplace-smp";
+    "console=ttyS0 reboot=k panic=0 quiet no_timer_check noreplace-smp 8250.nr_uarts=1";
 /// Where KVM puts its private TSS and identity map (Intel needs them below 4 GiB, off RAM).
 const KVM_TSS_ADDR: usize = 0xfffb_d000;
 /// Queue notify register of virtio-mmio (for ioeventfd).
