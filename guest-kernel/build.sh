@@ -17,7 +17,8 @@ set -euo pipefail
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(dirname "$SCRIPT_DIR")
 FRAGMENT="$SCRIPT_DIR/config.fragment"
-PATCHES=("$SCRIPT_DIR"/patches/*.patch)
+PATCHES=()
+for p in "$SCRIPT_DIR"/patches/*.patch; do [[ -f "$p" ]] && PATCHES+=("$p"); done
 SELF="$SCRIPT_DIR/$(basename "${BASH_SOURCE[0]}")"
 SRC_PKG=linux-source-6.1
 SRC_TARBALL=/usr/src/linux-source-6.1.tar.xz
