@@ -139,18 +139,12 @@ impl Guest {
     /// fails its test instead of the whole lab run.
     pub fn wait(mut self) -> Result<(ExitStatus, String)> {
         use std::io::Read;
-        let deadline = Instant::now() + VMM_EXIT_TIMEOUT;
-        let status = loop {
-            if let Some(status) = self.child.try_wait()? {
-                break status;
-            }
-            if Instant::now() >= deadline {
-                bail!(
-                    "the VMM was still running {VMM_EXIT_TIMEOUT:?} after it was expected to exit (killed)\nconsole tail:\n{}",
-                    self.console_tail()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
+        let Some(status) = exit_within(&mut self.child, VMM_EXIT_TIMEOUT)? else {
+            // Drop kills it.
+            bail!(
+                "the VMM was still running {VMM_EXIT_TIMEOUT:?} after it was expected to exit (killed)\nconsole tail:\n{}",
+                self.console_tail()
+            );
         };
         let mut err = String::new();
         if let Some(mut e) = self.child.stderr.take() {
@@ -406,25 +400,33 @@ fn run_with_input(mut cmd: Command, input: &[u8]) -> Out {
 /// Waits for `child` up to [`command_timeout`]; on timeout prints what the lab is running,
 /// kills the child's process group and fails the test.
 fn wait_or_kill(child: &mut Child, what: &str) -> ExitStatus {
-    let deadline = Instant::now() + command_timeout();
+    if let Some(status) = exit_within(child, command_timeout()).expect("wait") {
+        return status;
+    }
+    let ps = Command::new("ps")
+        .args(["-eo", "pid,ppid,pgid,stat,etime,args"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    // SAFETY: kill(2) of the process group this test made for the command.
+    unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!(
+        "{what}: still running after {:?}; killed it. Processes then:\n{ps}",
+        command_timeout()
+    );
+}
+
+/// `child`'s exit status if it exits within `timeout`, else `None` (it is left running).
+fn exit_within(child: &mut Child, timeout: Duration) -> std::io::Result<Option<ExitStatus>> {
+    let deadline = Instant::now() + timeout;
     loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            return status;
+        if let Some(status) = child.try_wait()? {
+            return Ok(Some(status));
         }
-        if Instant::now() > deadline {
-            let ps = Command::new("ps")
-                .args(["-eo", "pid,ppid,pgid,stat,etime,args"])
-                .output()
-                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
-                .unwrap_or_default();
-            // SAFETY: kill(2) of the process group this test made for the command.
-            unsafe { libc::kill(-(child.id() as i32), libc::SIGKILL) };
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!(
-                "{what}: still running after {:?}; killed it. Processes then:\n{ps}",
-                command_timeout()
-            );
+        if Instant::now() >= deadline {
+            return Ok(None);
         }
         std::thread::sleep(Duration::from_millis(20));
     }
