@@ -10,8 +10,8 @@ use crate::file_id::{read_chunks, FileStamp};
 
 /// Bumped whenever the way templates are built changes (e.g. what the guest does before the
 /// snapshot, or a device's queue sizes, which a restore checks), so that older templates are
-/// rebuilt. 2: vsock queues of 64.
-const RECIPE_VERSION: u32 = 2;
+/// rebuilt. 2: vsock queues of 64; 3: back to 256.
+const RECIPE_VERSION: u32 = 3;
 
 /// How a template's guest is built.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -245,9 +245,9 @@ fn virtio_mmio_register_protocol() {
          features without VERSION_1 refused\n\
          unoffered feature refused\n\
          VERSION_1 accepted\n\
-         queue 0 max 64\n\
-         queue 1 max 64\n\
-         queue 2 max 64\n\
+         queue 0 max 256\n\
+         queue 1 max 256\n\
+         queue 2 max 256\n\
          queue setup read back\n\
          guest_cid 42\n\
          register protocol ok\n"

@@ -27,11 +27,7 @@ use super::{
 
 /// The host's context id: guest packets to it are forwarded to Unix sockets.
 pub const HOST_CID: u64 = 2;
-/// Descriptors per queue. The guest fills the whole RX queue with 4 KiB buffers while its
-/// driver probes, on the boot's critical path. 64 (256 KiB in flight) keeps a stream busy;
-/// against 256, the median of 10 interleaved lab boots went from 472 to 446 ms (vhost-vsock
-/// offers 128).
-const QUEUE_SIZE: u16 = 64;
+const QUEUE_SIZE: u16 = 256;
 const NUM_QUEUES: usize = 3;
 const RX_QUEUE: usize = 0;
 const TX_QUEUE: usize = 1;

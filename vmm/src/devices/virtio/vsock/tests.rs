@@ -111,7 +111,7 @@ impl Guest {
         let mem = guest_memory();
         let (t, _irq) = transport(Box::new(vsock), &mem);
         let rx = GuestQueue::new(&mem, 0x1_0000, 64);
-        let tx = GuestQueue::new(&mem, 0x2_0000, 64);
+        let tx = GuestQueue::new(&mem, 0x2_0000, 256);
         let evt = GuestQueue::new(&mem, 0x3_0000, 4);
         let mut alloc = Alloc::new();
         let tx_slots = (0..TX_SLOTS).map(|_| alloc.take(TX_SLOT)).collect();
