@@ -149,6 +149,7 @@ impl MicroVm {
     /// Waits for the agent to answer a ping and returns a client connected to it.
     pub fn agent(&mut self, timeout: Duration) -> Result<Client<UnixStream>> {
         let port = husk_agent::AGENT_VSOCK_PORT;
+        let start = std::time::Instant::now();
         let connected = {
             let alive = || self.is_running();
             let ready = match &self.ready {
@@ -161,11 +162,21 @@ impl MicroVm {
         let stream = match connected {
             Ok(s) => s,
             Err(e) if !self.is_running() => return Err(self.wait().err().unwrap_or(e)),
+            Err(e) if start.elapsed() >= timeout => return Err(self.with_vcpu_report(e)),
             Err(e) => return Err(e),
         };
         let mut client = Client::new(stream);
         client.ping().context("agent ping")?;
         Ok(client)
+    }
+
+    /// Adds where the vCPUs are to the error of a guest that runs but never answered.
+    fn with_vcpu_report(&self, e: anyhow::Error) -> anyhow::Error {
+        let report = match self.control.vcpu_report() {
+            Ok(lines) => lines.join("; "),
+            Err(r) => format!("unreadable: {r}"),
+        };
+        anyhow!("{e:#} (the VM still runs; {report})")
     }
 
     /// Like [`Self::agent`], for a VM just restored from a snapshot: the VMM closes host

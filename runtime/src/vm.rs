@@ -5,7 +5,9 @@ use std::path::PathBuf;
 
 use anyhow::{anyhow, Result};
 use clap::Args;
+use husk_vmm::pause::VmControl;
 use husk_vmm::{BlockConfig, Boot, Vm, VmConfig, VsockConfig};
+use nix::sys::signal::{SigSet, Signal};
 
 use crate::assets;
 use crate::boot::serial_output;
@@ -65,8 +67,36 @@ pub fn run(args: VmArgs) -> Result<()> {
         shares: Vec::new(),
         kvm_device: args.kvm_device,
     };
+    // Before any VMM thread exists, so that every one inherits the mask.
+    let report_signal = block_report_signal()?;
     let vm = Vm::new(config).map_err(|e| anyhow!("{e}"))?;
+    report_vcpus_on(report_signal, vm.control())?;
     vm.run().map(|_| ()).map_err(|e| anyhow!("{e}"))
+}
+
+/// Blocks SIGUSR2 in this thread (and so in the threads it starts): only the reporting
+/// thread takes it, with `sigwait`.
+fn block_report_signal() -> Result<SigSet> {
+    let mut set = SigSet::empty();
+    set.add(Signal::SIGUSR2);
+    set.thread_block()?;
+    Ok(set)
+}
+
+/// `kill -USR2 <pid>` prints one line per vCPU on stderr saying where it is (`VmControl::
+/// vcpu_report`): for a guest that stopped answering, before it is killed.
+fn report_vcpus_on(set: SigSet, control: VmControl) -> Result<()> {
+    std::thread::Builder::new()
+        .name("vcpu-report".into())
+        .spawn(move || {
+            while set.wait().is_ok() {
+                match control.vcpu_report() {
+                    Ok(lines) => lines.iter().for_each(|l| eprintln!("husk: {l}")),
+                    Err(e) => eprintln!("husk: cannot report the vCPUs: {e}"),
+                }
+            }
+        })?;
+    Ok(())
 }
 
 fn disks(rw: Vec<PathBuf>, ro: Vec<PathBuf>) -> Vec<BlockConfig> {

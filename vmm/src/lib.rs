@@ -12,6 +12,7 @@ pub mod memory;
 pub mod mptable;
 pub mod pagefile;
 pub mod pause;
+mod report;
 pub mod serial;
 pub mod snapshot;
 pub mod stop;

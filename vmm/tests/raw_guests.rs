@@ -336,3 +336,29 @@ fn a_paused_vm_stops_counting_and_resumes() {
     }
     assert_eq!(runner.join().unwrap().unwrap(), VmExit::Reset);
 }
+
+#[test]
+fn the_vcpu_report_says_where_a_running_guest_is() {
+    use husk_vmm::testguest::{self, Running};
+    require_kvm();
+    let image = testguest::counting_guest();
+    let image_len = image.len() as u64;
+    let vm = Running::start(Vm::new(testguest::long_mode_config(image)).unwrap());
+    let n = vm.count_past(0).unwrap();
+    let report = vm.control.vcpu_report().unwrap().join("\n");
+    assert!(report.starts_with("vCPU 0: runnable rip=0x"), "{report}");
+    assert!(report.contains("interrupts off"), "{report}");
+    let rip = report
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("rip=0x"))
+        .map(|hex| u64::from_str_radix(hex, 16).unwrap())
+        .unwrap();
+    assert!(
+        (testguest::LOAD..testguest::LOAD + image_len).contains(&rip),
+        "rip {rip:#x} is outside the guest's code: {report}"
+    );
+    // The report lets the guest run on.
+    assert!(!vm.control.is_paused());
+    vm.count_past(n + 1000).unwrap();
+    vm.quit().unwrap();
+}

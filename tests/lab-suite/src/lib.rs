@@ -109,19 +109,34 @@ impl Guest {
                 Ok(c)
             }
             (Err(e), Some(status)) => {
-                let mut err = String::new();
-                if let Some(mut pipe) = self.child.stderr.take() {
-                    use std::io::Read;
-                    let _ = pipe.read_to_string(&mut err);
-                }
+                let err = self.stderr_text()?;
                 bail!(
                     "VMM exited ({status}) before the agent answered: {e:#}\nVMM stderr: {}\nconsole tail:\n{}",
                     err.trim(),
                     self.console_tail()
                 )
             }
-            (Err(e), None) => Err(e),
+            (Err(e), None) => Err(e.context(self.hang_report())),
         }
+    }
+
+    /// For a guest that is up but never answers: where its vCPUs are (the VMM prints that on
+    /// SIGUSR2) and how far its console got. Ends the VMM.
+    fn hang_report(&mut self) -> String {
+        let pid = nix::unistd::Pid::from_raw(self.child.id() as i32);
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGUSR2);
+        // Pausing the vCPUs for the report takes milliseconds; a VMM stuck itself prints nothing.
+        std::thread::sleep(Duration::from_secs(2));
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let err = self
+            .stderr_text()
+            .unwrap_or_else(|e| format!("(unreadable: {e})"));
+        format!(
+            "the VMM was still running (killed); its stderr:\n{}\nconsole tail:\n{}",
+            err.trim(),
+            self.console_tail()
+        )
     }
 
     /// Runs a command in the guest and returns (stdout, stderr, exit code).
@@ -138,19 +153,23 @@ impl Guest {
     /// running after `VMM_EXIT_TIMEOUT` (a wedged guest) is killed and reported, so a hang
     /// fails its test instead of the whole lab run.
     pub fn wait(mut self) -> Result<(ExitStatus, String)> {
-        use std::io::Read;
         let Some(status) = exit_within(&mut self.child, VMM_EXIT_TIMEOUT)? else {
-            // Drop kills it.
             bail!(
-                "the VMM was still running {VMM_EXIT_TIMEOUT:?} after it was expected to exit (killed)\nconsole tail:\n{}",
-                self.console_tail()
+                "the VMM had not exited {VMM_EXIT_TIMEOUT:?} after it was expected to: {}",
+                self.hang_report()
             );
         };
+        Ok((status, self.stderr_text()?))
+    }
+
+    /// Everything the VMM wrote on stderr (waits for the pipe to close: call once it exited).
+    fn stderr_text(&mut self) -> Result<String> {
+        use std::io::Read;
         let mut err = String::new();
-        if let Some(mut e) = self.child.stderr.take() {
-            e.read_to_string(&mut err)?;
+        if let Some(mut pipe) = self.child.stderr.take() {
+            pipe.read_to_string(&mut err)?;
         }
-        Ok((status, err))
+        Ok(err)
     }
 
     /// Asks the agent to power off and checks that the VMM exits 0.
