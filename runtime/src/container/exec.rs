@@ -74,6 +74,9 @@ pub struct ExecOpts {
     pub args: Vec<String>,
 }
 
+/// How long a running guest may take to accept an exec and start its process.
+const START_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 pub fn exec(root: &Path, opts: &ExecOpts) -> Result<i32> {
     let store = Store::new(root);
     let st = super::commands::load(&store, &opts.id)?;
@@ -89,8 +92,19 @@ pub fn exec(root: &Path, opts: &ExecOpts) -> Result<i32> {
         return detach(root, opts);
     }
     let uds = store.dir(&opts.id).join("vsock.sock");
-    let mut agent = Client::new(vsock::connect(&uds, husk_agent::AGENT_VSOCK_PORT)?);
-    agent.start_exec_in_container(st.guest_id(), &process)?;
+    // A running guest answers the handshake and the start at once; a wedged one must not hang
+    // exec. A paused one answers once resumed (`--ignore-paused`), so it is waited for.
+    let stream = match st.status {
+        Status::Paused => vsock::connect(&uds, husk_agent::AGENT_VSOCK_PORT)?,
+        _ => vsock::connect_timeout(&uds, husk_agent::AGENT_VSOCK_PORT, START_TIMEOUT)?,
+    };
+    let mut agent = Client::new(stream);
+    agent
+        .start_exec_in_container(st.guest_id(), &process)
+        .context("starting the process in the guest")?;
+    // The process itself may run and stay silent for as long as it likes.
+    agent.get_ref().set_read_timeout(None)?;
+    agent.get_ref().set_write_timeout(None)?;
     let host = match (&opts.console_socket, process["terminal"].as_bool()) {
         (Some(sock), Some(true)) => stdio::terminal(sock)?,
         _ => HostStdio::Inherited,
