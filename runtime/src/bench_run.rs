@@ -127,7 +127,8 @@ fn read_all(mut file: std::fs::File) -> Result<String> {
     use std::io::{Read, Seek};
     let mut bytes = Vec::new();
     file.rewind()?;
-    file.read_to_end(&mut bytes)?;
+    file.read_to_end(&mut bytes)
+        .context("reading back the command's stderr")?;
     Ok(String::from_utf8_lossy(&bytes).into_owned())
 }
 

@@ -229,7 +229,14 @@ impl Runtime {
         // Kept in the work directory: if the container dies before `start`, the monitor's
         // last words are there.
         let stderr_path = self.dir.join(format!("{id}.create-stderr"));
-        let stderr = std::fs::File::create(&stderr_path)?;
+        // Readable too: a failed create's error message is read back from it.
+        let stderr = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&stderr_path)
+            .with_context(|| format!("creating {}", stderr_path.display()))?;
         let began = Instant::now();
         run_with_stderr(&mut create, stderr)?;
         time(&mut start).map_err(|e| {
