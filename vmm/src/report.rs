@@ -2,10 +2,14 @@
 //! report says whether it spins (and where), sleeps with its timer disarmed, or never comes out
 //! of the VMM.
 
-use kvm_bindings::{kvm_lapic_state, Msrs};
+use std::ops::Range;
+
+use kvm_bindings::{kvm_lapic_state, kvm_regs, kvm_sregs, Msrs};
 use kvm_ioctls::VcpuFd;
+use vm_memory::{Bytes, GuestAddress};
 
 use crate::error::VmError;
+use crate::memory::GuestMemory;
 use crate::pause::VmControl;
 
 /// KVM_MP_STATE_* names, by value.
@@ -30,6 +34,16 @@ const APIC_LVTT: usize = 0x320;
 const APIC_TMICT: usize = 0x380;
 const APIC_TMCCT: usize = 0x390;
 const LVT_MASKED: u32 = 1 << 16;
+/// How many words from the stack pointer up `stack_summary` looks at.
+const STACK_WORDS: u64 = 64;
+/// Where an x86-64 Linux kernel's text is mapped (the top 2 GiB, below the modules).
+const KERNEL_TEXT: Range<u64> = 0xffff_ffff_8000_0000..0xffff_ffff_c000_0000;
+const EFER_LMA: u64 = 1 << 10;
+const CR0_PG: u64 = 1 << 31;
+const PTE_PRESENT: u64 = 1;
+const PTE_HUGE: u64 = 1 << 7;
+/// Bits 12..52 of a page-table entry or CR3: the physical address.
+const PHYS_MASK: u64 = 0x000f_ffff_ffff_f000;
 
 impl VmControl {
     /// One line per vCPU: run state, instruction and stack pointers, whether interrupts are
@@ -43,14 +57,69 @@ impl VmControl {
             self.pause()?;
         }
         let irqchip = parts.irqchip;
-        let lines = self.on_each_vcpu(parts.config.vcpus, move |index, fd| {
-            describe(index, fd, irqchip)
+        let seen = self.on_each_vcpu(parts.config.vcpus, move |index, fd| {
+            (
+                describe(index, fd, irqchip),
+                fd.get_regs().ok(),
+                fd.get_sregs().ok(),
+            )
+        });
+        // Read while the guest stands still, so the stack is the one the registers point into.
+        let lines = seen.map(|seen| {
+            seen.into_iter()
+                .map(|(line, regs, sregs)| match (regs, sregs) {
+                    (Some(r), Some(s)) => line + &stack_summary(&parts.mem, &r, &s),
+                    _ => line,
+                })
+                .collect()
         });
         if !was_paused {
             self.resume();
         }
         lines
     }
+}
+
+/// The kernel text addresses among the top `STACK_WORDS` words of the stack: for a guest that
+/// keeps no frame pointers these are the return addresses a backtrace would show (and stale
+/// ones), to look up in the kernel's System.map. Empty unless the vCPU is in 64-bit paging.
+fn stack_summary(mem: &GuestMemory, regs: &kvm_regs, sregs: &kvm_sregs) -> String {
+    let long_mode = sregs.efer & EFER_LMA != 0 && sregs.cr0 & CR0_PG != 0;
+    if !long_mode {
+        return String::new();
+    }
+    let text: Vec<String> = (0..STACK_WORDS)
+        .filter_map(|i| {
+            let pa = translate(mem, sregs.cr3, regs.rsp.wrapping_add(i * 8))?;
+            mem.read_obj::<u64>(GuestAddress(pa)).ok()
+        })
+        .filter(|word| KERNEL_TEXT.contains(word))
+        .map(|word| format!("{word:#x}"))
+        .collect();
+    if text.is_empty() {
+        return String::new();
+    }
+    format!(" stack text: {}", text.join(" "))
+}
+
+/// The guest-physical address of `va` under the 4-level page tables at `cr3`.
+fn translate(mem: &GuestMemory, cr3: u64, va: u64) -> Option<u64> {
+    let mut table = cr3 & PHYS_MASK;
+    for level in (0..4u32).rev() {
+        let index = (va >> (12 + 9 * level)) & 0x1ff;
+        let entry: u64 = mem.read_obj(GuestAddress(table + index * 8)).ok()?;
+        if entry & PTE_PRESENT == 0 {
+            return None;
+        }
+        let next = entry & PHYS_MASK;
+        // A 1 GiB or 2 MiB page ends the walk early.
+        if level > 0 && entry & PTE_HUGE != 0 {
+            let size = 1u64 << (12 + 9 * level);
+            return Some((next & !(size - 1)) | (va & (size - 1)));
+        }
+        table = next;
+    }
+    Some(table | (va & 0xfff))
 }
 
 /// One vCPU's line; what KVM will not give is left out rather than failing the report.
@@ -122,4 +191,66 @@ fn tsc_and_deadline(fd: &VcpuFd) -> Option<(u64, u64)> {
     };
     let mut msrs = Msrs::from_entries(&[entry(MSR_TSC), entry(MSR_TSC_DEADLINE)]).ok()?;
     (fd.get_msrs(&mut msrs).ok()? == 2).then(|| (msrs.as_slice()[0].data, msrs.as_slice()[1].data))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Page tables at 0x1000 (PML4), 0x2000 (PDPT), 0x3000 (PD), 0x4000 (PT) mapping one 2 MiB
+    /// page and one 4 KiB page of the kernel's text range.
+    fn tables() -> GuestMemory {
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 8 << 20)]).unwrap();
+        let write = |addr: u64, v: u64| mem.write_obj(v, GuestAddress(addr)).unwrap();
+        let va: u64 = 0xffff_ffff_8100_0000;
+        let index = |level: u32| (va >> (12 + 9 * level)) & 0x1ff;
+        write(0x1000 + index(3) * 8, 0x2000 | PTE_PRESENT);
+        write(0x2000 + index(2) * 8, 0x3000 | PTE_PRESENT);
+        // va's 2 MiB page is at 0x40_0000; the next 2 MiB are 4 KiB pages, one present.
+        write(0x3000 + index(1) * 8, 0x40_0000 | PTE_PRESENT | PTE_HUGE);
+        write(0x3000 + (index(1) + 1) * 8, 0x4000 | PTE_PRESENT);
+        write(0x4000 + 3 * 8, 0x60_0000 | PTE_PRESENT);
+        mem
+    }
+
+    #[test]
+    fn addresses_translate_through_huge_and_small_pages() {
+        let mem = tables();
+        let va: u64 = 0xffff_ffff_8100_0000;
+        assert_eq!(translate(&mem, 0x1000, va + 0x1234), Some(0x40_1234));
+        assert_eq!(
+            translate(&mem, 0x1000, va + (2 << 20) + 0x3010),
+            Some(0x60_0010)
+        );
+        // The other 4 KiB pages of that table, and other 2 MiB ranges, are not present.
+        assert_eq!(translate(&mem, 0x1000, va + (2 << 20)), None);
+        assert_eq!(translate(&mem, 0x1000, va + (4 << 20)), None);
+    }
+
+    #[test]
+    fn the_stack_summary_lists_kernel_text_words() {
+        let mem = tables();
+        // The stack: a kernel text address between two other words.
+        let rsp: u64 = 0xffff_ffff_8100_0100;
+        for (i, word) in [7u64, 0xffff_ffff_8123_4567, 0x1000].iter().enumerate() {
+            mem.write_obj(*word, GuestAddress(0x40_0100 + i as u64 * 8))
+                .unwrap();
+        }
+        let regs = kvm_regs {
+            rsp,
+            ..Default::default()
+        };
+        let mut sregs = kvm_sregs {
+            cr3: 0x1000,
+            cr0: CR0_PG,
+            efer: EFER_LMA,
+            ..Default::default()
+        };
+        assert_eq!(
+            stack_summary(&mem, &regs, &sregs),
+            " stack text: 0xffffffff81234567"
+        );
+        sregs.efer = 0;
+        assert_eq!(stack_summary(&mem, &regs, &sregs), "");
+    }
 }
