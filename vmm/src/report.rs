@@ -58,18 +58,14 @@ impl VmControl {
         }
         let irqchip = parts.irqchip;
         let seen = self.on_each_vcpu(parts.config.vcpus, move |index, fd| {
-            (
-                describe(index, fd, irqchip),
-                fd.get_regs().ok(),
-                fd.get_sregs().ok(),
-            )
+            describe(index, fd, irqchip)
         });
         // Read while the guest stands still, so the stack is the one the registers point into.
         let lines = seen.map(|seen| {
             seen.into_iter()
-                .map(|(line, regs, sregs)| match (regs, sregs) {
-                    (Some(r), Some(s)) => line + &stack_summary(&parts.mem, &r, &s),
-                    _ => line,
+                .map(|(line, paging)| match paging {
+                    Some((regs, sregs)) => line + &stack_summary(&parts.mem, &regs, &sregs),
+                    None => line,
                 })
                 .collect()
         });
@@ -122,14 +118,16 @@ fn translate(mem: &GuestMemory, cr3: u64, va: u64) -> Option<u64> {
     Some(table | (va & 0xfff))
 }
 
-/// One vCPU's line; what KVM will not give is left out rather than failing the report.
-fn describe(index: u8, fd: &mut VcpuFd, irqchip: bool) -> String {
+/// One vCPU's line, and its registers for the stack walk; what KVM will not give is left out
+/// rather than failing the report.
+fn describe(index: u8, fd: &mut VcpuFd, irqchip: bool) -> (String, Option<(kvm_regs, kvm_sregs)>) {
     let mut line = format!("vCPU {index}:");
     if let Ok(mp) = fd.get_mp_state() {
         let state = MP_STATES.get(mp.mp_state as usize).copied();
         line += &format!(" {}", state.unwrap_or("unknown-state"));
     }
-    if let Ok(r) = fd.get_regs() {
+    let regs = fd.get_regs().ok();
+    if let Some(r) = &regs {
         let on = if r.rflags & RFLAGS_IF != 0 {
             "on"
         } else {
@@ -137,7 +135,8 @@ fn describe(index: u8, fd: &mut VcpuFd, irqchip: bool) -> String {
         };
         line += &format!(" rip={:#x} rsp={:#x} interrupts {on}", r.rip, r.rsp);
     }
-    if let Ok(s) = fd.get_sregs() {
+    let sregs = fd.get_sregs().ok();
+    if let Some(s) = &sregs {
         line += &format!(" cr3={:#x}", s.cr3);
     }
     if irqchip {
@@ -148,7 +147,7 @@ fn describe(index: u8, fd: &mut VcpuFd, irqchip: bool) -> String {
             line += &format!(" tsc={tsc} tsc-deadline={deadline}");
         }
     }
-    line
+    (line, regs.zip(sregs))
 }
 
 /// The highest vector pending (IRR) and in service (ISR), and the timer's LVT and counts.
