@@ -74,8 +74,8 @@ pub fn connect_retry(
     }
 }
 
-/// Clears the read and write timeouts `connect_with` set.
-fn without_timeouts(stream: UnixStream) -> Result<UnixStream> {
+/// Clears the read and write timeouts `connect_with` (or `connect_timeout`) set.
+pub fn without_timeouts(stream: UnixStream) -> Result<UnixStream> {
     stream.set_read_timeout(None)?;
     stream.set_write_timeout(None)?;
     Ok(stream)

@@ -51,10 +51,10 @@ const GDT: [u64; 5] = [
 
 const CR0_PE: u64 = 1;
 const CR0_ET: u64 = 1 << 4;
-const CR0_PG: u64 = 1 << 31;
+pub(crate) const CR0_PG: u64 = 1 << 31;
 const CR4_PAE: u64 = 1 << 5;
 const EFER_LME: u64 = 1 << 8;
-const EFER_LMA: u64 = 1 << 10;
+pub(crate) const EFER_LMA: u64 = 1 << 10;
 const XEN_HVM_START_MAGIC: u32 = 0x336e_c578;
 const E820_RAM: u32 = 1;
 const E820_RESERVED: u32 = 2;

@@ -8,6 +8,7 @@ use kvm_bindings::{kvm_lapic_state, kvm_regs, kvm_sregs, Msrs};
 use kvm_ioctls::VcpuFd;
 use vm_memory::{Bytes, GuestAddress};
 
+use crate::boot::{CR0_PG, EFER_LMA};
 use crate::error::VmError;
 use crate::memory::GuestMemory;
 use crate::pause::VmControl;
@@ -38,8 +39,6 @@ const LVT_MASKED: u32 = 1 << 16;
 const STACK_WORDS: u64 = 64;
 /// Where an x86-64 Linux kernel's text is mapped (the top 2 GiB, below the modules).
 const KERNEL_TEXT: Range<u64> = 0xffff_ffff_8000_0000..0xffff_ffff_c000_0000;
-const EFER_LMA: u64 = 1 << 10;
-const CR0_PG: u64 = 1 << 31;
 const PTE_PRESENT: u64 = 1;
 const PTE_HUGE: u64 = 1 << 7;
 /// Bits 12..52 of a page-table entry or CR3: the physical address.
@@ -152,10 +151,7 @@ fn describe(index: u8, fd: &mut VcpuFd, irqchip: bool) -> (String, Option<(kvm_r
 
 /// The highest vector pending (IRR) and in service (ISR), and the timer's LVT and counts.
 fn lapic_summary(lapic: &kvm_lapic_state) -> String {
-    let reg = |off: usize| -> u32 {
-        let b = &lapic.regs[off..off + 4];
-        u32::from_le_bytes([b[0] as u8, b[1] as u8, b[2] as u8, b[3] as u8])
-    };
+    let reg = |off: usize| crate::vm::lapic_reg(&lapic.regs, off);
     // The 256 bits of IRR and ISR sit in eight 32-bit registers, 16 bytes apart.
     let highest = |base: usize| -> String {
         (0..8usize)

@@ -820,6 +820,11 @@ fn create_irqchip(vm_fd: &VmFd, required: bool) -> Result<bool, VmError> {
     }
 }
 
+/// The 32-bit local APIC register at byte offset `at` of KVM's register page.
+pub(crate) fn lapic_reg(regs: &[std::os::raw::c_char; 1024], at: usize) -> u32 {
+    u32::from_le_bytes(std::array::from_fn(|i| regs[at + i] as u8))
+}
+
 /// Wires LAPIC LINT0 to ExtINT (the PIC) and LINT1 to NMI, as firmware would.
 fn set_lint(fd: &VcpuFd) -> Result<(), VmError> {
     const APIC_LVT0: usize = 0x350;
@@ -829,8 +834,7 @@ fn set_lint(fd: &VcpuFd) -> Result<(), VmError> {
     let mut lapic = fd.get_lapic().map_err(VmError::kvm("get LAPIC"))?;
     let regs = &mut lapic.regs;
     let set = |regs: &mut [std::os::raw::c_char; 1024], at: usize, mode: u32| {
-        let mut v = u32::from_le_bytes(std::array::from_fn(|i| regs[at + i] as u8));
-        v = (v & !0x700) | mode;
+        let v = (lapic_reg(regs, at) & !0x700) | mode;
         for (i, b) in v.to_le_bytes().iter().enumerate() {
             regs[at + i] = *b as std::os::raw::c_char;
         }

@@ -102,9 +102,6 @@ pub fn exec(root: &Path, opts: &ExecOpts) -> Result<i32> {
     agent
         .start_exec_in_container(st.guest_id(), &process)
         .context("starting the process in the guest")?;
-    // The process itself may run and stay silent for as long as it likes.
-    agent.get_ref().set_read_timeout(None)?;
-    agent.get_ref().set_write_timeout(None)?;
     let host = match (&opts.console_socket, process["terminal"].as_bool()) {
         (Some(sock), Some(true)) => stdio::terminal(sock)?,
         _ => HostStdio::Inherited,
@@ -112,7 +109,8 @@ pub fn exec(root: &Path, opts: &ExecOpts) -> Result<i32> {
     if let Some(fd) = opts.ready_fd {
         super::monitor::notify(fd, "ok");
     }
-    let rx = stdio::bridge(agent.into_inner(), host)?;
+    // The process itself may run and stay silent for as long as it likes.
+    let rx = stdio::bridge(vsock::without_timeouts(agent.into_inner())?, host)?;
     match rx.recv() {
         Ok(Ok(status)) => Ok(stdio::exit_code(&status)),
         Ok(Err(message)) => bail!("exec failed: {message}"),
