@@ -11,8 +11,10 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::thread;
 
+use guest::agent_state::{Ctx, Mode};
+use guest::listener::Listener;
 use guest::reaper::Reaper;
-use guest::server::{self, Ctx, Listener, Mode};
+use guest::server;
 use husk_agent::AGENT_VSOCK_PORT;
 
 const USAGE: &str = "usage: husk-agent                     (as PID 1 in a Husk guest)

@@ -2,16 +2,13 @@
 
 use std::io::{self, Read};
 use std::process::{ChildStdin, Command, Stdio};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::thread::{self, JoinHandle};
 
 use husk_agent::proto::{ExecRequest, ExitStatus, FrameKind, Response, MAX_DATA_CHUNK};
 
-use super::server::{Ctx, Sender};
-
-/// The pid of the connection's running exec, `None` when idle. Cleared just before `Exit` is
-/// sent, so a client that reacts to `Exit` with a new `Exec` never finds it still set.
-pub type Running = Arc<Mutex<Option<i32>>>;
+use super::agent_state::Ctx;
+use super::host_conn::{Running, Sender};
 
 /// Starts `req`; output and the final `Exit` go to `out` from background threads. Returns the
 /// child's stdin when `req.stdin` asked for a pipe.

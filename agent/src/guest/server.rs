@@ -1,112 +1,25 @@
-//! Accepting connections and serving requests, one thread per connection.
+//! Serving host connections: the accept loop and, one thread per connection, the request loop
+//! that dispatches each request to its handler.
 
 use std::fs::File;
 use std::io::{self, BufReader, Write};
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::net::UnixListener;
-use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::os::fd::{AsFd, OwnedFd};
+use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
 use nix::poll::{poll, PollFd, PollFlags};
-use nix::sys::socket::{
-    accept4, bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, VsockAddr,
-};
 
 use husk_agent::proto::{
-    encode_data, read_frame, Frame, FrameError, FrameKind, Request, Response, PROTOCOL_VERSION,
+    read_frame, Frame, FrameError, FrameKind, Request, Response, PROTOCOL_VERSION,
 };
 
-use super::container::{self, Containers, ExecStarted, Split, Stdio};
-use super::exec::{self, Running};
-use super::reaper::Reaper;
-use super::relay::Relay;
-
-/// What kind of system the agent runs on; decides what `Poweroff` does.
-pub enum Mode {
-    /// PID 1 in the guest: power off by resetting the VM.
-    Init,
-    /// Host testing on a unix socket: exit the agent (removing the socket).
-    Unix(PathBuf),
-}
-
-/// State shared by all connections.
-pub struct Ctx {
-    pub reaper: Arc<Reaper>,
-    pub mode: Mode,
-    /// `PATH` given to exec children unless their request sets one.
-    pub default_path: String,
-    pub containers: Containers,
-}
-
-/// The write half of a connection, shared by the request loop and the exec output threads;
-/// the lock keeps each frame contiguous.
-#[derive(Clone)]
-pub struct Sender(Arc<Mutex<File>>);
-
-impl Sender {
-    /// Whether both are the same connection.
-    pub fn same(&self, other: &Sender) -> bool {
-        Arc::ptr_eq(&self.0, &other.0)
-    }
-
-    pub fn send(&self, frame: &Frame) -> io::Result<()> {
-        self.write(&frame.encode())
-    }
-
-    pub fn send_data(&self, kind: FrameKind, data: &[u8]) -> io::Result<()> {
-        self.write(&encode_data(kind, data))
-    }
-
-    fn write(&self, bytes: &[u8]) -> io::Result<()> {
-        let mut file = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        file.write_all(bytes)
-    }
-}
-
-/// A listening socket. Accepted connections are plain `File`s: read/write work on any socket
-/// fd, and `try_clone` gives the separate read and write halves.
-pub enum Listener {
-    Unix(UnixListener),
-    Vsock(OwnedFd),
-}
-
-impl Listener {
-    /// Listens on `port` for any CID.
-    pub fn vsock(port: u32) -> io::Result<Self> {
-        let fd = socket(
-            AddressFamily::Vsock,
-            SockType::Stream,
-            SockFlag::SOCK_CLOEXEC,
-            None,
-        )?;
-        bind(fd.as_raw_fd(), &VsockAddr::new(libc::VMADDR_CID_ANY, port))?;
-        listen(&fd, Backlog::new(64)?)?;
-        Ok(Self::Vsock(fd))
-    }
-
-    /// Listens on a unix socket at `path`, replacing a stale one.
-    pub fn unix(path: &std::path::Path) -> io::Result<Self> {
-        match std::fs::remove_file(path) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-            _ => {}
-        }
-        Ok(Self::Unix(UnixListener::bind(path)?))
-    }
-
-    /// Accepts one connection (close-on-exec, so exec children never hold it open).
-    pub fn accept(&self) -> io::Result<File> {
-        match self {
-            Self::Unix(l) => Ok(File::from(OwnedFd::from(l.accept()?.0))),
-            Self::Vsock(fd) => {
-                let raw = accept4(fd.as_raw_fd(), SockFlag::SOCK_CLOEXEC)?;
-                // SAFETY: accept4 just returned this fd and nothing else owns it.
-                Ok(File::from(unsafe { OwnedFd::from_raw_fd(raw) }))
-            }
-        }
-    }
-}
+use super::agent_state::{Ctx, Mode};
+use super::container::relay::Relay;
+use super::container::{self, ExecStarted, Split, Stdio};
+use super::exec;
+use super::host_conn::{Running, Sender};
+use super::listener::Listener;
 
 /// Accepts connections forever, serving each on its own thread.
 pub fn serve(listener: Listener, ctx: Arc<Ctx>) -> ! {
@@ -167,7 +80,7 @@ impl Conn {
         };
         let mut conn = Conn {
             ctx,
-            out: Sender(Arc::new(Mutex::new(writer))),
+            out: Sender::new(writer),
             running: Arc::default(),
             stdin: None,
             pty: None,

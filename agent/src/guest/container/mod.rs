@@ -11,6 +11,7 @@ mod mounts;
 mod ns;
 mod process;
 mod pty;
+pub mod relay;
 mod seccomp;
 pub mod spawn;
 mod sync;
@@ -28,7 +29,7 @@ use husk_agent::proto::ExitStatus;
 use oci_spec::runtime::{LinuxNamespaceType, Process, Spec};
 
 use super::reaper::Reaper;
-use super::relay::Relay;
+use relay::Relay;
 use spawn::{spawn_helper, ChildFds};
 use sync::{FromHelper, SyncSocket, ToHelper};
 

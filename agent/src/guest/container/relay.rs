@@ -15,8 +15,8 @@ use std::thread;
 
 use husk_agent::proto::{ExitStatus, FrameKind, Response, MAX_DATA_CHUNK};
 
-use super::container::{ExitCell, Split, Stdio};
-use super::server::Sender;
+use super::{ExitCell, Split, Stdio};
+use crate::guest::host_conn::Sender;
 
 /// The init's stdio and the connection it currently goes to.
 pub struct Relay {
