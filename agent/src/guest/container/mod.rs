@@ -4,12 +4,17 @@
 //! Each container's init is a helper process (`helper`) cloned into the requested
 //! namespaces, which sets itself up and blocks on a sync socket until `StartContainer`, like
 //! runc's exec fifo. The helper-side modules (`mounts`, `process`, `seccomp`, `pty`, `ns`)
-//! run only in that fresh single-threaded process, never in the agent.
+//! run only in that fresh single-threaded process, never in the agent; `spawn` and
+//! `handshake` start helpers, `process_io` and `relay` carry their stdio, `exit_cell` keeps the
+//! init's exit status.
 
+mod exit_cell;
+mod handshake;
 pub mod helper;
 mod mounts;
 mod ns;
 mod process;
+mod process_io;
 mod pty;
 pub mod relay;
 mod seccomp;
@@ -19,20 +24,22 @@ mod syscalls;
 
 use std::collections::HashMap;
 use std::fs::File;
-use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::mpsc::TryRecvError;
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use husk_agent::proto::ExitStatus;
 use oci_spec::runtime::{LinuxNamespaceType, Process, Spec};
 
 use super::reaper::Reaper;
+use exit_cell::watch_exit;
+use handshake::{await_exec, give_orders, launch, spawn_idle, Spawned};
 use relay::Relay;
-use spawn::{spawn_helper, ChildFds};
-use sync::{FromHelper, SyncSocket, ToHelper};
+use sync::{SyncSocket, ToHelper};
 
+pub use exit_cell::ExitCell;
+pub use process_io::{Split, Stdio};
 pub use pty::resize;
 
 /// Errors in the helper are plain messages: they travel to the host as `Error{message}`.
@@ -40,8 +47,6 @@ pub type HelperResult<T> = Result<T, String>;
 
 /// Where the host's shares are mounted (under /run/husk), after a spare helper was cloned.
 const SHARES_PARENT: &str = "/run";
-/// How long a helper may take to set up before the agent gives up on it.
-const SETUP_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long `DeleteContainer` waits for killed processes to be reaped.
 const KILL_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -51,17 +56,6 @@ pub struct Containers {
     map: Mutex<HashMap<String, Arc<Container>>>,
     /// A helper cloned ahead of time and waiting for orders (see `prepare_spare`).
     spare: Mutex<Option<Spawned>>,
-}
-
-/// A helper cloned into its namespaces and exec'd, waiting for its orders.
-struct Spawned {
-    /// The namespaces it was cloned into (CLONE_NEW* flags).
-    flags: libc::c_int,
-    pid: i32,
-    status: std::sync::mpsc::Receiver<ExitStatus>,
-    /// The agent's ends of its stdio pipes; `None` with a terminal (the helper makes a pty).
-    stdio: Option<Stdio>,
-    sync: SyncSocket,
 }
 
 struct Container {
@@ -79,82 +73,6 @@ enum Phase {
     /// Waiting for start on this socket.
     Created(SyncSocket),
     Started,
-}
-
-/// The agent's ends of a process's stdio.
-pub enum Stdio {
-    Pipes {
-        stdin: File,
-        stdout: File,
-        stderr: File,
-    },
-    Pty {
-        master: File,
-    },
-}
-
-/// A process's stdio as the agent forwards it.
-pub struct Split {
-    /// stdout and stderr (a terminal has only the first).
-    pub outputs: [Option<File>; 2],
-    /// Where input goes: the pipe, or the pty master.
-    pub stdin: File,
-    /// The pty master again, for resizes, with a terminal.
-    pub pty: Option<File>,
-}
-
-impl Stdio {
-    /// Separate handles for reading output, writing input and resizing.
-    pub fn split(self) -> std::io::Result<Split> {
-        Ok(match self {
-            Stdio::Pipes {
-                stdin,
-                stdout,
-                stderr,
-            } => Split {
-                outputs: [Some(stdout), Some(stderr)],
-                stdin,
-                pty: None,
-            },
-            Stdio::Pty { master } => Split {
-                outputs: [Some(master.try_clone()?), None],
-                pty: Some(master.try_clone()?),
-                stdin: master,
-            },
-        })
-    }
-}
-
-/// A container init's exit status, set once by its watcher thread.
-#[derive(Default)]
-pub struct ExitCell {
-    status: Mutex<Option<ExitStatus>>,
-    changed: Condvar,
-}
-
-impl ExitCell {
-    fn set(&self, status: ExitStatus) {
-        *lock(&self.status) = Some(status);
-        self.changed.notify_all();
-    }
-
-    pub fn get(&self) -> Option<ExitStatus> {
-        *lock(&self.status)
-    }
-
-    /// Blocks until the status is known.
-    pub fn wait(&self) -> ExitStatus {
-        self.wait_for(Duration::MAX).unwrap_or_default()
-    }
-
-    fn wait_for(&self, timeout: Duration) -> Option<ExitStatus> {
-        let guard = lock(&self.status);
-        let (guard, _) = self
-            .changed
-            .wait_timeout_while(guard, timeout, |s| s.is_none())
-            .unwrap_or_else(|p| p.into_inner());
-        *guard
-    }
 }
 
 /// A process exec'd into a container, handed to the connection that streams it.
@@ -191,7 +109,7 @@ impl Containers {
         };
         let spawned = match self.take_spare(flags, terminal) {
             Some(spare) => spare,
-            None => spawn(reaper, flags, None, terminal)?,
+            None => spawn_idle(reaper, flags, None, terminal)?,
         };
         let (helper, sync) = give_orders(reaper, spawned, &order)?;
         let exit = Arc::new(ExitCell::default());
@@ -226,7 +144,7 @@ impl Containers {
             None::<&str>,
         )
         .map_err(|e| format!("make {SHARES_PARENT} shared: {e}"))?;
-        let spawned = spawn(reaper, flags, None, false)?;
+        let spawned = spawn_idle(reaper, flags, None, false)?;
         // A spare it replaces reads EOF on its sync socket and exits.
         *lock(&self.spare) = Some(spawned);
         Ok(())
@@ -391,148 +309,6 @@ fn kill_all(c: &Container, signal: i32) {
     for pid in ns::processes(c.init_pid, c.has(LinuxNamespaceType::Pid)) {
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
     }
-}
-
-/// Clones a helper, gives it its orders and waits for `Ready`. On failure the helper is
-/// killed and reaped, so nothing is left behind.
-fn launch(
-    reaper: &Reaper,
-    flags: libc::c_int,
-    pidns: Option<&File>,
-    terminal: bool,
-    order: &ToHelper,
-) -> HelperResult<(ExecStarted, SyncSocket)> {
-    let spawned = spawn(reaper, flags, pidns, terminal)?;
-    give_orders(reaper, spawned, order)
-}
-
-/// Clones a helper into `flags` (and `pidns`) with fresh stdio; it waits for its orders.
-fn spawn(
-    reaper: &Reaper,
-    flags: libc::c_int,
-    pidns: Option<&File>,
-    terminal: bool,
-) -> HelperResult<Spawned> {
-    let (ours, theirs) = sync::pair().map_err(|e| format!("socketpair: {e}"))?;
-    let (child, agent_side) = stdio_pair(terminal).map_err(|e| format!("stdio: {e}"))?;
-    let fds = ChildFds {
-        stdin: child[0].as_raw_fd(),
-        stdout: child[1].as_raw_fd(),
-        stderr: child[2].as_raw_fd(),
-        sync: theirs.raw(),
-    };
-    let (pid, status) =
-        spawn_helper(reaper, flags, pidns, &fds).map_err(|e| format!("clone: {e}"))?;
-    // The child has its copies; ours would keep pipes open and hide EOF.
-    drop((child, theirs));
-    Ok(Spawned {
-        flags,
-        pid,
-        status,
-        stdio: agent_side,
-        sync: ours,
-    })
-}
-
-/// Sends a spawned helper its orders and waits for `Ready`; kills it on failure.
-fn give_orders(
-    reaper: &Reaper,
-    helper: Spawned,
-    order: &ToHelper,
-) -> HelperResult<(ExecStarted, SyncSocket)> {
-    let Spawned {
-        pid,
-        status,
-        stdio: agent_side,
-        sync: ours,
-        ..
-    } = helper;
-    let ready = ours
-        .set_timeout(SETUP_TIMEOUT)
-        .and_then(|()| ours.send(order, None))
-        .map_err(|e| format!("sending orders: {e}"))
-        .and_then(|()| await_ready(&ours));
-    match ready {
-        Ok(master) => {
-            let stdio = match (agent_side, master) {
-                (Some(pipes), _) => pipes,
-                (None, Some(m)) => Stdio::Pty { master: m.into() },
-                (None, None) => return fail(reaper, pid, &status, "no pty from helper".into()),
-            };
-            Ok((ExecStarted { pid, status, stdio }, ours))
-        }
-        Err(e) => fail(reaper, pid, &status, e),
-    }
-}
-
-fn fail<T>(
-    reaper: &Reaper,
-    pid: i32,
-    status: &std::sync::mpsc::Receiver<ExitStatus>,
-    message: String,
-) -> HelperResult<T> {
-    let _ = reaper.signal(pid, libc::SIGKILL);
-    // Wait for the reaper so the helper (and with it its namespaces) is gone on return.
-    let _ = status.recv_timeout(KILL_TIMEOUT);
-    Err(message)
-}
-
-/// The helper's `Ready` (with the pty master when there is one) or its error.
-fn await_ready(sync: &SyncSocket) -> HelperResult<Option<OwnedFd>> {
-    match sync.recv::<FromHelper>() {
-        Ok(Some((FromHelper::Ready, fd))) => Ok(fd),
-        Ok(Some((FromHelper::Error { message }, _))) => Err(message),
-        Ok(None) => Err("container process exited during set-up".into()),
-        Err(e) => Err(format!("waiting for container set-up: {e}")),
-    }
-}
-
-/// After `Ready`: EOF means the exec happened (the socket is close-on-exec).
-fn await_exec(sync: &SyncSocket) -> HelperResult<()> {
-    match sync.recv::<FromHelper>() {
-        Ok(None) => Ok(()),
-        Ok(Some((FromHelper::Error { message }, _))) => Err(message),
-        Ok(Some((other, _))) => Err(format!("unexpected {other:?} from container helper")),
-        Err(e) => Err(format!("waiting for exec: {e}")),
-    }
-}
-
-/// The child's stdio fds and, without a terminal, the agent's pipe ends. With a terminal the
-/// child starts on /dev/null and opens the pty itself.
-fn stdio_pair(terminal: bool) -> std::io::Result<([OwnedFd; 3], Option<Stdio>)> {
-    if terminal {
-        let null = || -> std::io::Result<OwnedFd> {
-            Ok(std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open("/dev/null")?
-                .into())
-        };
-        return Ok(([null()?, null()?, null()?], None));
-    }
-    let cloexec = nix::fcntl::OFlag::O_CLOEXEC;
-    let (in_r, in_w) = nix::unistd::pipe2(cloexec)?;
-    let (out_r, out_w) = nix::unistd::pipe2(cloexec)?;
-    let (err_r, err_w) = nix::unistd::pipe2(cloexec)?;
-    let agent = Stdio::Pipes {
-        stdin: in_w.into(),
-        stdout: out_r.into(),
-        stderr: err_r.into(),
-    };
-    Ok(([in_r, out_w, err_w], Some(agent)))
-}
-
-/// Records the init's exit status when the reaper delivers it.
-fn watch_exit(
-    pid: i32,
-    status: std::sync::mpsc::Receiver<ExitStatus>,
-    cell: Arc<ExitCell>,
-) -> HelperResult<()> {
-    std::thread::Builder::new()
-        .name(format!("ctr-wait-{pid}"))
-        .spawn(move || cell.set(status.recv().unwrap_or_default()))
-        .map(drop)
-        .map_err(|e| format!("exit watcher thread: {e}"))
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
