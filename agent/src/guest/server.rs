@@ -136,62 +136,58 @@ impl Conn {
     }
 
     fn request(&mut self, req: Request) -> Flow {
-        let reply = match req {
-            Request::Ping => Response::Pong,
-            Request::Version => Response::Version {
-                agent: env!("CARGO_PKG_VERSION").into(),
-                protocol: PROTOCOL_VERSION,
-            },
-            Request::Exec(exec) => match self.exec(&exec) {
-                Ok(()) => return Flow::Continue,
-                Err(message) => Response::Error { message },
-            },
+        let handled = match req {
+            Request::Poweroff => {
+                self.reply(Response::Ok);
+                return Flow::Poweroff;
+            }
+            Request::Exec(exec) => self.exec(&exec),
+            Request::ExecInContainer { id, process } => self.exec_in(&id, process),
+            Request::AttachStdio { id } => self.attach(&id),
             Request::CloseStdin => {
                 self.close_stdin();
-                return Flow::Continue;
+                Ok(())
             }
             Request::Resize { rows, cols } => {
                 if let Some(pty) = &self.pty {
                     let _ = container::resize(pty, rows, cols);
                 }
-                return Flow::Continue;
+                Ok(())
             }
             Request::Signal { signal } => {
                 self.signal(signal);
-                return Flow::Continue;
+                Ok(())
             }
-            Request::CloneInit { time_ns, entropy } => {
-                match super::clone_init::make_unique(time_ns, &entropy) {
-                    Ok(()) => Response::Ok,
-                    Err(message) => Response::Error { message },
-                }
+            other => {
+                self.reply(self.answer(other));
+                Ok(())
             }
-            Request::MountShares { shares } => match super::shares::mount(&shares) {
-                Ok(()) => Response::Ok,
-                Err(message) => Response::Error { message },
-            },
-            Request::Poweroff => {
-                self.reply(Response::Ok);
-                return Flow::Poweroff;
-            }
-            Request::ExecInContainer { id, process } => match self.exec_in(&id, process) {
-                Ok(()) => return Flow::Continue,
-                Err(message) => Response::Error { message },
-            },
-            Request::AttachStdio { id } => match self.attach(&id) {
-                Ok(()) => return Flow::Continue,
-                Err(message) => Response::Error { message },
-            },
-            other => self.container_request(other),
         };
-        self.reply(reply);
+        if let Err(message) = handled {
+            self.reply_error(message);
+        }
         Flow::Continue
     }
 
+    /// The requests that get exactly one reply.
+    fn answer(&self, req: Request) -> Response {
+        let result = match req {
+            Request::Ping => Ok(Response::Pong),
+            Request::Version => Ok(Response::Version {
+                agent: env!("CARGO_PKG_VERSION").into(),
+                protocol: PROTOCOL_VERSION,
+            }),
+            Request::CloneInit { time_ns, entropy } => {
+                super::clone_init::make_unique(time_ns, &entropy).map(|()| Response::Ok)
+            }
+            Request::MountShares { shares } => super::shares::mount(&shares).map(|()| Response::Ok),
+            other => self.container_request(other),
+        };
+        result.unwrap_or_else(|message| Response::Error { message })
+    }
+
     fn exec(&mut self, req: &husk_agent::ExecRequest) -> Result<(), String> {
-        if self.running_pid().is_some() {
-            return Err("an exec is already running on this connection".into());
-        }
+        self.check_idle()?;
         let stdin = exec::start(req, &self.ctx, &self.out, &self.running)?;
         self.stdin = stdin.map(|s| File::from(OwnedFd::from(s)));
         self.pty = None;
@@ -199,10 +195,10 @@ impl Conn {
     }
 
     /// The container requests that get exactly one reply.
-    fn container_request(&mut self, req: Request) -> Response {
+    fn container_request(&self, req: Request) -> Result<Response, String> {
         let ctx = &self.ctx;
         let c = &ctx.containers;
-        let result = match req {
+        match req {
             Request::CreateContainer { id, spec, rootfs } => c
                 .create(&ctx.reaper, &id, spec, &rootfs)
                 .map(|pid| Response::Created { pid }),
@@ -219,15 +215,12 @@ impl Conn {
                 c.processes(&id).map(|pids| Response::Processes { pids })
             }
             other => Err(format!("unexpected request {other:?}")),
-        };
-        result.unwrap_or_else(|message| Response::Error { message })
+        }
     }
 
     /// Runs a process in a container, streamed on this connection like `Exec`.
     fn exec_in(&mut self, id: &str, process: serde_json::Value) -> Result<(), String> {
-        if self.running_pid().is_some() {
-            return Err("an exec is already running on this connection".into());
-        }
+        self.check_idle()?;
         let ExecStarted { pid, status, stdio } =
             self.ctx.containers.exec(&self.ctx.reaper, id, process)?;
         *self.running.lock().unwrap_or_else(|p| p.into_inner()) = Some(pid);
@@ -315,6 +308,14 @@ impl Conn {
         self.stdin = None;
         if let Some(pid) = self.running_pid() {
             let _ = self.ctx.reaper.signal(pid, libc::SIGKILL);
+        }
+    }
+
+    /// Fails when an exec already runs on this connection: it has one stdin and one `Exit`.
+    fn check_idle(&self) -> Result<(), String> {
+        match self.running_pid() {
+            Some(_) => Err("an exec is already running on this connection".into()),
+            None => Ok(()),
         }
     }
 
