@@ -15,6 +15,19 @@ pub enum Mode {
     Unix(PathBuf),
 }
 
+impl Mode {
+    /// Carries out an acknowledged `Poweroff`.
+    pub fn poweroff(&self) {
+        match self {
+            Mode::Unix(path) => {
+                let _ = std::fs::remove_file(path);
+                std::process::exit(0);
+            }
+            Mode::Init => super::init::reset_vm(),
+        }
+    }
+}
+
 /// State shared by all connections.
 pub struct Ctx {
     pub reaper: Arc<Reaper>,

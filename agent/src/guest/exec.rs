@@ -2,13 +2,13 @@
 
 use std::io::{self, Read};
 use std::process::{ChildStdin, Command, Stdio};
-use std::sync::Mutex;
 use std::thread::{self, JoinHandle};
 
 use husk_agent::proto::{ExecRequest, ExitStatus, FrameKind, Response, MAX_DATA_CHUNK};
 
 use super::agent_state::Ctx;
 use super::host_conn::{Running, Sender};
+use super::lock::lock;
 
 /// Starts `req`; output and the final `Exit` go to `out` from background threads. Returns the
 /// child's stdin when `req.stdin` asked for a pipe.
@@ -121,8 +121,4 @@ pub fn pump(
                 }
             }
         })
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }

@@ -7,6 +7,8 @@ use std::sync::{Arc, Mutex};
 
 use husk_agent::proto::{encode_data, Frame, FrameKind};
 
+use super::lock::lock;
+
 /// The pid of the connection's running exec, `None` when idle. Cleared just before `Exit` is
 /// sent, so a client that reacts to `Exit` with a new `Exec` never finds it still set.
 pub type Running = Arc<Mutex<Option<i32>>>;
@@ -35,7 +37,6 @@ impl Sender {
     }
 
     fn write(&self, bytes: &[u8]) -> io::Result<()> {
-        let mut file = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        file.write_all(bytes)
+        lock(&self.0).write_all(bytes)
     }
 }

@@ -25,6 +25,8 @@ use nix::unistd::Pid;
 
 use husk_agent::proto::ExitStatus;
 
+use super::lock::lock;
+
 #[derive(Default)]
 struct Registry {
     waiting: HashMap<i32, SyncSender<ExitStatus>>,
@@ -127,6 +129,6 @@ impl Reaper {
 
     fn lock(&self) -> MutexGuard<'_, Registry> {
         // A panic while holding the lock leaves the map consistent (single inserts/removes).
-        self.registry.lock().unwrap_or_else(|p| p.into_inner())
+        lock(&self.registry)
     }
 }

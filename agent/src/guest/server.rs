@@ -20,6 +20,7 @@ use super::container::{self, ExecStarted, Split, Stdio};
 use super::exec;
 use super::host_conn::{Running, Sender};
 use super::listener::Listener;
+use super::lock::lock;
 
 /// Accepts connections forever, serving each on its own thread.
 pub fn serve(listener: Listener, ctx: Arc<Ctx>) -> ! {
@@ -101,7 +102,7 @@ impl Conn {
                         nix::unistd::sync();
                         await_hangup(reader.get_ref());
                     }
-                    super::poweroff(&conn.ctx.mode);
+                    conn.ctx.mode.poweroff();
                 }
             }
         }
@@ -223,7 +224,7 @@ impl Conn {
         self.check_idle()?;
         let ExecStarted { pid, status, stdio } =
             self.ctx.containers.exec(&self.ctx.reaper, id, process)?;
-        *self.running.lock().unwrap_or_else(|p| p.into_inner()) = Some(pid);
+        *lock(&self.running) = Some(pid);
         let status = move || status.recv().unwrap_or_default();
         self.stream(stdio, status, Some(self.running.clone()))
             .inspect_err(|_| {
@@ -320,7 +321,7 @@ impl Conn {
     }
 
     fn running_pid(&self) -> Option<i32> {
-        *self.running.lock().unwrap_or_else(|p| p.into_inner())
+        *lock(&self.running)
     }
 
     fn reply(&self, resp: Response) {

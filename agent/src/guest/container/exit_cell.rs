@@ -7,7 +7,8 @@ use std::time::Duration;
 
 use husk_agent::proto::ExitStatus;
 
-use super::{lock, HelperResult};
+use super::HelperResult;
+use crate::guest::lock::lock;
 
 /// A container init's exit status, set once by its watcher thread.
 #[derive(Default)]

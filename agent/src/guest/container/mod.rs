@@ -26,12 +26,13 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::path::PathBuf;
 use std::sync::mpsc::TryRecvError;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use husk_agent::proto::ExitStatus;
 use oci_spec::runtime::{LinuxNamespaceType, Process, Spec};
 
+use super::lock::lock;
 use super::reaper::Reaper;
 use exit_cell::watch_exit;
 use handshake::{await_exec, give_orders, launch, spawn_idle, Spawned};
@@ -309,8 +310,4 @@ fn kill_all(c: &Container, signal: i32) {
     for pid in ns::processes(c.init_pid, c.has(LinuxNamespaceType::Pid)) {
         let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), sig);
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }

@@ -10,13 +10,14 @@
 
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex};
 use std::thread;
 
 use husk_agent::proto::{ExitStatus, FrameKind, Response, MAX_DATA_CHUNK};
 
 use super::{ExitCell, Split, Stdio};
 use crate::guest::host_conn::Sender;
+use crate::guest::lock::lock;
 
 /// The init's stdio and the connection it currently goes to.
 pub struct Relay {
@@ -128,8 +129,4 @@ impl Relay {
             }
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
