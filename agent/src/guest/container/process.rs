@@ -71,31 +71,33 @@ pub fn prepare(
     }
     let mask = process.user().umask().unwrap_or(0o022);
     umask(Mode::from_bits_truncate(mask as libc::mode_t));
-    let cwd = process.cwd();
-    chdir(cwd).map_err(|e| {
-        format!(
-            "chdir to cwd ({:?}) set in config.json failed: {}",
-            cwd.display().to_string(),
-            e.desc().to_lowercase()
-        )
-    })?;
+    enter_cwd(process.cwd())?;
     let path = match found {
         Some(path) if !args[0].contains('/') => path.to_path_buf(),
         _ => lookup(&args[0], &env)?,
     };
     Ok(Prepared {
         path: cstring(path.as_os_str().as_bytes())?,
-        argv: args
-            .iter()
-            .map(|a| cstring(a.as_bytes()))
-            .collect::<HelperResult<_>>()?,
-        env: env
-            .iter()
-            .map(|e| cstring(e.as_bytes()))
-            .collect::<HelperResult<_>>()?,
+        argv: cstrings(args)?,
+        env: cstrings(&env)?,
         late_seccomp: if early { Vec::new() } else { programs },
         master,
     })
+}
+
+/// Changes to the process's `cwd`, failing with runc's message.
+fn enter_cwd(cwd: &Path) -> HelperResult<()> {
+    chdir(cwd).map_err(|e| {
+        format!(
+            "chdir to cwd ({:?}) set in config.json failed: {}",
+            cwd.display().to_string(),
+            e.desc().to_lowercase()
+        )
+    })
+}
+
+fn cstrings(strings: &[String]) -> HelperResult<Vec<CString>> {
+    strings.iter().map(|s| cstring(s.as_bytes())).collect()
 }
 
 /// Adds `HOME` as runc does when the spec leaves it out: the user's home from the container's
