@@ -11,7 +11,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::thread;
 
-use guest::agent_state::{Ctx, Mode};
+use guest::agent_state::{AgentState, Mode};
 use guest::listener::Listener;
 use guest::reaper::Reaper;
 use guest::server;
@@ -106,7 +106,7 @@ fn run(mode: Mode) -> std::io::Result<std::convert::Infallible> {
     thread::Builder::new()
         .name("reaper".into())
         .spawn(move || r.run())?;
-    let ctx = Arc::new(Ctx {
+    let ctx = Arc::new(AgentState {
         reaper,
         default_path: std::env::var("PATH").unwrap_or_else(|_| guest::init::GUEST_PATH.into()),
         containers: Default::default(),

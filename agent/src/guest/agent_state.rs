@@ -1,5 +1,5 @@
-//! The agent's state shared by all connections (`Ctx`), and the kind of system it runs on
-//! (`Mode`).
+//! The agent's state shared by all connections (`AgentState`), and the kind of system it
+//! runs on (`Mode`).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -29,7 +29,7 @@ impl Mode {
 }
 
 /// State shared by all connections.
-pub struct Ctx {
+pub struct AgentState {
     pub reaper: Arc<Reaper>,
     pub mode: Mode,
     /// `PATH` given to exec children unless their request sets one.

@@ -6,7 +6,7 @@ use std::thread::{self, JoinHandle};
 
 use husk_agent::proto::{ExecRequest, ExitStatus, FrameKind, Response, MAX_DATA_CHUNK};
 
-use super::agent_state::Ctx;
+use super::agent_state::AgentState;
 use super::host_conn::{Running, Sender};
 use super::lock::lock;
 
@@ -14,7 +14,7 @@ use super::lock::lock;
 /// child's stdin when `req.stdin` asked for a pipe.
 pub fn start(
     req: &ExecRequest,
-    ctx: &Ctx,
+    ctx: &AgentState,
     out: &Sender,
     running: &Running,
 ) -> Result<Option<ChildStdin>, String> {
@@ -71,7 +71,7 @@ pub fn spawn_waiter(
 }
 
 /// Builds the command: a fresh environment of `PATH` plus the request's entries.
-fn command(req: &ExecRequest, ctx: &Ctx) -> Result<Command, String> {
+fn command(req: &ExecRequest, ctx: &AgentState) -> Result<Command, String> {
     let (program, args) = req
         .argv
         .split_first()

@@ -14,7 +14,7 @@ use husk_agent::proto::{
     read_frame, Frame, FrameError, FrameKind, Request, Response, PROTOCOL_VERSION,
 };
 
-use super::agent_state::{Ctx, Mode};
+use super::agent_state::{AgentState, Mode};
 use super::container::relay::Relay;
 use super::container::{self, ExecStarted, Split, Stdio};
 use super::exec;
@@ -23,7 +23,7 @@ use super::listener::Listener;
 use super::lock::lock;
 
 /// Accepts connections forever, serving each on its own thread.
-pub fn serve(listener: Listener, ctx: Arc<Ctx>) -> ! {
+pub fn serve(listener: Listener, ctx: Arc<AgentState>) -> ! {
     loop {
         match listener.accept() {
             Ok(stream) => {
@@ -61,7 +61,7 @@ fn await_hangup(conn: &File) {
 
 /// One client connection.
 struct Conn {
-    ctx: Arc<Ctx>,
+    ctx: Arc<AgentState>,
     out: Sender,
     running: Running,
     /// The running (or last) exec's or the attached container's stdin (the pty master with
@@ -74,7 +74,7 @@ struct Conn {
 }
 
 impl Conn {
-    fn serve(stream: File, ctx: Arc<Ctx>) {
+    fn serve(stream: File, ctx: Arc<AgentState>) {
         let writer = match stream.try_clone() {
             Ok(w) => w,
             Err(e) => return eprintln!("husk-agent: connection: {e}"),

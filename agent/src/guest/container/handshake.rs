@@ -10,7 +10,7 @@ use husk_agent::proto::ExitStatus;
 
 use super::process_io::{stdio_pair, Stdio};
 use super::spawn::{spawn_helper, ChildFds};
-use super::sync::{self, FromHelper, SyncSocket, ToHelper};
+use super::sync_socket::{self, FromHelper, SyncSocket, ToHelper};
 use super::{ExecStarted, HelperResult, KILL_TIMEOUT};
 use crate::guest::reaper::Reaper;
 
@@ -48,7 +48,7 @@ pub fn spawn_idle(
     pidns: Option<&File>,
     terminal: bool,
 ) -> HelperResult<Spawned> {
-    let (ours, theirs) = sync::pair().map_err(|e| format!("socketpair: {e}"))?;
+    let (ours, theirs) = sync_socket::pair().map_err(|e| format!("socketpair: {e}"))?;
     let (child, agent_side) = stdio_pair(terminal).map_err(|e| format!("stdio: {e}"))?;
     let fds = ChildFds {
         stdin: child[0].as_raw_fd(),

@@ -9,7 +9,7 @@ use std::process::ExitCode;
 
 use oci_spec::runtime::{LinuxNamespaceType, LinuxSeccomp, Process, Spec};
 
-use super::sync::{FromHelper, SyncSocket, ToHelper};
+use super::sync_socket::{FromHelper, SyncSocket, ToHelper};
 use super::{mounts, ns, process, HelperResult};
 
 /// Entry point from `main`.

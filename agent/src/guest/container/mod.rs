@@ -19,7 +19,7 @@ mod pty;
 pub mod relay;
 mod seccomp;
 pub mod spawn;
-mod sync;
+mod sync_socket;
 mod syscalls;
 
 use std::collections::HashMap;
@@ -37,7 +37,7 @@ use super::reaper::Reaper;
 use exit_cell::watch_exit;
 use handshake::{await_exec, give_orders, launch, spawn_idle, Spawned};
 use relay::Relay;
-use sync::{SyncSocket, ToHelper};
+use sync_socket::{SyncSocket, ToHelper};
 
 pub use exit_cell::ExitCell;
 pub use process_io::{Split, Stdio};
