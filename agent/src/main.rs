@@ -68,24 +68,6 @@ fn vsock_send(cid: &str, port: &str) -> ExitCode {
     }
 }
 
-/// Listens on the agent's vsock port, retrying briefly in case the vsock device is still being
-/// set up when init starts.
-fn listen_vsock() -> std::io::Result<Listener> {
-    let mut attempt = 0;
-    loop {
-        match Listener::vsock(AGENT_VSOCK_PORT) {
-            Err(e) if attempt < 50 => {
-                attempt += 1;
-                if attempt == 1 {
-                    eprintln!("husk-agent: vsock listen: {e}; retrying");
-                }
-                thread::sleep(std::time::Duration::from_millis(100));
-            }
-            result => return result,
-        }
-    }
-}
-
 fn run(mode: Mode) -> std::io::Result<std::convert::Infallible> {
     guest::container::spawn::ensure_std_fds();
     let listener = match &mode {
@@ -93,7 +75,7 @@ fn run(mode: Mode) -> std::io::Result<std::convert::Infallible> {
             guest::init::setup();
             // Set before any thread exists: the environment is not thread-safe.
             std::env::set_var("PATH", guest::init::GUEST_PATH);
-            listen_vsock()?
+            Listener::vsock_retrying(AGENT_VSOCK_PORT)?
         }
         Mode::Unix(path) => {
             // Adopt orphans as PID 1 would, so host tests exercise the same reaping.

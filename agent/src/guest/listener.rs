@@ -5,6 +5,8 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixListener;
 use std::path::Path;
+use std::thread;
+use std::time::Duration;
 
 use nix::sys::socket::{
     accept4, bind, listen, socket, AddressFamily, Backlog, SockFlag, SockType, VsockAddr,
@@ -29,6 +31,24 @@ impl Listener {
         bind(fd.as_raw_fd(), &VsockAddr::new(libc::VMADDR_CID_ANY, port))?;
         listen(&fd, Backlog::new(64)?)?;
         Ok(Self::Vsock(fd))
+    }
+
+    /// Listens on vsock `port`, retrying briefly in case the vsock device is still being set
+    /// up when init starts.
+    pub fn vsock_retrying(port: u32) -> io::Result<Self> {
+        let mut attempt = 0;
+        loop {
+            match Self::vsock(port) {
+                Err(e) if attempt < 50 => {
+                    attempt += 1;
+                    if attempt == 1 {
+                        eprintln!("husk-agent: vsock listen: {e}; retrying");
+                    }
+                    thread::sleep(Duration::from_millis(100));
+                }
+                result => return result,
+            }
+        }
     }
 
     /// Listens on a unix socket at `path`, replacing a stale one.
