@@ -88,15 +88,15 @@ fn run(mode: Mode) -> std::io::Result<std::convert::Infallible> {
     thread::Builder::new()
         .name("reaper".into())
         .spawn(move || r.run())?;
-    let ctx = Arc::new(AgentState {
+    let state = Arc::new(AgentState {
         reaper,
         default_path: std::env::var("PATH").unwrap_or_else(|_| guest::init::GUEST_PATH.into()),
         containers: Default::default(),
         mode,
     });
-    match &ctx.mode {
+    match &state.mode {
         Mode::Init => guest::init::announce_ready(),
         Mode::Unix(path) => eprintln!("husk-agent: listening on {}", path.display()),
     }
-    server::serve(listener, ctx)
+    server::serve(listener, state)
 }

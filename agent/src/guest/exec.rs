@@ -14,12 +14,12 @@ use super::lock::lock;
 /// child's stdin when `req.stdin` asked for a pipe.
 pub fn start(
     req: &ExecRequest,
-    ctx: &AgentState,
+    state: &AgentState,
     out: &Sender,
     running: &Running,
 ) -> Result<Option<ChildStdin>, String> {
-    let mut cmd = command(req, ctx)?;
-    let (mut child, status_rx) = ctx
+    let mut cmd = command(req, state)?;
+    let (mut child, status_rx) = state
         .reaper
         .spawn(&mut cmd)
         .map_err(|e| format!("exec {:?}: {e}", req.argv[0]))?;
@@ -39,7 +39,7 @@ pub fn start(
     let waiter = spawn_waiter(pumps, status, out.clone(), Some(running.clone()));
     if let Err(e) = waiter {
         // Without a waiter nobody would report the exit: stop the child and fail the request.
-        let _ = ctx.reaper.signal(pid, libc::SIGKILL);
+        let _ = state.reaper.signal(pid, libc::SIGKILL);
         *lock(running) = None;
         return Err(format!("exec: starting waiter thread: {e}"));
     }
@@ -71,13 +71,13 @@ pub fn spawn_waiter(
 }
 
 /// Builds the command: a fresh environment of `PATH` plus the request's entries.
-fn command(req: &ExecRequest, ctx: &AgentState) -> Result<Command, String> {
+fn command(req: &ExecRequest, state: &AgentState) -> Result<Command, String> {
     let (program, args) = req
         .argv
         .split_first()
         .ok_or_else(|| "exec: empty argv".to_string())?;
     let mut cmd = Command::new(program);
-    cmd.args(args).env_clear().env("PATH", &ctx.default_path);
+    cmd.args(args).env_clear().env("PATH", &state.default_path);
     for entry in &req.env {
         let (key, value) = entry
             .split_once('=')

@@ -23,14 +23,14 @@ use super::listener::Listener;
 use super::lock::lock;
 
 /// Accepts connections forever, serving each on its own thread.
-pub fn serve(listener: Listener, ctx: Arc<AgentState>) -> ! {
+pub fn serve(listener: Listener, state: Arc<AgentState>) -> ! {
     loop {
         match listener.accept() {
             Ok(stream) => {
-                let ctx = ctx.clone();
+                let state = state.clone();
                 let spawned = thread::Builder::new()
                     .name("conn".into())
-                    .spawn(move || Conn::serve(stream, ctx));
+                    .spawn(move || Conn::serve(stream, state));
                 if let Err(e) = spawned {
                     eprintln!("husk-agent: connection thread: {e}");
                 }
@@ -61,7 +61,7 @@ fn await_hangup(conn: &File) {
 
 /// One client connection.
 struct Conn {
-    ctx: Arc<AgentState>,
+    state: Arc<AgentState>,
     out: Sender,
     running: Running,
     /// The running (or last) exec's or the attached container's stdin (the pty master with
@@ -74,13 +74,13 @@ struct Conn {
 }
 
 impl Conn {
-    fn serve(stream: File, ctx: Arc<AgentState>) {
+    fn serve(stream: File, state: Arc<AgentState>) {
         let writer = match stream.try_clone() {
             Ok(w) => w,
             Err(e) => return eprintln!("husk-agent: connection: {e}"),
         };
         let mut conn = Conn {
-            ctx,
+            state,
             out: Sender::new(writer),
             running: Arc::default(),
             stdin: None,
@@ -98,11 +98,11 @@ impl Conn {
                 Flow::Continue => {}
                 Flow::Close => break,
                 Flow::Poweroff => {
-                    if let Mode::Init = conn.ctx.mode {
+                    if let Mode::Init = conn.state.mode {
                         nix::unistd::sync();
                         await_hangup(reader.get_ref());
                     }
-                    conn.ctx.mode.poweroff();
+                    conn.state.mode.poweroff();
                 }
             }
         }
@@ -189,7 +189,7 @@ impl Conn {
 
     fn exec(&mut self, req: &husk_agent::ExecRequest) -> Result<(), String> {
         self.check_idle()?;
-        let stdin = exec::start(req, &self.ctx, &self.out, &self.running)?;
+        let stdin = exec::start(req, &self.state, &self.out, &self.running)?;
         self.stdin = stdin.map(|s| File::from(OwnedFd::from(s)));
         self.pty = None;
         Ok(())
@@ -197,20 +197,20 @@ impl Conn {
 
     /// The container requests that get exactly one reply.
     fn container_request(&self, req: Request) -> Result<Response, String> {
-        let ctx = &self.ctx;
-        let c = &ctx.containers;
+        let state = &self.state;
+        let c = &state.containers;
         match req {
             Request::CreateContainer { id, spec, rootfs } => c
-                .create(&ctx.reaper, &id, spec, &rootfs)
+                .create(&state.reaper, &id, spec, &rootfs)
                 .map(|pid| Response::Created { pid }),
             Request::StartContainer { id } => c.start(&id).map(|()| Response::Ok),
             Request::WaitContainer { id } => c.wait(&id).map(Response::Exit),
             Request::SignalContainer { id, signal, all } => c
-                .signal(&ctx.reaper, &id, signal, all)
+                .signal(&state.reaper, &id, signal, all)
                 .map(|()| Response::Ok),
             Request::DeleteContainer { id } => c.delete(&id).map(|()| Response::Ok),
             Request::PrepareSpare { namespaces } => c
-                .prepare_spare(&ctx.reaper, &namespaces)
+                .prepare_spare(&state.reaper, &namespaces)
                 .map(|()| Response::Ok),
             Request::ListProcesses { id } => {
                 c.processes(&id).map(|pids| Response::Processes { pids })
@@ -223,19 +223,21 @@ impl Conn {
     fn exec_in(&mut self, id: &str, process: serde_json::Value) -> Result<(), String> {
         self.check_idle()?;
         let ExecStarted { pid, status, stdio } =
-            self.ctx.containers.exec(&self.ctx.reaper, id, process)?;
+            self.state
+                .containers
+                .exec(&self.state.reaper, id, process)?;
         *lock(&self.running) = Some(pid);
         let status = move || status.recv().unwrap_or_default();
         self.stream(stdio, status, Some(self.running.clone()))
             .inspect_err(|_| {
-                let _ = self.ctx.reaper.signal(pid, libc::SIGKILL);
+                let _ = self.state.reaper.signal(pid, libc::SIGKILL);
             })
     }
 
     /// Makes this connection the container init's stdio: `Ok`, then its output and `Exit`
     /// (taking the stdio over from a connection attached before).
     fn attach(&mut self, id: &str) -> Result<(), String> {
-        let relay = self.ctx.containers.attach(id)?;
+        let relay = self.state.containers.attach(id)?;
         self.pty = match relay.pty() {
             Some(pty) => Some(pty.try_clone().map_err(|e| format!("stdio: {e}"))?),
             None => None,
@@ -298,7 +300,7 @@ impl Conn {
 
     fn signal(&self, signal: i32) {
         if let Some(pid) = self.running_pid() {
-            if let Err(e) = self.ctx.reaper.signal(pid, signal) {
+            if let Err(e) = self.state.reaper.signal(pid, signal) {
                 eprintln!("husk-agent: signal {signal} to {pid}: {e}");
             }
         }
@@ -308,7 +310,7 @@ impl Conn {
     fn abandon_exec(&mut self) {
         self.stdin = None;
         if let Some(pid) = self.running_pid() {
-            let _ = self.ctx.reaper.signal(pid, libc::SIGKILL);
+            let _ = self.state.reaper.signal(pid, libc::SIGKILL);
         }
     }
 
