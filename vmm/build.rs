@@ -1,4 +1,5 @@
-//! Builds the bare-metal test guests in `test-guests/` for the VMM's own tests.
+//! Builds the bare-metal test guests in `test-guests/` for the VMM's own tests, only with the
+//! `test-guest` feature (production builds compile no guest).
 //!
 //! Each guest is one `#![no_std]` Rust file compiled by the `rustc` cargo runs us with (no
 //! nested cargo, no extra target: the host target's precompiled `core` is all a guest needs),
@@ -17,6 +18,9 @@ const LINKER_SCRIPT: &str = "test-guests/guest.ld";
 
 fn main() {
     println!("cargo:rerun-if-changed=build.rs");
+    if env::var_os("CARGO_FEATURE_TEST_GUEST").is_none() {
+        return;
+    }
     println!("cargo:rerun-if-changed={LINKER_SCRIPT}");
     let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
     let manifest_dir =

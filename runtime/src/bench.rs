@@ -194,7 +194,7 @@ fn qemu_args(memory: u32, kernel: &Path, initramfs: &Path, vsock: bool) -> Vec<S
     }
     args.extend(["-kernel".into(), kernel.display().to_string()]);
     args.extend(["-initrd".into(), initramfs.display().to_string()]);
-    let cmdline = husk_vmm::vm::DEFAULT_CMDLINE.replace("reboot=k", "reboot=t");
+    let cmdline = husk_vmm::config::DEFAULT_CMDLINE.replace("reboot=k", "reboot=t");
     args.extend(["-append".into(), cmdline]);
     args
 }

@@ -1,6 +1,6 @@
 //! `husk bench pause`: paging a paused guest's memory out and back in, on the host's /dev/kvm.
 //!
-//! The guest is the VMM's marked counting guest ([`husk_vmm::testguest`]): vCPU 0 fills
+//! The guest is the VMM's marked counting guest ([`husk_vmm::testing::guests`]): vCPU 0 fills
 //! `--fill` MiB of its RAM with a pattern (each page stamped with its own address), then it
 //! counts in memory. For each fill size and each codec: pause + page-out latency (until the
 //! page file is durable and the RAM released), compression ratio and throughput, this
@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use husk_vmm::pagefile::{Codec, PageFile};
-use husk_vmm::testguest::{self, Running, COUNTER, FILLED, FILL_QWORDS, FILL_START};
+use husk_vmm::testing::guests::{self, Running, COUNTER, FILLED, FILL_QWORDS, FILL_START};
 use husk_vmm::{PageInMode, Vm};
 
 use crate::bench::{ms, Percentiles};
@@ -82,7 +82,7 @@ fn one_size(dir: &Path, fill: u32, runs: usize) -> Result<(f64, f64)> {
         calls.push(call);
         lazy.push(resumed);
     }
-    testguest::check_marked_fill(&vm.mem, u64::from(fill) * MIB).map_err(anyhow::Error::msg)?;
+    guests::check_marked_fill(&vm.mem, u64::from(fill) * MIB).map_err(anyhow::Error::msg)?;
     let p = Percentiles::of(&lazy);
     println!(
         "{fill} MiB: lazy page-in + resume -> guest counting: {p} (page_in call alone: {}; {runs} runs; every byte checked afterwards)",
@@ -93,21 +93,19 @@ fn one_size(dir: &Path, fill: u32, runs: usize) -> Result<(f64, f64)> {
 }
 
 fn boot(fill: u32) -> Result<Running> {
-    let mut cfg = testguest::long_mode_config(testguest::marked_counting_guest());
+    let mut cfg = guests::long_mode_config(guests::marked_counting_guest());
     cfg.memory_mib = (FILL_START / MIB) as u32 + fill + 16;
     let vm = Vm::new(cfg).context("building the VM")?;
-    testguest::write_u64(vm.memory(), FILL_QWORDS, u64::from(fill) * MIB / 8);
+    guests::write_u64(vm.memory(), FILL_QWORDS, u64::from(fill) * MIB / 8);
     let started = Instant::now();
     let vm = Running::start(vm);
-    wait(&vm, "the fill", |m| testguest::read_u32(m, FILLED) == 1)?;
+    wait(&vm, "the fill", |m| guests::read_u32(m, FILLED) == 1)?;
     println!(
         "{fill} MiB: guest dirtied {fill} MiB in {:.2} s",
         started.elapsed().as_secs_f64()
     );
     let n = vm.read(COUNTER);
-    wait(&vm, "counting", |m| {
-        testguest::read_u32(m, COUNTER) > n + 1000
-    })?;
+    wait(&vm, "counting", |m| guests::read_u32(m, COUNTER) > n + 1000)?;
     Ok(vm)
 }
 
@@ -163,7 +161,7 @@ fn lazy_resume(vm: &Running, dir: &Path) -> Result<(Duration, Duration)> {
     let call = vm.control.page_in(&path, PageInMode::Lazy)?.took;
     vm.control.resume();
     wait(vm, "the resumed guest to count", |m| {
-        testguest::read_u32(m, COUNTER) != at
+        guests::read_u32(m, COUNTER) != at
     })?;
     Ok((call, t.elapsed()))
 }
@@ -172,7 +170,7 @@ fn resume_and_count(vm: &Running) -> Result<()> {
     let at = vm.read(COUNTER);
     vm.control.resume();
     wait(vm, "the guest to count", |m| {
-        testguest::read_u32(m, COUNTER) > at + 1000
+        guests::read_u32(m, COUNTER) > at + 1000
     })
 }
 

@@ -197,7 +197,7 @@ fn settle_and_snapshot(vm: &mut MicroVm, target: &BuildTarget, progress: &Progre
         .control()
         .snapshot(&target.snapshot_dir, AfterSnapshot::StayPaused)
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    if let Ok((_, body)) = husk_vmm::snapshot::format::read(&paths.state) {
+    if let Ok((_, body)) = husk_vmm::snapshot::state_file::read(&paths.state) {
         if !body.skipped.is_empty() {
             progress.step(&format!("KVM did not give {}", body.skipped.join("; ")));
         }

@@ -30,7 +30,7 @@ impl I8042 {
 }
 
 /// The reset-only controller has no state of its own: a snapshot records it as empty.
-impl crate::snapshot::Persist for I8042 {
+impl crate::persist::Persist for I8042 {
     fn save_state(&mut self) -> Result<Vec<u8>, String> {
         Ok(Vec::new())
     }

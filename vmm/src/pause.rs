@@ -6,14 +6,17 @@
 //! vCPU ioctls belong on the thread that runs the vCPU, so snapshots read the state there.
 
 use std::collections::HashMap;
-use std::sync::{mpsc, Arc, Condvar, Mutex, Weak};
+use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
-use kvm_ioctls::VcpuFd;
+use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 
+use crate::config::SavedConfig;
 use crate::error::VmError;
-use crate::stop::StopState;
-use crate::vcpu;
+use crate::memory::GuestMemory;
+use crate::pagefile::RamState;
+use crate::persist::{self, PersistDevice};
+use crate::stop::{kick_signal, StopState};
 
 /// How long `pause` waits for every vCPU to park.
 const PARK_TIMEOUT: Duration = Duration::from_secs(5);
@@ -97,6 +100,36 @@ impl PauseGate {
     }
 }
 
+/// What a snapshot reads besides the vCPUs; owned by the `Vm`, reached through `VmControl`.
+pub struct VmParts {
+    // Field order is drop order: devices before the VM fd and memory.
+    pub(crate) devices: Vec<PersistDevice>,
+    pub(crate) config: SavedConfig,
+    pub(crate) irqchip: bool,
+    pub(crate) vm_fd: Arc<VmFd>,
+    pub(crate) kvm: Kvm,
+    pub(crate) mem: Arc<GuestMemory>,
+    /// Whether the memory is paged out or coming back lazily (see [`crate::pagefile`]).
+    pub(crate) ram: Mutex<RamState>,
+}
+
+impl VmParts {
+    /// The paging state of the VM's RAM.
+    pub(crate) fn ram(&self) -> MutexGuard<'_, RamState> {
+        self.ram.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Drop for VmParts {
+    fn drop(&mut self) {
+        // Devices held for a page-out must be let go, or their workers could not stop.
+        let held = self.ram().paged_out.is_some();
+        if held {
+            persist::release_all(&self.devices);
+        }
+    }
+}
+
 /// A handle that pauses and resumes a running VM from any thread.
 #[derive(Clone)]
 pub struct VmControl {
@@ -104,20 +137,16 @@ pub struct VmControl {
     stop: Arc<StopState>,
     /// What a snapshot reads besides the vCPUs; weak, so a handle kept after the VM ended does
     /// not keep its devices (and their sockets) alive.
-    parts: Weak<crate::snapshot::VmParts>,
+    parts: Weak<VmParts>,
 }
 
 impl VmControl {
-    pub(crate) fn new(
-        gate: Arc<PauseGate>,
-        stop: Arc<StopState>,
-        parts: Weak<crate::snapshot::VmParts>,
-    ) -> Self {
+    pub(crate) fn new(gate: Arc<PauseGate>, stop: Arc<StopState>, parts: Weak<VmParts>) -> Self {
         Self { gate, stop, parts }
     }
 
     /// The VM's parts, while the VM exists.
-    pub(crate) fn parts(&self) -> Result<Arc<crate::snapshot::VmParts>, VmError> {
+    pub(crate) fn parts(&self) -> Result<Arc<VmParts>, VmError> {
         self.parts
             .upgrade()
             .ok_or_else(|| VmError::SnapshotState("the VM has ended".into()))
@@ -140,7 +169,7 @@ impl VmControl {
             for t in &st.threads {
                 // SAFETY: registered ids belong to live vCPU threads (they unregister, under
                 // this lock, before exiting); the kick handler is installed before they start.
-                unsafe { libc::pthread_kill(*t, vcpu::kick_signal()) };
+                unsafe { libc::pthread_kill(*t, kick_signal()) };
             }
             st = self
                 .gate

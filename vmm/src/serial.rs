@@ -221,15 +221,15 @@ struct UartState {
 #[derive(serde::Serialize, serde::Deserialize)]
 struct SavedUart(#[serde(with = "UartState")] SerialState);
 
-impl crate::snapshot::Persist for SerialDevice {
+impl crate::persist::Persist for SerialDevice {
     fn save_state(&mut self) -> Result<Vec<u8>, String> {
-        crate::snapshot::encode_state(&SavedUart(self.uart.state()))
+        crate::persist::encode_state(&SavedUart(self.uart.state()))
     }
 
     /// vm-superio restores a UART only by building a new one, which takes the output by
     /// value: the current output moves over, a sink stands in for it meanwhile.
     fn restore_state(&mut self, state: &[u8]) -> Result<(), String> {
-        let SavedUart(saved) = crate::snapshot::decode_state(state)?;
+        let SavedUart(saved) = crate::persist::decode_state(state)?;
         let irq = self
             .uart
             .interrupt_evt()

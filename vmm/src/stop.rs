@@ -7,7 +7,18 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex};
 use std::time::Duration;
 
+use vmm_sys_util::signal::SIGRTMIN;
+
 use crate::error::VmError;
+
+/// Offset from SIGRTMIN of the signal that kicks vCPU threads.
+const KICK_SIGNAL_OFFSET: i32 = 0;
+
+/// The real-time signal that kicks vCPU threads out of KVM_RUN, to stop the VM or to pause it
+/// (the handler is `vcpu`'s).
+pub fn kick_signal() -> i32 {
+    SIGRTMIN() + KICK_SIGNAL_OFFSET
+}
 
 /// How a guest ended without error.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

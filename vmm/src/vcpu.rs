@@ -13,15 +13,13 @@ use kvm_bindings::{
     KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
-use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
+use vmm_sys_util::signal::register_signal_handler;
 
 use crate::bus::Bus;
 use crate::error::VmError;
+use crate::pause::PauseGate;
 use crate::serial::ConsoleLog;
-use crate::stop::{Outcome, StopState, VmExit};
-
-/// Offset from SIGRTMIN of the signal that kicks vCPU threads.
-const KICK_SIGNAL_OFFSET: i32 = 0;
+use crate::stop::{kick_signal, Outcome, StopState, VmExit};
 
 const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
 const MSR_MTRR_DEF_TYPE: u32 = 0x2ff;
@@ -33,11 +31,6 @@ const KVM_INTERNAL_ERROR_EMULATION: u32 = 1;
 thread_local! {
     /// This thread's `kvm_run` page while it owns a vCPU, for the kick handler.
     static KVM_RUN_PTR: Cell<*mut kvm_run> = const { Cell::new(std::ptr::null_mut()) };
-}
-
-/// The real-time signal used to kick vCPU threads.
-pub fn kick_signal() -> i32 {
-    SIGRTMIN() + KICK_SIGNAL_OFFSET
 }
 
 extern "C" fn on_kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
@@ -72,7 +65,7 @@ pub struct VcpuShared {
     /// Console lines for error reports.
     pub console: Arc<Mutex<ConsoleLog>>,
     /// Where vCPUs park while the VM is paused.
-    pub gate: Arc<crate::pause::PauseGate>,
+    pub gate: Arc<PauseGate>,
 }
 
 /// One vCPU, moved into its thread.

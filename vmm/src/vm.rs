@@ -21,28 +21,24 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use vmm_sys_util::signal::Killable;
 
-use crate::boot::{self, CpuMode, EntryPoint};
+use crate::boot::{self, EntryPoint};
 use crate::bus::{Bus, SharedDevice};
+use crate::config::{
+    validate, Boot, SavedConfig, SerialOutput, ShareConfig, VmConfig, VsockConfig, DEFAULT_CMDLINE,
+};
 use crate::devices::virtio::vsock::VsockControl;
 use crate::error::VmError;
 use crate::i8042::{I8042, I8042_BASE, I8042_LEN};
 use crate::memory::{
     self, GuestMemory, VIRTIO_IRQ_BASE, VIRTIO_IRQ_LAST, VIRTIO_MMIO_BASE, VIRTIO_MMIO_SIZE,
 };
-use crate::pause::{PauseGate, VmControl};
+use crate::pause::{PauseGate, VmControl, VmParts};
+use crate::persist::PersistDevice;
 use crate::serial::{self, CaptureWriter, ConsoleLog, ConsoleWriter, SerialDevice};
-use crate::snapshot::{PersistDevice, SavedConfig, VmParts};
-use crate::stop::{StopState, VmExit};
+use crate::stop::{kick_signal, StopState, VmExit};
 use crate::vcpu::{self, Vcpu, VcpuShared};
 use crate::{cpuid, mptable};
 
-/// Kernel parameters every Husk guest gets, before the per-device and caller parts.
-/// `noreplace-smp`: a 1-vCPU guest would otherwise rewrite every LOCK prefix of its kernel at
-/// boot, one `text_poke` (and TLB flush) each; in the lab that was about 4% of a boot's CPU
-/// samples, and the LOCK prefixes it removes cost next to nothing on one vCPU.
-/// `8250.nr_uarts=1`: there is only COM1, and probing the three other legacy ports costs VM exits.
-pub const DEFAULT_CMDLINE: &str =
-    "console=ttyS0 reboot=k panic=0 quiet no_timer_check noreplace-smp 8250.nr_uarts=1";
 /// Where KVM puts its private TSS and identity map (Intel needs them below 4 GiB, off RAM).
 const KVM_TSS_ADDR: usize = 0xfffb_d000;
 /// Queue notify register of virtio-mmio (for ioeventfd).
@@ -51,111 +47,6 @@ const VIRTIO_MMIO_QUEUE_NOTIFY: u64 = 0x50;
 const POLL_INTERVAL: Duration = Duration::from_millis(100);
 /// How often a stopping VM re-kicks vCPU threads still inside KVM_RUN.
 const KICK_INTERVAL: Duration = Duration::from_millis(5);
-
-/// Everything needed to build a VM.
-#[derive(Debug, Clone)]
-pub struct VmConfig {
-    /// Number of vCPUs (1..=254).
-    pub vcpus: u8,
-    /// Guest RAM in MiB (at least 64).
-    pub memory_mib: u32,
-    /// What the guest runs.
-    pub boot: Boot,
-    /// Where the serial console goes.
-    pub serial: SerialOutput,
-    /// An optional virtio-vsock device.
-    pub vsock: Option<VsockConfig>,
-    /// virtio-blk devices, in guest order (vda, vdb, ...).
-    pub blocks: Vec<BlockConfig>,
-    /// Host directories shared over virtio-9p, each under its mount tag.
-    pub shares: Vec<ShareConfig>,
-    /// The KVM device node (`/dev/kvm`; tests point it elsewhere).
-    pub kvm_device: PathBuf,
-}
-
-impl VmConfig {
-    /// One vCPU, 64 MiB, serial discarded, no devices, `/dev/kvm`.
-    pub fn new(boot: Boot) -> Self {
-        Self {
-            vcpus: 1,
-            memory_mib: memory::MIN_MEMORY_MIB,
-            boot,
-            serial: SerialOutput::Sink,
-            vsock: None,
-            blocks: Vec::new(),
-            shares: Vec::new(),
-            kvm_device: PathBuf::from("/dev/kvm"),
-        }
-    }
-}
-
-/// What the guest runs.
-#[derive(Debug, Clone)]
-pub enum Boot {
-    /// An uncompressed `vmlinux` with a PVH entry note.
-    Linux {
-        /// The vmlinux ELF.
-        kernel: PathBuf,
-        /// An initramfs handed to the kernel as the PVH module.
-        initramfs: Option<PathBuf>,
-        /// Appended to `DEFAULT_CMDLINE` and the virtio device entries.
-        cmdline: String,
-    },
-    /// A flat binary (test guests). Every vCPU starts at `entry` in `mode`, with RDI (or EDI,
-    /// DI) = its index; there is no INIT/SIPI protocol.
-    Raw {
-        /// The bytes to load.
-        image: Vec<u8>,
-        /// Guest-physical load address (at least `boot::RAW_MIN_LOAD`).
-        load_addr: u64,
-        /// First instruction, inside the image.
-        entry: u64,
-        /// The CPU mode at `entry`.
-        mode: CpuMode,
-    },
-}
-
-/// Where the serial console goes.
-#[derive(Debug, Clone)]
-pub enum SerialOutput {
-    /// This process's stdout.
-    Stdout,
-    /// A file, created or truncated.
-    File(PathBuf),
-    /// An in-memory buffer (tests).
-    Capture(Arc<Mutex<Vec<u8>>>),
-    /// Nowhere (the console log for error reports is still kept).
-    Sink,
-}
-
-/// A virtio-vsock device whose host side is a unix socket.
-#[derive(Debug, Clone)]
-pub struct VsockConfig {
-    /// The guest's context id (at least 3).
-    pub guest_cid: u32,
-    /// Host-side unix socket path.
-    pub uds_path: PathBuf,
-}
-
-/// A virtio-blk device backed by a file.
-#[derive(Debug, Clone)]
-pub struct BlockConfig {
-    /// Backing file or block device.
-    pub path: PathBuf,
-    /// Expose the device read-only.
-    pub read_only: bool,
-}
-
-/// A host directory the guest mounts with `mount -t 9p -o trans=virtio <tag> <dir>`.
-#[derive(Debug, Clone)]
-pub struct ShareConfig {
-    /// The mount tag the guest names it by.
-    pub tag: String,
-    /// The host directory.
-    pub path: PathBuf,
-    /// Refuse every write from the guest.
-    pub read_only: bool,
-}
 
 /// A VM ready to run.
 pub struct Vm {
@@ -240,7 +131,7 @@ fn stop_threads(threads: Vec<JoinHandle<()>>) {
         for t in threads.iter().filter(|t| !t.is_finished()) {
             // A thread that exits between the check and the kill is still joinable, so the
             // signal cannot reach a stranger.
-            let _ = t.kill(vcpu::kick_signal());
+            let _ = t.kill(kick_signal());
         }
         std::thread::sleep(KICK_INTERVAL);
     }
@@ -706,60 +597,6 @@ pub(crate) enum IrqchipMode {
     Exactly(bool),
 }
 
-/// Rejects bad inputs before anything is created.
-pub(crate) fn validate(cfg: &VmConfig) -> Result<(), VmError> {
-    if cfg.vcpus == 0 || cfg.vcpus > mptable::MAX_VCPUS {
-        return Err(VmError::Config(format!(
-            "vCPU count {} is outside 1..={}",
-            cfg.vcpus,
-            mptable::MAX_VCPUS
-        )));
-    }
-    if cfg.memory_mib < memory::MIN_MEMORY_MIB {
-        return Err(VmError::Config(format!(
-            "memory {} MiB is below the minimum of {} MiB",
-            cfg.memory_mib,
-            memory::MIN_MEMORY_MIB
-        )));
-    }
-    if !cfg.kvm_device.exists() {
-        return Err(VmError::KvmOpen {
-            path: cfg.kvm_device.clone(),
-            source: std::io::Error::from(std::io::ErrorKind::NotFound),
-        });
-    }
-    if let Boot::Linux {
-        kernel, initramfs, ..
-    } = &cfg.boot
-    {
-        check_readable(kernel).map_err(|source| VmError::KernelRead {
-            path: kernel.clone(),
-            source,
-        })?;
-        if let Some(p) = initramfs {
-            check_readable(p).map_err(|source| VmError::InitramfsRead {
-                path: p.clone(),
-                source,
-            })?;
-        }
-    }
-    for b in &cfg.blocks {
-        check_readable(&b.path).map_err(|e| VmError::Block {
-            path: b.path.clone(),
-            reason: e.to_string(),
-        })?;
-    }
-    if let Some(v) = &cfg.vsock {
-        if v.guest_cid < 3 {
-            return Err(VmError::Config(format!(
-                "vsock guest CID {} must be at least 3",
-                v.guest_cid
-            )));
-        }
-    }
-    Ok(())
-}
-
 pub(crate) fn open_kvm(path: &Path) -> Result<Kvm, VmError> {
     let open_err = |source| VmError::KvmOpen {
         path: path.to_path_buf(),
@@ -768,10 +605,6 @@ pub(crate) fn open_kvm(path: &Path) -> Result<Kvm, VmError> {
     let c_path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
         .map_err(|e| open_err(std::io::Error::new(std::io::ErrorKind::InvalidInput, e)))?;
     Kvm::new_with_path(c_path).map_err(|e| open_err(e.into()))
-}
-
-fn check_readable(path: &Path) -> std::io::Result<()> {
-    std::fs::File::open(path).map(drop)
 }
 
 fn register_memory(vm_fd: &VmFd, mem: &GuestMemory) -> Result<(), VmError> {

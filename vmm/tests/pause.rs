@@ -11,9 +11,9 @@ use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use husk_vmm::pagefile::{format, PageFile};
+use husk_vmm::pagefile::{on_disk, PageFile};
 use husk_vmm::snapshot::{AfterSnapshot, RestoreOverrides, SnapshotPaths};
-use husk_vmm::testguest::{self, Running, COUNTER, FILLED, FILL_QWORDS, FILL_START, LOAD};
+use husk_vmm::testing::guests::{self, Running, COUNTER, FILLED, FILL_QWORDS, FILL_START, LOAD};
 use husk_vmm::{PageInMode, PageState, Vm, VmError};
 
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -31,13 +31,13 @@ fn scratch_dir(name: &str) -> PathBuf {
 /// Starts the marked counting guest, lets it fill `FILL_MIB` MiB and count, and pauses it.
 fn filled_guest() -> Running {
     assert!(Path::new("/dev/kvm").exists(), "these tests need /dev/kvm");
-    let mut cfg = testguest::long_mode_config(testguest::marked_counting_guest());
+    let mut cfg = guests::long_mode_config(guests::marked_counting_guest());
     cfg.memory_mib = (FILL_START / MIB + FILL_MIB + 16) as u32;
     let vm = Vm::new(cfg).unwrap();
-    testguest::write_u64(vm.memory(), FILL_QWORDS, FILL_MIB * MIB / 8);
+    guests::write_u64(vm.memory(), FILL_QWORDS, FILL_MIB * MIB / 8);
     let vm = Running::start(vm);
-    vm.wait_for("the fill", testguest::COUNT_LIMIT * 4, |m| {
-        testguest::read_u32(m, FILLED) == 1
+    vm.wait_for("the fill", guests::COUNT_LIMIT * 4, |m| {
+        guests::read_u32(m, FILLED) == 1
     })
     .unwrap();
     let n = vm.read(COUNTER);
@@ -75,7 +75,7 @@ fn rss(ranges: &[Range<usize>]) -> (u64, u64) {
 /// Pages `vm` out to `path` and checks that the RAM went: returns the count at the pause.
 fn page_out_and_check_rss(vm: &Running, path: &Path) -> u32 {
     let at_pause = vm.read(COUNTER);
-    let ranges = testguest::host_ranges(&vm.mem);
+    let ranges = guests::host_ranges(&vm.mem);
     let (total_before, mapped_before) = rss(&ranges);
     let report = vm.control.page_out(path, None).unwrap();
     let (total_after, mapped_after) = rss(&ranges);
@@ -108,8 +108,8 @@ fn check_memory_and_counting(vm: &Running, at_pause: u32) {
         at_pause,
         "the counter changed while paged out"
     );
-    testguest::check_marked_fill(&vm.mem, FILL_MIB * MIB).unwrap();
-    let above = testguest::read_pattern(&vm.mem, FILL_START + FILL_MIB * MIB, 8 * MIB);
+    guests::check_marked_fill(&vm.mem, FILL_MIB * MIB).unwrap();
+    let above = guests::read_pattern(&vm.mem, FILL_START + FILL_MIB * MIB, 8 * MIB);
     assert_eq!(above, 0);
     vm.control.resume();
     vm.count_past(at_pause + 1000).unwrap();
@@ -122,7 +122,7 @@ fn lazy_page_in_brings_every_byte_back_and_the_count_goes_on() {
     let path = dir.join("pages");
     let vm = filled_guest();
     let at_pause = page_out_and_check_rss(&vm, &path);
-    let ranges = testguest::host_ranges(&vm.mem);
+    let ranges = guests::host_ranges(&vm.mem);
     let report = vm.control.page_in(&path, PageInMode::Lazy).unwrap();
     eprintln!("lazy page-in: {:?}", report.took);
     assert_eq!(vm.control.page_state(), PageState::Lazy);
@@ -152,7 +152,7 @@ fn eager_page_in_brings_every_byte_back_before_resuming() {
     let path = dir.join("pages");
     let vm = filled_guest();
     let at_pause = page_out_and_check_rss(&vm, &path);
-    let ranges = testguest::host_ranges(&vm.mem);
+    let ranges = guests::host_ranges(&vm.mem);
     vm.control.page_in(&path, PageInMode::Eager).unwrap();
     assert_eq!(vm.control.page_state(), PageState::Resident);
     assert!(rss(&ranges).1 >= FILL_MIB * 1024);
@@ -169,7 +169,7 @@ fn resume_alone_pages_in_lazily() {
     let at_pause = page_out_and_check_rss(&vm, &dir.join("pages"));
     vm.control.resume();
     vm.count_past(at_pause + 1000).unwrap();
-    testguest::check_marked_fill(&vm.mem, FILL_MIB * MIB).unwrap();
+    guests::check_marked_fill(&vm.mem, FILL_MIB * MIB).unwrap();
     vm.quit().unwrap();
     fs::remove_dir_all(dir).unwrap();
 }
@@ -207,7 +207,7 @@ fn a_truncated_page_file_is_refused_and_the_vm_never_runs_on_it() {
 /// Flips a byte in the block that holds the guest's code.
 fn corrupt_code_block(path: &Path) {
     let file = PageFile::open(path).unwrap();
-    let code_chunk = LOAD & !(format::BLOCK_BYTES as u64 - 1);
+    let code_chunk = LOAD & !(on_disk::BLOCK_BYTES as u64 - 1);
     let block = *file
         .index()
         .blocks

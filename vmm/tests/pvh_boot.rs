@@ -135,7 +135,10 @@ fn pvh_entry_gets_start_info_cmdline_and_initramfs() {
     cfg.vcpus = 2; // the AP waits for INIT/SIPI and must still be stopped
     assert_eq!(Vm::new(cfg).unwrap().run().unwrap(), VmExit::Reset);
     let text = String::from_utf8_lossy(&out.lock().unwrap()).into_owned();
-    let expected = format!("PVH:{} init=/husk-init|1Z", husk_vmm::vm::DEFAULT_CMDLINE);
+    let expected = format!(
+        "PVH:{} init=/husk-init|1Z",
+        husk_vmm::config::DEFAULT_CMDLINE
+    );
     assert_eq!(text, expected);
     std::fs::remove_dir_all(dir).unwrap();
 }
@@ -251,7 +254,7 @@ fn virtio_devices_are_announced_and_answer_on_their_windows() {
     let ids = "virt\x02\0\0\0virt\x13\0\0\0";
     let expected = format!(
         "PVH:{} {devices} init=/husk-init|0{ids}",
-        husk_vmm::vm::DEFAULT_CMDLINE
+        husk_vmm::config::DEFAULT_CMDLINE
     );
     assert_eq!(text, expected);
     std::fs::remove_dir_all(dir).unwrap();

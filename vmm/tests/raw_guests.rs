@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use husk_vmm::bus::BusDevice;
-use husk_vmm::testguest::Asm;
+use husk_vmm::testing::guests::Asm;
 use husk_vmm::{Boot, CpuMode, SerialOutput, Vm, VmBuilder, VmConfig, VmError, VmExit};
 
 const LOAD: u64 = 0x10_0000;
@@ -339,11 +339,11 @@ fn a_paused_vm_stops_counting_and_resumes() {
 
 #[test]
 fn the_vcpu_report_says_where_a_running_guest_is() {
-    use husk_vmm::testguest::{self, Running};
+    use husk_vmm::testing::guests::{self, Running};
     require_kvm();
-    let image = testguest::counting_guest();
+    let image = guests::counting_guest();
     let image_len = image.len() as u64;
-    let vm = Running::start(Vm::new(testguest::long_mode_config(image)).unwrap());
+    let vm = Running::start(Vm::new(guests::long_mode_config(image)).unwrap());
     let n = vm.count_past(0).unwrap();
     let report = vm.control.vcpu_report().unwrap().join("\n");
     assert!(report.starts_with("vCPU 0: runnable rip=0x"), "{report}");
@@ -354,7 +354,7 @@ fn the_vcpu_report_says_where_a_running_guest_is() {
         .map(|hex| u64::from_str_radix(hex, 16).unwrap())
         .unwrap();
     assert!(
-        (testguest::LOAD..testguest::LOAD + image_len).contains(&rip),
+        (guests::LOAD..guests::LOAD + image_len).contains(&rip),
         "rip {rip:#x} is outside the guest's code: {report}"
     );
     // The report lets the guest run on.

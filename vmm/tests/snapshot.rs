@@ -16,7 +16,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use husk_vmm::snapshot::{AfterSnapshot, RestoreOverrides, SnapshotPaths};
-use husk_vmm::testguest::{self, Running, COUNTER, LOAD};
+use husk_vmm::testing::guests::{self, Running, COUNTER, LOAD};
 use husk_vmm::{SerialOutput, Vm, VmConfig, VmError};
 
 /// Free memory the tests write to tell clones apart.
@@ -36,7 +36,7 @@ fn capture() -> (SerialOutput, Arc<Mutex<Vec<u8>>>) {
 }
 
 fn counting_config(vcpus: u8) -> (VmConfig, Arc<Mutex<Vec<u8>>>) {
-    let mut cfg = testguest::long_mode_config(testguest::counting_guest());
+    let mut cfg = guests::long_mode_config(guests::counting_guest());
     cfg.vcpus = vcpus;
     let (serial, out) = capture();
     cfg.serial = serial;
@@ -94,7 +94,7 @@ fn a_restored_vm_counts_on_from_the_snapshot() {
     let at_snapshot = snapshot_counting_guest(&dir, 1);
     let paths = SnapshotPaths::in_dir(&dir);
     assert_eq!(counter_in_file(&paths), at_snapshot);
-    let (_, body) = husk_vmm::snapshot::format::read(&paths.state).unwrap();
+    let (_, body) = husk_vmm::snapshot::state_file::read(&paths.state).unwrap();
     let vcpu = &body.vcpus[0];
     assert!(
         vcpu.regs.rip >= LOAD && vcpu.regs.rip < LOAD + 0x100,
@@ -245,7 +245,7 @@ fn restoring_maps_memory_instead_of_reading_it() {
     require_kvm();
     let dir = scratch_dir("bench");
     snapshot_counting_guest(&dir, 1);
-    let times = husk_vmm::snapshot::bench_restore(&dir, &RestoreOverrides::default(), 3).unwrap();
+    let times = husk_vmm::testing::bench_restore(&dir, &RestoreOverrides::default(), 3).unwrap();
     assert_eq!(times.len(), 3);
     // A restore that copied 64 MiB would still be fast here; what we check is that restores
     // of one snapshot can be repeated back to back (nothing is left locked or bound).

@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use husk_vmm::pagefile::{PageInMode, PageState};
+use husk_vmm::{PageInMode, PageState};
 use serde::Deserialize;
 
 /// The runtime's configuration file unless `$HUSK_CONFIG` names another.

@@ -2,7 +2,7 @@
 //!
 //! Pausing ([`crate::VmControl::page_out`]) writes every guest page that differs from its base
 //! (the template's memory file for a clone, zero otherwise) into a page file, in blocks of one
-//! [`format::BLOCK_BYTES`] chunk of guest RAM each, compressed and checksummed (see
+//! [`on_disk::BLOCK_BYTES`] chunk of guest RAM each, compressed and checksummed (see
 //! [`format`]). The file is written under a temporary name, fsync'd, renamed and its directory
 //! fsync'd; only then is the RAM released, so a monitor killed at any point leaves either the
 //! untouched VM or a complete page file.
@@ -12,27 +12,55 @@
 //! each chunk through userfaultfd ([`PageInMode::Lazy`], see `pager`): untouched chunks never
 //! come back. A block whose checksum does not match is never installed.
 
-mod control;
-pub mod format;
+pub mod on_disk;
 mod pager;
-mod ram;
-mod scan;
+pub(crate) mod ram;
+pub(crate) mod scan;
 #[cfg(test)]
 mod tests;
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
 use crate::error::VmError;
-pub use control::PageState;
-pub(crate) use control::{adopt_pager, start_lazy_restore, write_keeping_ram};
-use format::{damaged, Block, Index};
+use crate::memory::GuestMemory;
+use on_disk::{damaged, Block, Index};
 pub(crate) use pager::Pager;
-pub(crate) use ram::RamState;
+use ram::Backing;
+
+/// The paging state of one VM's RAM, kept with the VM's parts.
+pub(crate) struct RamState {
+    pub(crate) backing: Backing,
+    /// The page file the RAM was released into, until it is paged in.
+    pub(crate) paged_out: Option<PathBuf>,
+    /// Serves a lazy page-in until every chunk is back or the VM ends.
+    pub(crate) pager: Option<Pager>,
+}
+
+impl RamState {
+    /// The state of freshly built RAM: a restored snapshot's is its memory file, mapped.
+    pub(crate) fn new(mem: &GuestMemory) -> RamState {
+        let file = mem.iter().find_map(|r| r.file_offset().map(|f| f.file()));
+        let backing = match file.map(File::metadata) {
+            Some(Ok(m)) => Backing::File {
+                dev: m.dev(),
+                ino: m.ino(),
+            },
+            _ => Backing::Anon,
+        };
+        RamState {
+            backing,
+            paged_out: None,
+            pager: None,
+        }
+    }
+}
 
 /// How blocks are compressed.
 ///
@@ -149,7 +177,7 @@ pub struct PageInReport {
 
 /// A checked page file open for reading.
 pub struct PageFile {
-    path: PathBuf,
+    pub(crate) path: PathBuf,
     file: File,
     codec: Codec,
     index: Index,
@@ -164,20 +192,20 @@ impl PageFile {
         };
         let file = File::open(path).map_err(io)?;
         let len = file.metadata().map_err(io)?.len();
-        let min = (format::HEADER_LEN + format::TRAILER_LEN) as u64;
+        let min = (on_disk::HEADER_LEN + on_disk::TRAILER_LEN) as u64;
         if len < min {
             return Err(damaged(path, format!("truncated ({len} bytes)")));
         }
-        let mut header = [0u8; format::HEADER_LEN];
+        let mut header = [0u8; on_disk::HEADER_LEN];
         file.read_exact_at(&mut header, 0).map_err(io)?;
-        let codec = format::check_header(path, &header)?;
-        let mut trailer = [0u8; format::TRAILER_LEN];
-        file.read_exact_at(&mut trailer, len - min + format::HEADER_LEN as u64)
+        let codec = on_disk::check_header(path, &header)?;
+        let mut trailer = [0u8; on_disk::TRAILER_LEN];
+        file.read_exact_at(&mut trailer, len - min + on_disk::HEADER_LEN as u64)
             .map_err(io)?;
-        let (offset, index_len, crc) = format::check_trailer(path, &trailer, len)?;
+        let (offset, index_len, crc) = on_disk::check_trailer(path, &trailer, len)?;
         let mut bytes = vec![0u8; index_len as usize];
         file.read_exact_at(&mut bytes, offset).map_err(io)?;
-        let index = format::decode_index(path, &bytes, crc, offset)?;
+        let index = on_disk::decode_index(path, &bytes, crc, offset)?;
         Ok(PageFile {
             path: path.to_path_buf(),
             file,
@@ -306,7 +334,7 @@ impl Writer {
             comp: Vec::new(),
             raw_bytes: 0,
         };
-        w.write(&format::header(codec))?;
+        w.write(&on_disk::header(codec))?;
         Ok(w)
     }
 
@@ -347,8 +375,8 @@ impl Writer {
     /// Returns (stored bytes before compression, file size).
     pub fn finish(
         mut self,
-        regions: Vec<format::Region>,
-        base: Option<format::BaseFile>,
+        regions: Vec<on_disk::Region>,
+        base: Option<on_disk::BaseFile>,
     ) -> Result<(u64, u64), VmError> {
         let index = Index {
             regions,
@@ -356,7 +384,7 @@ impl Writer {
             blocks: std::mem::take(&mut self.blocks),
         };
         let tail =
-            format::index_and_trailer(&index, self.offset).map_err(|e| damaged(&self.tmp, e))?;
+            on_disk::index_and_trailer(&index, self.offset).map_err(|e| damaged(&self.tmp, e))?;
         self.write(&tail)?;
         let r = self
             .out

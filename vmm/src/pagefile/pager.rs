@@ -23,7 +23,7 @@ use std::thread::JoinHandle;
 use userfaultfd::{Event, EventBuffer, Uffd, UffdBuilder};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::format::{BLOCK_BYTES, PAGE};
+use super::on_disk::{BLOCK_BYTES, PAGE};
 use super::ram::{remap_anonymous, HostRegion};
 use super::PageFile;
 use crate::error::VmError;

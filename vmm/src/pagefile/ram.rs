@@ -5,11 +5,9 @@ use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::MetadataExt;
-use std::path::PathBuf;
 
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
-use super::pager::Pager;
 use crate::memory::GuestMemory;
 
 /// What a guest page that is not present in its host mapping reads as.
@@ -21,34 +19,6 @@ pub(crate) enum Backing {
     File { dev: u64, ino: u64 },
     /// Registered with the pager's userfaultfd: whatever the page file says.
     Lazy,
-}
-
-/// The paging state of one VM's RAM, kept with the VM's parts.
-pub(crate) struct RamState {
-    pub(crate) backing: Backing,
-    /// The page file the RAM was released into, until it is paged in.
-    pub(crate) paged_out: Option<PathBuf>,
-    /// Serves a lazy page-in until every chunk is back or the VM ends.
-    pub(crate) pager: Option<Pager>,
-}
-
-impl RamState {
-    /// The state of freshly built RAM: a restored snapshot's is its memory file, mapped.
-    pub(crate) fn new(mem: &GuestMemory) -> RamState {
-        let file = mem.iter().find_map(|r| r.file_offset().map(|f| f.file()));
-        let backing = match file.map(File::metadata) {
-            Some(Ok(m)) => Backing::File {
-                dev: m.dev(),
-                ino: m.ino(),
-            },
-            _ => Backing::Anon,
-        };
-        RamState {
-            backing,
-            paged_out: None,
-            pager: None,
-        }
-    }
 }
 
 /// Identity of an open file, to compare with `Backing::File`.

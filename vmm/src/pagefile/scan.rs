@@ -9,7 +9,7 @@ use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 
-use super::format::{BLOCK_BYTES, PAGE};
+use super::on_disk::{BLOCK_BYTES, PAGE};
 use super::ram::HostRegion;
 use super::Writer;
 use crate::error::VmError;

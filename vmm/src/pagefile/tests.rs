@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 
 use vm_memory::{Bytes, GuestAddress};
 
-use super::format::{BLOCK_BYTES, PAGE};
+use super::on_disk::{BLOCK_BYTES, PAGE};
 use super::ram::host_regions;
 use super::scan::{write_pages, ScanBase};
 use super::*;
@@ -36,7 +36,7 @@ fn write_sample(path: &Path, codec: Codec) -> u64 {
     };
     let mut w = Writer::create(path, codec).unwrap();
     let stored = write_pages(&host_regions(&mem), &base, &mut w).unwrap();
-    let regions = vec![format::Region {
+    let regions = vec![on_disk::Region {
         guest_addr: 0,
         len: 64 << 20,
         base_offset: 0,
@@ -99,14 +99,14 @@ fn a_corrupted_block_is_refused_when_read() {
     let path = dir.join("pages");
     write_sample(&path, Codec::Lz4);
     let mut bytes = std::fs::read(&path).unwrap();
-    bytes[format::HEADER_LEN + 3] ^= 0x40;
+    bytes[on_disk::HEADER_LEN + 3] ^= 0x40;
     std::fs::write(&path, &bytes).unwrap();
     // The index is intact, so the file opens; the block does not pass its checksum.
     let file = PageFile::open(&path).unwrap();
     let e = file.verify().unwrap_err().to_string();
     assert!(e.contains("is corrupt") && e.contains("0x100000"), "{e}");
     // A damaged index is caught on open.
-    let at = bytes.len() - format::TRAILER_LEN - 2;
+    let at = bytes.len() - on_disk::TRAILER_LEN - 2;
     bytes[at] ^= 1;
     std::fs::write(&path, &bytes).unwrap();
     let e = PageFile::open(&path).err().unwrap().to_string();

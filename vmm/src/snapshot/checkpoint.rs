@@ -12,10 +12,11 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use super::save::{tmp_name, write_durably};
-use super::{format, AfterSnapshot, STATE_FILE};
+use super::{state_file, AfterSnapshot, STATE_FILE};
 use crate::error::VmError;
 use crate::pagefile::PageOutReport;
 use crate::pause::VmControl;
+use crate::{cpuid, page_out};
 
 /// Name of the page file inside a checkpoint directory.
 pub const PAGES_FILE: &str = "pages";
@@ -58,15 +59,16 @@ impl VmControl {
             };
             std::fs::create_dir_all(dir).map_err(io_err(dir))?;
             let paths = CheckpointPaths::in_dir(dir);
-            let fingerprint = format::cpu_fingerprint(&crate::cpuid::supported(&parts.kvm)?);
-            let bytes =
-                format::encode(&body, fingerprint).map_err(|reason| VmError::SnapshotFormat {
+            let fingerprint = state_file::cpu_fingerprint(&cpuid::supported(&parts.kvm)?);
+            let bytes = state_file::encode(&body, fingerprint).map_err(|reason| {
+                VmError::SnapshotFormat {
                     path: paths.state.clone(),
                     reason,
-                })?;
+                }
+            })?;
             let state_tmp = tmp_name(&paths.state);
             write_durably(&state_tmp, &bytes).map_err(io_err(&state_tmp))?;
-            let report = crate::pagefile::write_keeping_ram(parts, &paths.pages, base);
+            let report = page_out::write_keeping_ram(parts, &paths.pages, base);
             let report = report.inspect_err(|_| {
                 let _ = std::fs::remove_file(&state_tmp);
             })?;

@@ -2,9 +2,9 @@
 //!
 //! A snapshot is a directory with two files:
 //! - `state`: a fixed header (magic, format version, CPU-feature fingerprint, body length and
-//!   CRC-32) and a postcard body ([`format::SnapshotBody`]): the VM's configuration, the memory
+//!   CRC-32) and a postcard body ([`state_file::SnapshotBody`]): the VM's configuration, the memory
 //!   layout, every vCPU's registers, the in-kernel irqchip, PIT and clock, and each device's
-//!   state (see [`Persist`]);
+//!   state (see [`crate::persist::Persist`]);
 //! - `memory`: guest RAM, raw, one region after another, each at a page-aligned offset, so that
 //!   a restore maps it `MAP_PRIVATE` instead of reading it: clones of one snapshot share every
 //!   page they have not written through the page cache, and the file never changes.
@@ -24,67 +24,23 @@
 //! refuses state the restoring KVM does not accept.
 
 pub mod checkpoint;
-mod config;
-pub(crate) mod devices;
-pub mod format;
-pub(crate) mod memory_file;
 mod restore;
 mod save;
+pub mod state_file;
 mod vcpu_state;
 mod vm_state;
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 
-use kvm_ioctls::{Kvm, VmFd};
-
-use crate::memory::GuestMemory;
-use crate::vm::SerialOutput;
+use crate::config::SerialOutput;
 
 pub use checkpoint::{CheckpointPaths, PAGES_FILE};
-pub use config::SavedConfig;
-pub use devices::{decode_state, encode_state};
-pub use restore::{bench_restore, check};
+pub use restore::check;
 
 /// Name of the state file inside a snapshot directory.
 pub const STATE_FILE: &str = "state";
 /// Name of the guest memory file inside a snapshot directory.
 pub const MEMORY_FILE: &str = "memory";
-
-/// A device whose state goes into snapshots.
-///
-/// The snapshot core stores the bytes `save_state` returns under the device's id (its bus and
-/// address) without looking inside, and hands them back to `restore_state` on the device that
-/// a restore builds at the same place. Devices encode their state with [`encode_state`].
-pub trait Persist: Send {
-    /// Stops background work that could change the device or guest memory, until `release`.
-    fn quiesce(&mut self) -> Result<(), String> {
-        Ok(())
-    }
-    /// Lets background work go on after `quiesce`.
-    fn release(&mut self) {}
-    /// The device's state.
-    fn save_state(&mut self) -> Result<Vec<u8>, String>;
-    /// Takes the state `save_state` returned, on a device built from the same configuration
-    /// (possibly with overrides) that the guest has not touched yet.
-    fn restore_state(&mut self, state: &[u8]) -> Result<(), String>;
-}
-
-/// A device in a VM's snapshot list: its id and the device.
-pub type PersistDevice = (String, Arc<Mutex<dyn Persist>>);
-
-/// What a snapshot reads besides the vCPUs; owned by the `Vm`, reached through `VmControl`.
-pub struct VmParts {
-    // Field order is drop order: devices before the VM fd and memory.
-    pub(crate) devices: Vec<PersistDevice>,
-    pub(crate) config: SavedConfig,
-    pub(crate) irqchip: bool,
-    pub(crate) vm_fd: Arc<VmFd>,
-    pub(crate) kvm: Kvm,
-    pub(crate) mem: Arc<GuestMemory>,
-    /// Whether the memory is paged out or coming back lazily (see [`crate::pagefile`]).
-    pub(crate) ram: Mutex<crate::pagefile::RamState>,
-}
 
 /// What to do after a snapshot is written.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

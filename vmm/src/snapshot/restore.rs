@@ -2,14 +2,16 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
 
 use super::checkpoint::CheckpointPaths;
-use super::format::{self, SnapshotBody};
-use super::{devices, memory_file, vcpu_state, vm_state, RestoreOverrides, SnapshotPaths};
+use super::state_file::{self, SnapshotBody};
+use super::{vcpu_state, vm_state, RestoreOverrides, SnapshotPaths};
+use crate::config::{validate, VmConfig, VsockConfig};
 use crate::error::VmError;
+use crate::memory::{create_guest_memory, GuestMemory};
 use crate::pagefile::{PageFile, Pager};
-use crate::vm::{self, IrqchipMode, Vm, VmBuilder, VmConfig, VsockConfig};
+use crate::vm::{open_kvm, IrqchipMode, Vm, VmBuilder};
+use crate::{cpuid, memory_file, page_out, persist};
 
 impl Vm {
     /// Restores the snapshot in `dir` (see [`Vm::restore_from`]).
@@ -47,7 +49,7 @@ impl Vm {
         };
         let mem = Arc::new(mem);
         build(&body, cfg, mem, move |b| {
-            crate::pagefile::start_lazy_restore(b.memory(), pages, b.stop_state().clone()).map(Some)
+            page_out::start_lazy_restore(b.memory(), pages, b.stop_state().clone()).map(Some)
         })
     }
 }
@@ -57,7 +59,7 @@ impl Vm {
 fn build(
     body: &SnapshotBody,
     cfg: VmConfig,
-    mem: Arc<crate::memory::GuestMemory>,
+    mem: Arc<GuestMemory>,
     before_devices: impl FnOnce(&VmBuilder) -> Result<Option<Pager>, VmError>,
 ) -> Result<Vm, VmError> {
     let mut builder = VmBuilder::with_memory(cfg, mem, IrqchipMode::Exactly(body.irqchip))?;
@@ -69,7 +71,7 @@ fn build(
     // Interrupt controllers before the devices: a device worker may raise an interrupt
     // as soon as it is activated.
     vm_state::restore(builder.vm_fd(), &body.vm)?;
-    devices::restore_all(builder.persist_devices(), &body.devices)?;
+    persist::restore_all(builder.persist_devices(), &body.devices)?;
     let vm = builder.finish(|b, index, cpuid| {
         let fd = b.create_bare_vcpu(index, cpuid)?;
         // The vCPU has never run and has no thread yet: nothing is in flight, so its state
@@ -78,7 +80,7 @@ fn build(
         Ok(fd)
     })?;
     if let Some(pager) = pager {
-        crate::pagefile::adopt_pager(&vm.parts, pager);
+        page_out::adopt_pager(&vm.parts, pager);
     }
     // Only now, with every LAPIC restored, may the reset's interrupt be raised.
     if let Some(vsock) = vm.vsock_control() {
@@ -90,11 +92,8 @@ fn build(
 }
 
 /// Fresh anonymous RAM for a cold-booted VM's checkpoint; its layout must be the saved one.
-fn anonymous_memory(
-    cfg: &VmConfig,
-    body: &SnapshotBody,
-) -> Result<crate::memory::GuestMemory, VmError> {
-    let mem = crate::memory::create_guest_memory(cfg.memory_mib)?;
+fn anonymous_memory(cfg: &VmConfig, body: &SnapshotBody) -> Result<GuestMemory, VmError> {
+    let mem = create_guest_memory(cfg.memory_mib)?;
     if memory_file::layout(&mem) != body.memory {
         return Err(VmError::SnapshotState(format!(
             "the checkpoint's RAM layout {:x?} is not that of {} MiB",
@@ -118,9 +117,9 @@ pub fn check(dir: &Path, kvm_device: &Path) -> Result<(), VmError> {
 
 /// Reads the state file and checks it against this build and this host.
 fn read_checked(state: &Path, overrides: &RestoreOverrides) -> Result<SnapshotBody, VmError> {
-    let (header, body) = format::read(state)?;
-    let kvm = vm::open_kvm(&overrides.kvm_device)?;
-    let host = format::cpu_fingerprint(&crate::cpuid::supported(&kvm)?);
+    let (header, body) = state_file::read(state)?;
+    let kvm = open_kvm(&overrides.kvm_device)?;
+    let host = state_file::cpu_fingerprint(&cpuid::supported(&kvm)?);
     if header.cpu_fingerprint != host {
         return Err(VmError::SnapshotCpu {
             path: state.to_path_buf(),
@@ -160,7 +159,7 @@ fn restored_config(body: &SnapshotBody, overrides: RestoreOverrides) -> Result<V
     if let Some(shares) = overrides.shares {
         replace_shares(&mut cfg, shares)?;
     }
-    vm::validate(&cfg)?;
+    validate(&cfg)?;
     Ok(cfg)
 }
 
@@ -179,22 +178,4 @@ fn replace_shares(cfg: &mut VmConfig, shares: Vec<(PathBuf, bool)>) -> Result<()
         share.read_only = read_only;
     }
     Ok(())
-}
-
-/// Restores the snapshot in `dir` `count` times, dropping each VM unrun; returns how long each
-/// restore took. For benchmarks: a restore's cost is mapping, not copying, guest memory.
-pub fn bench_restore(
-    dir: &Path,
-    overrides: &RestoreOverrides,
-    count: usize,
-) -> Result<Vec<Duration>, VmError> {
-    (0..count)
-        .map(|_| {
-            let start = Instant::now();
-            let vm = Vm::restore(dir, overrides.clone())?;
-            let took = start.elapsed();
-            drop(vm);
-            Ok(took)
-        })
-        .collect()
 }

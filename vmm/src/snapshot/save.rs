@@ -3,10 +3,13 @@
 use std::fs::{self, File};
 use std::path::{Path, PathBuf};
 
-use super::format::{self, SnapshotBody};
-use super::{devices, memory_file, vcpu_state, vm_state, AfterSnapshot, SnapshotPaths, VmParts};
+use super::state_file::{self, SnapshotBody};
+use super::{vcpu_state, vm_state, AfterSnapshot, SnapshotPaths};
 use crate::error::VmError;
-use crate::pause::VmControl;
+use crate::memory_file;
+use crate::page_out::PageState;
+use crate::pause::{VmControl, VmParts};
+use crate::persist;
 
 impl VmControl {
     /// Pauses the VM (if it is not paused already), writes a snapshot into `dir` (created if
@@ -31,7 +34,7 @@ impl VmControl {
         if self.is_stopping() {
             return Err(VmError::SnapshotState("the VM is stopping".into()));
         }
-        if let crate::PageState::PagedOut(p) = self.page_state() {
+        if let PageState::PagedOut(p) = self.page_state() {
             return Err(VmError::SnapshotState(format!(
                 "the VM's memory is paged out to {}; page it in first",
                 p.display()
@@ -41,9 +44,9 @@ impl VmControl {
         if !was_paused {
             self.pause()?;
         }
-        let result = devices::quiesce_all(&parts.devices).and_then(|()| {
+        let result = persist::quiesce_all(&parts.devices).and_then(|()| {
             let result = f(&parts);
-            devices::release_all(&parts.devices);
+            persist::release_all(&parts.devices);
             result
         });
         if after == AfterSnapshot::Resume && !was_paused {
@@ -81,7 +84,7 @@ impl VmControl {
             irqchip,
             vm,
             vcpus,
-            devices: devices::save_all(&parts.devices)?,
+            devices: persist::save_all(&parts.devices)?,
             skipped,
         })
     }
@@ -105,11 +108,12 @@ fn write_snapshot(
     memory_file::write(&parts.mem, &body.memory, &mem_file)
         .and_then(|()| mem_file.sync_all())
         .map_err(io_err(&mem_tmp))?;
-    let fingerprint = format::cpu_fingerprint(&crate::cpuid::supported(&parts.kvm)?);
-    let bytes = format::encode(body, fingerprint).map_err(|reason| VmError::SnapshotFormat {
-        path: paths.state.clone(),
-        reason,
-    })?;
+    let fingerprint = state_file::cpu_fingerprint(&crate::cpuid::supported(&parts.kvm)?);
+    let bytes =
+        state_file::encode(body, fingerprint).map_err(|reason| VmError::SnapshotFormat {
+            path: paths.state.clone(),
+            reason,
+        })?;
     write_durably(&state_tmp, &bytes).map_err(io_err(&state_tmp))?;
     fs::rename(&mem_tmp, &paths.memory).map_err(io_err(&paths.memory))?;
     fs::rename(&state_tmp, &paths.state).map_err(io_err(&paths.state))?;

@@ -329,7 +329,7 @@ struct BlockState {
     read_only: bool,
 }
 
-impl crate::snapshot::Persist for Block {
+impl crate::persist::Persist for Block {
     fn quiesce(&mut self) -> Result<(), String> {
         Worker::hold_opt(&self.worker)
     }
@@ -339,7 +339,7 @@ impl crate::snapshot::Persist for Block {
     }
 
     fn save_state(&mut self) -> Result<Vec<u8>, String> {
-        crate::snapshot::encode_state(&BlockState {
+        crate::persist::encode_state(&BlockState {
             path: self.path.clone(),
             read_only: self.read_only,
         })
@@ -348,7 +348,7 @@ impl crate::snapshot::Persist for Block {
     /// The image is the one the restored VM's configuration names; the saved record only
     /// guards against restoring onto another one.
     fn restore_state(&mut self, state: &[u8]) -> Result<(), String> {
-        let s: BlockState = crate::snapshot::decode_state(state)?;
+        let s: BlockState = crate::persist::decode_state(state)?;
         if s.path != self.path || s.read_only != self.read_only {
             return Err(format!(
                 "saved image {} (read-only {}), restored {} (read-only {})",

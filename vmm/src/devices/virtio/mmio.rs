@@ -411,6 +411,6 @@ impl Drop for MmioTransport {
     }
 }
 
-mod persist;
 #[cfg(test)]
 mod tests;
+mod transport_state;

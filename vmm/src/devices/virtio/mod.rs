@@ -138,7 +138,7 @@ impl Interrupt {
 
 /// A virtio device as the transport sees it. Its `Persist` part saves what is specific to the
 /// device and holds its worker still (the transport saves the queues and registers).
-pub trait VirtioDevice: crate::snapshot::Persist + Send {
+pub trait VirtioDevice: crate::persist::Persist + Send {
     /// The virtio device id (2 for block, 19 for vsock, ...).
     fn device_type(&self) -> u32;
     /// Feature bits the device offers, including [`VIRTIO_F_VERSION_1`].

@@ -257,7 +257,7 @@ struct Fs9pState {
     fids: FidTable,
 }
 
-impl crate::snapshot::Persist for Fs9p {
+impl crate::persist::Persist for Fs9p {
     fn quiesce(&mut self) -> Result<(), String> {
         Worker::hold_opt(&self.worker)
     }
@@ -267,7 +267,7 @@ impl crate::snapshot::Persist for Fs9p {
     }
 
     fn save_state(&mut self) -> Result<Vec<u8>, String> {
-        crate::snapshot::encode_state(&Fs9pState {
+        crate::persist::encode_state(&Fs9pState {
             tag: self.tag.clone(),
             path: self.path.clone(),
             read_only: self.read_only,
@@ -276,7 +276,7 @@ impl crate::snapshot::Persist for Fs9p {
     }
 
     fn restore_state(&mut self, state: &[u8]) -> Result<(), String> {
-        let s: Fs9pState = crate::snapshot::decode_state(state)?;
+        let s: Fs9pState = crate::persist::decode_state(state)?;
         // The directory and mode may differ (a clone serves its own); the tag may not: the
         // guest read it from config space at boot.
         if s.tag != self.tag {

@@ -204,7 +204,7 @@ struct VsockState {
     uds_path: PathBuf,
 }
 
-impl crate::snapshot::Persist for Vsock {
+impl crate::persist::Persist for Vsock {
     fn quiesce(&mut self) -> Result<(), String> {
         Worker::hold_opt(&self.worker)
     }
@@ -214,7 +214,7 @@ impl crate::snapshot::Persist for Vsock {
     }
 
     fn save_state(&mut self) -> Result<Vec<u8>, String> {
-        crate::snapshot::encode_state(&VsockState {
+        crate::persist::encode_state(&VsockState {
             cid: self.guest_cid(),
             uds_path: self.uds_path.clone(),
         })
@@ -226,7 +226,7 @@ impl crate::snapshot::Persist for Vsock {
     /// does so once the vCPUs and interrupt controllers are restored: an interrupt raised
     /// before that would be overwritten and lost (the guest would never look at the event).
     fn restore_state(&mut self, state: &[u8]) -> Result<(), String> {
-        let saved: VsockState = crate::snapshot::decode_state(state)?;
+        let saved: VsockState = crate::persist::decode_state(state)?;
         if saved.cid != self.guest_cid() {
             log::info!(
                 "virtio-vsock: restored with CID {} (snapshot had {})",

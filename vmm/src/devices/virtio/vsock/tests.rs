@@ -661,7 +661,7 @@ fn socket_path_rules() {
 #[test]
 fn snapshot_restore_keeps_rings_and_resets_the_transport() {
     use crate::devices::virtio::status;
-    use crate::snapshot::Persist;
+    use crate::persist::Persist;
     let dir = TestDir::new("vsock");
     let (vsock, path) = vsock_in(&dir);
     let mut g = Guest::new(vsock);

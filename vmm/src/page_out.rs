@@ -3,17 +3,22 @@
 use std::fs::File;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, MutexGuard};
+use std::sync::Arc;
 use std::time::Instant;
 
-use super::format::{self, BaseFile, Region, PAGE};
-use super::pager::Pager;
-use super::ram::{self, Backing, HostRegion, RamState};
-use super::scan::{self, ScanBase};
-use super::{Codec, PageFile, PageInMode, PageInReport, PageOutReport, Writer, DEFAULT_CODEC};
 use crate::error::VmError;
-use crate::pause::VmControl;
-use crate::snapshot::{devices, memory_file, VmParts};
+use crate::memory::GuestMemory;
+use crate::memory_file;
+use crate::pagefile::on_disk::{self, BaseFile, Region, PAGE};
+use crate::pagefile::ram::{self, Backing, HostRegion};
+use crate::pagefile::scan::{self, ScanBase};
+use crate::pagefile::{
+    Codec, PageFile, PageInMode, PageInReport, PageOutReport, Pager, RamState, Writer,
+    DEFAULT_CODEC,
+};
+use crate::pause::{VmControl, VmParts};
+use crate::persist;
+use crate::stop::StopState;
 
 /// Where a VM's memory is, as [`VmControl::page_state`] reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -45,17 +50,17 @@ impl VmControl {
         codec: Codec,
     ) -> Result<PageOutReport, VmError> {
         let parts = self.paused_parts()?;
-        let mut ram = lock(&parts);
+        let mut ram = parts.ram();
         if let Some(p) = &ram.paged_out {
             return Err(VmError::SnapshotState(format!(
                 "the VM's memory is already paged out to {}",
                 p.display()
             )));
         }
-        devices::quiesce_all(&parts.devices)?;
+        persist::quiesce_all(&parts.devices)?;
         let result = page_out_held(&parts, &mut ram, path, base, codec);
         if ram.paged_out.is_none() {
-            devices::release_all(&parts.devices);
+            persist::release_all(&parts.devices);
         }
         result
     }
@@ -66,7 +71,7 @@ impl VmControl {
     pub fn page_in(&self, path: &Path, mode: PageInMode) -> Result<PageInReport, VmError> {
         let start = Instant::now();
         let parts = self.paused_parts()?;
-        let mut ram = lock(&parts);
+        let mut ram = parts.ram();
         match &ram.paged_out {
             Some(p) if p == path => {}
             Some(p) => {
@@ -95,7 +100,7 @@ impl VmControl {
             }
         }
         ram.paged_out = None;
-        devices::release_all(&parts.devices);
+        persist::release_all(&parts.devices);
         Ok(PageInReport {
             mode,
             blocks,
@@ -108,7 +113,7 @@ impl VmControl {
         let Ok(parts) = self.parts() else {
             return PageState::Resident;
         };
-        let ram = lock(&parts);
+        let ram = parts.ram();
         match (&ram.paged_out, ram.backing) {
             (Some(p), _) => PageState::PagedOut(p.clone()),
             (None, Backing::Lazy) if ram.pager.is_some() => PageState::Lazy,
@@ -134,10 +139,6 @@ impl VmControl {
         }
         Ok(parts)
     }
-}
-
-fn lock(parts: &VmParts) -> MutexGuard<'_, RamState> {
-    parts.ram.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// The page-out proper, with the devices held.
@@ -255,7 +256,7 @@ pub(crate) fn write_keeping_ram(
     path: &Path,
     base: Option<&Path>,
 ) -> Result<PageOutReport, VmError> {
-    let mut ram = lock(parts);
+    let mut ram = parts.ram();
     if let Some(p) = &ram.paged_out {
         return Err(VmError::SnapshotState(format!(
             "the VM's memory is paged out to {}; resume it first",
@@ -268,9 +269,9 @@ pub(crate) fn write_keeping_ram(
 /// For a VM being restored from a checkpoint, before any device can touch its RAM: replaces
 /// the RAM with memory that userfaultfd fills from `file` (and its base) on first touch.
 pub(crate) fn start_lazy_restore(
-    mem: &crate::memory::GuestMemory,
+    mem: &GuestMemory,
     file: PageFile,
-    stop: Arc<crate::stop::StopState>,
+    stop: Arc<StopState>,
 ) -> Result<Pager, VmError> {
     let regions = ram::host_regions(mem);
     check_regions(&file.path.clone(), &file, &regions)?;
@@ -280,7 +281,7 @@ pub(crate) fn start_lazy_restore(
 
 /// Hands the pager of [`start_lazy_restore`] to the built VM.
 pub(crate) fn adopt_pager(parts: &VmParts, pager: Pager) {
-    let mut ram = lock(parts);
+    let mut ram = parts.ram();
     ram.pager = Some(pager);
     ram.backing = Backing::Lazy;
 }
@@ -342,7 +343,7 @@ fn check_regions(path: &Path, file: &PageFile, regions: &[HostRegion]) -> Result
         .map(|r| (r.guest_addr, r.len as u64))
         .collect();
     if saved != have {
-        return Err(format::damaged(
+        return Err(on_disk::damaged(
             path,
             format!("written for guest RAM {saved:x?}, this VM has {have:x?}"),
         ));
@@ -363,7 +364,7 @@ fn page_in_eager(file: &PageFile, regions: &[HostRegion]) -> Result<(), VmError>
         };
         let chunk = r.host + (b.guest_addr - r.guest_addr) as usize;
         let mut pages = raw.chunks_exact(PAGE);
-        for i in 0..format::BLOCK_PAGES {
+        for i in 0..on_disk::BLOCK_PAGES {
             if b.pages & (1 << i) == 0 {
                 continue;
             }
@@ -379,14 +380,4 @@ fn page_in_eager(file: &PageFile, regions: &[HostRegion]) -> Result<(), VmError>
         }
     }
     Ok(())
-}
-
-impl Drop for VmParts {
-    fn drop(&mut self) {
-        // Devices held for a page-out must be let go, or their workers could not stop.
-        let held = lock(self).paged_out.is_some();
-        if held {
-            devices::release_all(&self.devices);
-        }
-    }
 }

@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::{MmioTransport, QueueConfig};
-use crate::snapshot::{decode_state, encode_state, Persist};
+use crate::persist::{decode_state, encode_state, Persist};
 
 /// Offset of `idx` in a split virtqueue's used ring.
 const USED_IDX_OFFSET: u64 = 2;

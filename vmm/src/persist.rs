@@ -1,11 +1,35 @@
-//! Device states in a snapshot: opaque bytes per device id, produced and consumed by the
-//! devices' own [`Persist`] implementations.
+//! Device state in snapshots: the [`Persist`] trait every saved device implements, the
+//! encoding of its state, and the operations on a VM's whole device list (hold, release, save,
+//! restore). Devices import this module, not the snapshot machinery.
+
+use std::sync::{Arc, Mutex};
 
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
-use super::{Persist, PersistDevice};
 use crate::error::VmError;
+
+/// A device whose state goes into snapshots.
+///
+/// The snapshot core stores the bytes `save_state` returns under the device's id (its bus and
+/// address) without looking inside, and hands them back to `restore_state` on the device that
+/// a restore builds at the same place. Devices encode their state with [`encode_state`].
+pub trait Persist: Send {
+    /// Stops background work that could change the device or guest memory, until `release`.
+    fn quiesce(&mut self) -> Result<(), String> {
+        Ok(())
+    }
+    /// Lets background work go on after `quiesce`.
+    fn release(&mut self) {}
+    /// The device's state.
+    fn save_state(&mut self) -> Result<Vec<u8>, String>;
+    /// Takes the state `save_state` returned, on a device built from the same configuration
+    /// (possibly with overrides) that the guest has not touched yet.
+    fn restore_state(&mut self, state: &[u8]) -> Result<(), String>;
+}
+
+/// A device in a VM's snapshot list: its id and the device.
+pub type PersistDevice = (String, Arc<Mutex<dyn Persist>>);
 
 /// One device's saved state.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -19,12 +19,12 @@ use std::path::Path;
 use kvm_bindings::CpuId;
 use serde::{Deserialize, Serialize};
 
-use super::config::SavedConfig;
-use super::devices::DeviceState;
-use super::memory_file::RegionLayout;
 use super::vcpu_state::VcpuState;
 use super::vm_state::KvmVmState;
+use crate::config::SavedConfig;
 use crate::error::VmError;
+use crate::memory_file::RegionLayout;
+use crate::persist::DeviceState;
 
 /// First bytes of every state file.
 pub const MAGIC: [u8; 8] = *b"HUSKSNAP";
