@@ -261,8 +261,8 @@ pub fn load_linux_images(
     initramfs: Option<&Path>,
 ) -> Result<LoadedLinux, VmError> {
     // The initramfs goes to the top of low RAM whatever the kernel's size, so the two files
-    // are copied at once (in the lab each takes tens of milliseconds); whether they overlap
-    // is checked once both are in.
+    // (each a copy long enough to show in the boot time) are copied at once; whether they
+    // overlap is checked once both are in.
     let (kernel, module) = std::thread::scope(|s| {
         let module = initramfs.map(|path| s.spawn(|| load_initramfs(mem, path)));
         let kernel = load_kernel_elf(mem, kernel);

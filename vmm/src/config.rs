@@ -13,8 +13,8 @@ use crate::{memory, mptable};
 
 /// Kernel parameters every Husk guest gets, before the per-device and caller parts.
 /// `noreplace-smp`: a 1-vCPU guest would otherwise rewrite every LOCK prefix of its kernel at
-/// boot, one `text_poke` (and TLB flush) each; in the lab that was about 4% of a boot's CPU
-/// samples, and the LOCK prefixes it removes cost next to nothing on one vCPU.
+/// boot, one `text_poke` (and TLB flush) each, a noticeable share of a boot's CPU time; the
+/// LOCK prefixes it would remove cost next to nothing on one vCPU.
 /// `8250.nr_uarts=1`: there is only COM1, and probing the three other legacy ports costs VM exits.
 pub const DEFAULT_CMDLINE: &str =
     "console=ttyS0 reboot=k panic=0 quiet no_timer_check noreplace-smp 8250.nr_uarts=1";

@@ -4,12 +4,13 @@
 //! for callers that add their own devices.
 //!
 //! Modules, from the bottom up (each imports only from those before it):
-//! - foundations: [`error`], [`stop`], [`bus`], [`memory`], [`memory_file`], [`cpuid`],
-//!   [`mptable`], [`boot`], [`persist`] (device state for snapshots), [`config`];
+//! - foundations: [`error`], [`stop`], [`bus`], [`memory`], `memory_file`, [`cpuid`], [`boot`],
+//!   [`mptable`], [`persist`] (device state for snapshots), [`config`];
 //! - devices: [`serial`], [`i8042`], [`devices`] (virtio);
 //! - [`pagefile`]: page files and the mappings of guest RAM they are written from and read into;
 //! - [`pause`] ([`VmControl`], the parts of a VM it reaches) and [`vcpu`] (the vCPU threads);
-//! - [`vm`]: building and running a VM ([`Vm`], [`VmBuilder`]);
+//! - [`vm`]: building and running a VM ([`Vm`], [`VmBuilder`]); `report`: what the vCPUs of a
+//!   VM that hangs are doing;
 //! - [`page_out`]: paging a paused VM's memory out to a page file and back in;
 //! - [`snapshot`]: snapshots and checkpoints, taken and restored;
 //! - `testing` (feature `test-guest`): test guests and benchmark helpers.
@@ -21,7 +22,7 @@ pub mod devices;
 pub mod error;
 pub mod i8042;
 pub mod memory;
-pub mod memory_file;
+pub(crate) mod memory_file;
 pub mod mptable;
 pub mod page_out;
 pub mod pagefile;

@@ -1,4 +1,6 @@
-//! Page-out and page-in of a paused VM through its [`VmControl`].
+//! Page-out and page-in of a paused VM through its [`VmControl`], on the page files of
+//! [`crate::pagefile`]; and the page-file side of checkpoints: writing one while keeping the
+//! RAM, and starting the lazy pager of a VM restored from one.
 
 use std::fs::File;
 use std::os::unix::ffi::OsStrExt;

@@ -4,6 +4,11 @@
 //!
 //! While parked, a vCPU thread also runs jobs posted for it ([`VmControl::on_each_vcpu`]): KVM
 //! vCPU ioctls belong on the thread that runs the vCPU, so snapshots read the state there.
+//!
+//! Besides the vCPUs, a [`VmControl`] reaches the VM's [`VmParts`] (devices, KVM, memory and
+//! its paging state). The layers above add their own `VmControl` methods: page-out and page-in
+//! in [`crate::page_out`] (resuming first pages in memory still paged out), snapshots and
+//! checkpoints in [`crate::snapshot`].
 
 use std::collections::HashMap;
 use std::sync::{mpsc, Arc, Condvar, Mutex, MutexGuard, Weak};

@@ -1,7 +1,7 @@
 //! vCPU threads: the KVM_RUN loop, exit dispatch to the buses, and the kick that gets a thread
 //! out of KVM_RUN when the VM stops.
 //!
-//! Kicking: the stopper sends `kick_signal()` to each vCPU thread. Its handler sets
+//! Kicking: the stopper (or a pause) sends [`crate::stop::kick_signal`] to each vCPU thread. Its handler sets
 //! `immediate_exit` in that thread's `kvm_run`, so KVM_RUN returns EINTR whether the signal
 //! lands inside the ioctl or just before it; the loop then sees the stop flag.
 

@@ -186,7 +186,7 @@ pub struct VmBuilder {
 type Preload = Option<JoinHandle<Result<boot::LoadedLinux, VmError>>>;
 
 /// Starts copying a Linux guest's images into memory on another thread: under nested
-/// virtualisation creating the VM and copying ~20 MB each take a good part of a second.
+/// virtualisation creating the VM and copying the images are each slow, so they overlap.
 fn start_preload(cfg: &VmConfig, mem: &Arc<GuestMemory>) -> Result<Preload, VmError> {
     let Boot::Linux {
         kernel, initramfs, ..

@@ -1,6 +1,6 @@
 //! Hand-assembled test guests on the host's real /dev/kvm.
 //!
-//! Facts probed on the development host (PVM backend, kernel 6.18, no VMX/SVM), 2026-11:
+//! What these tests found on a PVM host (kernel 6.18, no VMX/SVM):
 //! - KVM API 12. Caps present: IRQCHIP, SPLIT_IRQCHIP, PIT2, PIT_STATE2, IRQFD, IOEVENTFD,
 //!   IRQ_ROUTING, USER_MEMORY, SET_TSS_ADDR, SET_IDENTITY_MAP_ADDR, MP_STATE, IMMEDIATE_EXIT,
 //!   TSC_DEADLINE_TIMER, ADJUST_CLOCK, KVMCLOCK_CTRL, XSAVE, XCRS, VCPU_EVENTS, DEBUGREGS,

@@ -3,7 +3,7 @@
 //! one snapshot do not see each other's memory and leave the memory file untouched, and
 //! damaged snapshots are refused with the error that names the damage.
 //!
-//! Facts probed on the development host (PVM backend), 2026-11: every piece of vCPU and VM
+//! On a PVM host every piece of vCPU and VM
 //! state the snapshot takes reads and writes back (regs, sregs, FPU, legacy XSAVE, XCRs, the
 //! MSRs of KVM_GET_MSR_INDEX_LIST, LAPIC, vCPU events, debug registers, MP state, both PICs,
 //! IOAPIC, PIT2, KVM_GET/SET_CLOCK): a snapshot's `skipped` list is empty there. But

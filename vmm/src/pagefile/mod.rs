@@ -3,7 +3,7 @@
 //! Pausing ([`crate::VmControl::page_out`]) writes every guest page that differs from its base
 //! (the template's memory file for a clone, zero otherwise) into a page file, in blocks of one
 //! [`on_disk::BLOCK_BYTES`] chunk of guest RAM each, compressed and checksummed (see
-//! [`format`]). The file is written under a temporary name, fsync'd, renamed and its directory
+//! [`on_disk`]). The file is written under a temporary name, fsync'd, renamed and its directory
 //! fsync'd; only then is the RAM released, so a monitor killed at any point leaves either the
 //! untouched VM or a complete page file.
 //!
@@ -11,6 +11,10 @@
 //! ([`PageInMode::Eager`]) or maps fresh anonymous memory and serves the guest's first touch of
 //! each chunk through userfaultfd ([`PageInMode::Lazy`], see `pager`): untouched chunks never
 //! come back. A block whose checksum does not match is never installed.
+//!
+//! This module holds the pieces: the file ([`PageFile`], [`Writer`], [`Codec`]), guest RAM's
+//! host mappings (`ram`) and paging state (`RamState`), the scan that writes the pages
+//! (`scan`) and the lazy pager; [`crate::page_out`] drives them for a paused VM.
 
 pub mod on_disk;
 mod pager;
@@ -64,13 +68,11 @@ impl RamState {
 
 /// How blocks are compressed.
 ///
-/// lz4 is the default, chosen by measurement (`husk bench pause` prints both codecs on 64 KiB
-/// blocks of the guest's pages and of the husk executable). What matters most is the latency a
-/// lazily resumed guest sees on each fault, which is one block's decompression: on the
-/// development host lz4 took 3.1 us per block of guest pages and 22.7 us per block of code
-/// and data, zstd (level 1) 9.8 us and 61.9 us, about 3x slower. zstd's files are smaller
-/// (2.63:1 against 1.95:1 on the executable), but both compress at several hundred MiB/s or
-/// more, so neither the pause nor the disk decides, and a page file is short-lived.
+/// lz4 is the default. What matters most is the latency a lazily resumed guest sees on each
+/// fault, which is one block's decompression, and lz4 decompresses a block several times
+/// faster than zstd at level 1. zstd's files are smaller, but both compress fast enough that
+/// neither the pause nor the disk decides, and a page file is short-lived. `husk bench pause`
+/// measures both codecs on this host's pages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Codec {
     /// LZ4 block format (lz4_flex).

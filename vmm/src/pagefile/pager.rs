@@ -210,7 +210,7 @@ impl Served {
 
     /// After a failure, lets a thread stuck on `addr` leave: the VM is already stopping with
     /// the error and is never resumed, but its vCPU threads must get out of their faults to
-    /// end, and on this host (PVM) a vCPU whose fault stays unanswered retries it forever
+    /// end, and on a PVM host a vCPU whose fault stays unanswered retries it forever
     /// instead of returning to the VMM on its kick. So the page is mapped as zero, one page
     /// only: a kicked vCPU has its signal pending and leaves KVM_RUN before entering the guest
     /// again, so the guest does not run on it.

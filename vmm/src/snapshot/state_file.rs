@@ -82,7 +82,7 @@ pub fn cpu_fingerprint(cpuid: &CpuId) -> u32 {
     hasher.finalize()
 }
 
-/// Clears the APIC id fields: some KVMs (the PVM host here) fill them with the id of the host
+/// Clears the APIC id fields: some KVMs (PVM hosts) fill them with the id of the host
 /// CPU the ioctl ran on, and every vCPU gets its own id anyway (`cpuid::for_vcpu`).
 fn without_apic_id(e: &mut kvm_bindings::kvm_cpuid_entry2) {
     const LEAF_FEATURES: u32 = 1;
