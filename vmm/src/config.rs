@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 
 use serde::{Deserialize, Serialize};
 
-use crate::boot::CpuMode;
+use crate::boot::{CpuMode, RAW_MIN_LOAD};
 use crate::error::VmError;
 use crate::{memory, mptable};
 
@@ -227,9 +227,9 @@ impl SavedConfig {
     pub fn to_vm_config(&self) -> VmConfig {
         let mut cfg = VmConfig::new(Boot::Raw {
             image: Vec::new(),
-            load_addr: crate::boot::RAW_MIN_LOAD,
-            entry: crate::boot::RAW_MIN_LOAD,
-            mode: crate::CpuMode::Long,
+            load_addr: RAW_MIN_LOAD,
+            entry: RAW_MIN_LOAD,
+            mode: CpuMode::Long,
         });
         cfg.vcpus = self.vcpus;
         cfg.memory_mib = self.memory_mib;

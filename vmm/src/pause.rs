@@ -21,7 +21,7 @@ use crate::error::VmError;
 use crate::memory::GuestMemory;
 use crate::pagefile::RamState;
 use crate::persist::{self, PersistDevice};
-use crate::stop::{kick_signal, StopState};
+use crate::stop::{kick_signal, StopState, VmExit};
 
 /// How long `pause` waits for every vCPU to park.
 const PARK_TIMEOUT: Duration = Duration::from_secs(5);
@@ -245,7 +245,7 @@ impl VmControl {
     /// Ends the VM as if the guest had powered off (e.g. a paused VM kept only for its
     /// snapshot); `Vm::run` returns once every vCPU thread is out.
     pub fn stop(&self) {
-        self.stop.request(Ok(crate::VmExit::PowerOff));
+        self.stop.request(Ok(VmExit::PowerOff));
     }
 
     /// True between `pause` and `resume`.
