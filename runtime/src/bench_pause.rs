@@ -19,7 +19,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use husk_vmm::pagefile::{Codec, PageFile};
-use husk_vmm::testing::guests::{self, Running, COUNTER, FILLED, FILL_QWORDS, FILL_START};
+use husk_vmm::testing::guests::{
+    self as testguest, Running, COUNTER, FILLED, FILL_QWORDS, FILL_START,
+};
 use husk_vmm::{PageInMode, Vm};
 
 use crate::bench::{ms, Percentiles};
@@ -82,7 +84,7 @@ fn one_size(dir: &Path, fill: u32, runs: usize) -> Result<(f64, f64)> {
         calls.push(call);
         lazy.push(resumed);
     }
-    guests::check_marked_fill(&vm.mem, u64::from(fill) * MIB).map_err(anyhow::Error::msg)?;
+    testguest::check_marked_fill(&vm.mem, u64::from(fill) * MIB).map_err(anyhow::Error::msg)?;
     let p = Percentiles::of(&lazy);
     println!(
         "{fill} MiB: lazy page-in + resume -> guest counting: {p} (page_in call alone: {}; {runs} runs; every byte checked afterwards)",
@@ -93,19 +95,21 @@ fn one_size(dir: &Path, fill: u32, runs: usize) -> Result<(f64, f64)> {
 }
 
 fn boot(fill: u32) -> Result<Running> {
-    let mut cfg = guests::long_mode_config(guests::marked_counting_guest());
+    let mut cfg = testguest::long_mode_config(testguest::marked_counting_guest());
     cfg.memory_mib = (FILL_START / MIB) as u32 + fill + 16;
     let vm = Vm::new(cfg).context("building the VM")?;
-    guests::write_u64(vm.memory(), FILL_QWORDS, u64::from(fill) * MIB / 8);
+    testguest::write_u64(vm.memory(), FILL_QWORDS, u64::from(fill) * MIB / 8);
     let started = Instant::now();
     let vm = Running::start(vm);
-    wait(&vm, "the fill", |m| guests::read_u32(m, FILLED) == 1)?;
+    wait(&vm, "the fill", |m| testguest::read_u32(m, FILLED) == 1)?;
     println!(
         "{fill} MiB: guest dirtied {fill} MiB in {:.2} s",
         started.elapsed().as_secs_f64()
     );
     let n = vm.read(COUNTER);
-    wait(&vm, "counting", |m| guests::read_u32(m, COUNTER) > n + 1000)?;
+    wait(&vm, "counting", |m| {
+        testguest::read_u32(m, COUNTER) > n + 1000
+    })?;
     Ok(vm)
 }
 
@@ -161,7 +165,7 @@ fn lazy_resume(vm: &Running, dir: &Path) -> Result<(Duration, Duration)> {
     let call = vm.control.page_in(&path, PageInMode::Lazy)?.took;
     vm.control.resume();
     wait(vm, "the resumed guest to count", |m| {
-        guests::read_u32(m, COUNTER) != at
+        testguest::read_u32(m, COUNTER) != at
     })?;
     Ok((call, t.elapsed()))
 }
@@ -170,7 +174,7 @@ fn resume_and_count(vm: &Running) -> Result<()> {
     let at = vm.read(COUNTER);
     vm.control.resume();
     wait(vm, "the guest to count", |m| {
-        guests::read_u32(m, COUNTER) > at + 1000
+        testguest::read_u32(m, COUNTER) > at + 1000
     })
 }
 

@@ -23,7 +23,9 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use husk_vmm::snapshot::{AfterSnapshot, RestoreOverrides, SnapshotPaths};
-use husk_vmm::testing::guests::{self, Running, COUNTER, FILLED, FILL_QWORDS, FILL_START, STARTED};
+use husk_vmm::testing::guests::{
+    self as testguest, Running, COUNTER, FILLED, FILL_QWORDS, FILL_START, STARTED,
+};
 use husk_vmm::Vm;
 
 use crate::bench::{ms, Percentiles};
@@ -122,14 +124,14 @@ pub fn run(b: &RestoreBench) -> Result<()> {
 /// vCPUs count; prints what the snapshot holds and what the source VM's RAM costs.
 fn take_snapshot(dir: &Path, vcpus: u8, b: &RestoreBench) -> Result<()> {
     let vm = Vm::new(config(vcpus, b.memory)).context("building the source VM")?;
-    guests::write_u64(vm.memory(), FILL_QWORDS, u64::from(b.fill) * MIB / 8);
+    testguest::write_u64(vm.memory(), FILL_QWORDS, u64::from(b.fill) * MIB / 8);
     let started = Instant::now();
     let source = Running::start(vm);
-    wait(&source, "the fill", |m| guests::read_u32(m, FILLED) == 1)?;
+    wait(&source, "the fill", |m| testguest::read_u32(m, FILLED) == 1)?;
     let filled = started.elapsed();
     let count = source.read(COUNTER);
     wait(&source, "counting", |m| {
-        guests::read_u32(m, COUNTER) > count + 1000
+        testguest::read_u32(m, COUNTER) > count + 1000
     })?;
     let t = Instant::now();
     source
@@ -137,7 +139,7 @@ fn take_snapshot(dir: &Path, vcpus: u8, b: &RestoreBench) -> Result<()> {
         .snapshot(dir, AfterSnapshot::StayPaused)
         .context("taking the snapshot")?;
     let took = t.elapsed();
-    let held = mapping_usage(&guests::host_ranges(&source.mem))?;
+    let held = mapping_usage(&testguest::host_ranges(&source.mem))?;
     source.quit().map_err(anyhow::Error::msg)?;
 
     let paths = SnapshotPaths::in_dir(dir);
@@ -157,7 +159,7 @@ fn take_snapshot(dir: &Path, vcpus: u8, b: &RestoreBench) -> Result<()> {
 }
 
 fn config(vcpus: u8, memory_mib: u32) -> husk_vmm::VmConfig {
-    let mut cfg = guests::long_mode_config(guests::counting_guest());
+    let mut cfg = testguest::long_mode_config(testguest::counting_guest());
     cfg.vcpus = vcpus;
     cfg.memory_mib = memory_mib;
     cfg
@@ -168,10 +170,10 @@ fn restore_once(snap: &Path) -> Result<(Duration, Duration)> {
     let start = Instant::now();
     let vm = Vm::restore(snap, RestoreOverrides::default())?;
     let call = start.elapsed();
-    let count = guests::read_u32(vm.memory(), COUNTER);
+    let count = testguest::read_u32(vm.memory(), COUNTER);
     let clone = Running::start(vm);
     wait(&clone, "the restored guest to count", |m| {
-        guests::read_u32(m, COUNTER) != count
+        testguest::read_u32(m, COUNTER) != count
     })?;
     let running = start.elapsed();
     clone.quit().map_err(anyhow::Error::msg)?;
@@ -184,7 +186,7 @@ fn cold_once(vcpus: u8, memory_mib: u32) -> Result<Duration> {
     let vm = Vm::new(config(vcpus, memory_mib))?;
     let cold = Running::start(vm);
     wait(&cold, "the guest's first store", |m| {
-        guests::read_u32(m, STARTED) == 1
+        testguest::read_u32(m, STARTED) == 1
     })?;
     let took = start.elapsed();
     cold.quit().map_err(anyhow::Error::msg)?;
@@ -198,10 +200,10 @@ fn memory_sharing(snap: &Path, fill_mib: u32) -> Result<()> {
     let a = Running::start(Vm::restore(snap, RestoreOverrides::default())?);
     let count = a.read(COUNTER);
     wait(&a, "clone A to count", |m| {
-        guests::read_u32(m, COUNTER) != count
+        testguest::read_u32(m, COUNTER) != count
     })?;
     let after = rollup()?;
-    let a_ranges = guests::host_ranges(&a.mem);
+    let a_ranges = testguest::host_ranges(&a.mem);
     println!(
         "restored VM, guest running: guest-RAM mapping {}; whole process: Rss {:+} KiB, Pss {:+} KiB (smaps_rollup delta)",
         mapping_usage(&a_ranges)?,
@@ -211,16 +213,16 @@ fn memory_sharing(snap: &Path, fill_mib: u32) -> Result<()> {
     let b = Running::start(Vm::restore(snap, RestoreOverrides::default())?);
     let count = b.read(COUNTER);
     wait(&b, "clone B to count", |m| {
-        guests::read_u32(m, COUNTER) != count
+        testguest::read_u32(m, COUNTER) != count
     })?;
     let len = u64::from(fill_mib) * MIB;
     for (name, clone) in [("A", &a), ("B", &b)] {
-        let found = guests::read_pattern(&clone.mem, FILL_START, len);
+        let found = testguest::read_pattern(&clone.mem, FILL_START, len);
         if found != len / 8 {
             bail!("clone {name} sees {found} of {} pattern qwords", len / 8);
         }
     }
-    let b_ranges = guests::host_ranges(&b.mem);
+    let b_ranges = testguest::host_ranges(&b.mem);
     println!(
         "two clones after each read all {fill_mib} MiB of the pattern: A {}; B {}",
         mapping_usage(&a_ranges)?,
