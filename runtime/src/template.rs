@@ -10,9 +10,9 @@ use husk_templates::{slot_tag, BuildTarget, Settings, Store, Template, DEFAULT_N
 use husk_vmm::snapshot::AfterSnapshot;
 use husk_vmm::{SerialOutput, ShareConfig};
 
+use crate::agent_vm::{AgentVm, Options};
+use crate::agent_vm::{AGENT_TIMEOUT, POWEROFF_TIMEOUT};
 use crate::assets;
-use crate::boot::{AGENT_TIMEOUT, POWEROFF_TIMEOUT};
-use crate::microvm::{MicroVm, Options};
 
 /// vCPUs of the default template (and of a container whose spec asks for no CPU quota).
 pub const DEFAULT_VCPUS: u8 = 1;
@@ -155,7 +155,7 @@ pub fn build_guest(target: &BuildTarget, verbose: bool) -> Result<()> {
         })
         .collect();
     let console = target.snapshot_dir.with_file_name("console.log");
-    let mut vm = MicroVm::start(Options {
+    let mut vm = AgentVm::start(Options {
         vcpus: s.vcpus,
         memory_mib: s.memory_mib,
         kernel: s.kernel.clone(),
@@ -175,7 +175,7 @@ pub fn build_guest(target: &BuildTarget, verbose: bool) -> Result<()> {
     Ok(())
 }
 
-fn settle_and_snapshot(vm: &mut MicroVm, target: &BuildTarget, progress: &Progress) -> Result<()> {
+fn settle_and_snapshot(vm: &mut AgentVm, target: &BuildTarget, progress: &Progress) -> Result<()> {
     let mut agent = vm.agent(AGENT_TIMEOUT).context("waiting for the agent")?;
     progress.step("agent ready, settling");
     let sync = husk_agent::ExecRequest {

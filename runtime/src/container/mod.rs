@@ -1,18 +1,11 @@
-//! OCI containers: bundles, the state directory, the monitor, and the lifecycle commands.
+//! What a container is made of, as both the lifecycle and the monitor see it: its bundle, what
+//! the guest gets from it, its state directory, the template choice, signal names, and
+//! whether its monitor still lives.
 pub mod bundle;
-pub mod cgroup;
-pub mod checkpoint;
-pub mod commands;
-pub mod control;
-pub mod exec;
 pub mod guest_plan;
-pub mod launch;
-pub mod monitor;
-pub mod paging;
 pub mod rootfs_lookup;
 pub mod signal;
 pub mod state;
-pub mod stdio;
 pub mod template_choice;
 pub mod trace;
 

@@ -95,7 +95,7 @@ impl Guest {
         let uds = self.vsock_path();
         let child = std::cell::RefCell::new(&mut self.child);
         let alive = || matches!(child.borrow_mut().try_wait(), Ok(None));
-        let stream = husk_runtime::vsock::connect_retry(
+        let stream = husk_runtime::guest_port::connect_retry(
             &uds,
             husk_agent::AGENT_VSOCK_PORT,
             Duration::from_secs(120),

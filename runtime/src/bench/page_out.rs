@@ -17,43 +17,24 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use clap::Args;
 use husk_vmm::pagefile::{Codec, PageFile};
 use husk_vmm::testing::guests::{
     self as testguest, Running, COUNTER, FILLED, FILL_QWORDS, FILL_START,
 };
 use husk_vmm::{PageInMode, Vm};
 
-use crate::bench::{ms, Percentiles};
+use super::raw_guest::{wait, MIB};
+use super::stats::{ms, Percentiles};
+use super::PauseBench;
 
-#[derive(Args, Debug)]
-pub struct PauseBench {
-    /// MiB the guest dirties before the pauses, comma-separated; the last one's figures are
-    /// the last two lines.
-    #[arg(long, value_delimiter = ',', default_value = "64,256")]
-    fill: Vec<u32>,
-    /// Lazy resumes per fill size.
-    #[arg(long, default_value_t = 9)]
-    runs: usize,
-    /// Instead (in the lab): a busybox container's monitor memory running, paused, resumed.
-    #[arg(long)]
-    container: bool,
-}
-
-/// How long the guest may take for anything (its fill is emulated).
-const WAIT_LIMIT: Duration = Duration::from_secs(300);
-const MIB: u64 = 1 << 20;
 /// Both codecs, the default last.
 const CODECS: [Codec; 2] = [Codec::Zstd, Codec::Lz4];
 
 pub fn run(b: &PauseBench) -> Result<()> {
-    if b.container {
-        return crate::bench_pause_container::run();
-    }
     if b.runs == 0 || b.fill.is_empty() {
         bail!("--runs and --fill must not be empty");
     }
-    let dir = crate::bench::host_kvm_scratch("husk-bench-pause-", "page file")?;
+    let dir = super::setup::host_kvm_scratch("husk-bench-pause-", "page file")?;
     println!(
         "guest: raw long-mode counting guest, 1 vCPU, RAM = fill + {} MiB, page files in {}",
         FILL_START / MIB + 16,
@@ -256,13 +237,4 @@ fn rss_kib() -> Result<i64> {
         .and_then(|l| l.split_whitespace().nth(1))
         .and_then(|n| n.parse().ok())
         .context("no Rss line in /proc/self/smaps_rollup")
-}
-
-fn wait(
-    vm: &Running,
-    what: &str,
-    done: impl Fn(&husk_vmm::memory::GuestMemory) -> bool,
-) -> Result<()> {
-    vm.wait_for(what, WAIT_LIMIT, done)
-        .map_err(anyhow::Error::msg)
 }

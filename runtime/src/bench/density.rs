@@ -18,16 +18,10 @@ use std::path::Path;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use clap::Args;
 
-use crate::bench_start::{work_dir, Fleet, Runtime};
-
-#[derive(Args, Debug)]
-pub struct DensityBench {
-    /// Idle containers of each kind.
-    #[arg(long, default_value_t = 20)]
-    count: usize,
-}
+use super::fleet::{work_dir, Fleet, Runtime};
+use super::stats::kib_field;
+use super::DensityBench;
 
 /// How long the containers idle after all of them run, before memory is read.
 const SETTLE: Duration = Duration::from_secs(3);
@@ -117,29 +111,9 @@ fn mem_available_kib() -> Result<u64> {
     kib_field(&text, "MemAvailable:").context("no MemAvailable line in /proc/meminfo")
 }
 
-/// The number of a `Name:   123 kB` line of /proc/meminfo or smaps_rollup; `name` with its colon.
-pub(crate) fn kib_field(text: &str, name: &str) -> Option<u64> {
-    text.lines().find_map(|line| {
-        let mut words = line.split_whitespace();
-        (words.next() == Some(name)).then(|| words.next()?.parse().ok())?
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn kib_field_reads_meminfo_and_smaps_rollup() {
-        let meminfo =
-            "MemTotal:        6091756 kB\nMemFree:  5000 kB\nMemAvailable:    5812340 kB\n";
-        assert_eq!(kib_field(meminfo, "MemAvailable:"), Some(5_812_340));
-        let rollup = "55d0c0000000-7ffc0000000 ---p 00000000 00:00 0 [rollup]\n\
-                      Rss:               41236 kB\nPss:               20118 kB\n\
-                      Pss_Anon:          12000 kB\n";
-        assert_eq!(kib_field(rollup, "Pss:"), Some(20_118));
-        assert_eq!(kib_field(rollup, "Swap:"), None);
-    }
 
     #[test]
     fn footprint_is_shown_per_container_in_mib() {

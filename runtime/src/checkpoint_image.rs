@@ -1,5 +1,5 @@
-//! `husk checkpoint` and `husk restore`: a container's whole micro-VM written to a directory
-//! and brought back in a new monitor, with runc's flags as podman and conmon pass them.
+//! The checkpoint image: a container's whole micro-VM written to a directory, as `checkpoint`
+//! writes it (through its monitor) and `restore` and the monitor read it back.
 //!
 //! The image directory holds the VMM's checkpoint (`state`: vCPU, interrupt-controller,
 //! clock and device state, including the 9p fids of the rootfs and bind mounts; `pages`: the
@@ -15,10 +15,6 @@ use anyhow::{bail, Context, Result};
 use husk_templates::FileStamp;
 use serde::{Deserialize, Serialize};
 
-use super::commands::{self, CreateOpts, VmSource};
-use super::control::{self, Request};
-use super::state::{Status, Store};
-
 /// The manifest's own format; bump on any incompatible change.
 pub const MANIFEST_FORMAT: u32 = 1;
 /// The manifest's name in the image directory.
@@ -26,91 +22,6 @@ pub const MANIFEST_FILE: &str = "manifest.json";
 /// CRIU's inventory file: podman refuses to restore from a directory without one, so a
 /// complete image carries this small marker beside the manifest (it holds no state).
 pub const INVENTORY_FILE: &str = "inventory.img";
-
-/// `husk checkpoint` (runc's flags; those about CRIU are accepted and ignored).
-#[derive(clap::Args, Debug, Clone)]
-pub struct CheckpointOpts {
-    /// Directory the checkpoint is written to.
-    #[arg(long)]
-    pub image_path: PathBuf,
-    /// Accepted for runc compatibility (CRIU's logs would go there).
-    #[arg(long)]
-    pub work_path: Option<PathBuf>,
-    /// Keep the container running after the checkpoint.
-    #[arg(long)]
-    pub leave_running: bool,
-    /// A pre-dump: written like a checkpoint, and the container keeps running.
-    #[arg(long)]
-    pub pre_dump: bool,
-    #[command(flatten)]
-    pub criu: CriuFlags,
-    /// Accepted for runc compatibility (incremental checkpoints are not kept).
-    #[arg(long)]
-    pub parent_path: Option<PathBuf>,
-    /// Accepted for runc compatibility.
-    #[arg(long)]
-    pub page_server: Option<String>,
-    /// Accepted for runc compatibility.
-    #[arg(long)]
-    pub status_fd: Option<i32>,
-    pub id: String,
-}
-
-/// `husk restore`: `create`'s options, plus the image and runc's restore flags.
-#[derive(clap::Args, Debug, Clone)]
-pub struct RestoreOpts {
-    /// Directory of the checkpoint.
-    #[arg(long)]
-    pub image_path: PathBuf,
-    /// Accepted for runc compatibility.
-    #[arg(long)]
-    pub work_path: Option<PathBuf>,
-    /// Return once the container runs, instead of waiting for it (and deleting it).
-    #[arg(short, long)]
-    pub detach: bool,
-    #[command(flatten)]
-    pub criu: CriuFlags,
-    /// Accepted for runc compatibility.
-    #[arg(long)]
-    pub tcp_close: bool,
-    /// Accepted for runc compatibility.
-    #[arg(long)]
-    pub no_subreaper: bool,
-    /// Accepted for runc compatibility.
-    #[arg(long)]
-    pub lsm_profile: Option<String>,
-    /// Accepted for runc compatibility.
-    #[arg(long)]
-    pub lsm_mount_context: Option<String>,
-    #[command(flatten)]
-    pub create: CreateOpts,
-}
-
-/// runc's flags that steer CRIU. A micro-VM's checkpoint holds every connection, lock and
-/// socket of the guest anyway, so none of them changes anything here.
-#[derive(clap::Args, Debug, Clone, Default)]
-pub struct CriuFlags {
-    #[arg(long, hide = true)]
-    pub tcp_established: bool,
-    #[arg(long, hide = true)]
-    pub ext_unix_sk: bool,
-    #[arg(long, hide = true)]
-    pub shell_job: bool,
-    #[arg(long, hide = true)]
-    pub file_locks: bool,
-    #[arg(long, hide = true)]
-    pub lazy_pages: bool,
-    #[arg(long, hide = true)]
-    pub auto_dedup: bool,
-    #[arg(long, hide = true)]
-    pub manage_cgroups_mode: Option<String>,
-    #[arg(long, hide = true)]
-    pub empty_ns: Vec<String>,
-    #[arg(long, hide = true)]
-    pub tcp_skip_in_flight: bool,
-    #[arg(long, hide = true)]
-    pub link_remap: bool,
-}
 
 /// `manifest.json`: what a restore needs besides the VMM's files.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -275,35 +186,4 @@ pub fn remove_image(dir: &Path) {
     }
     // Only if it is empty: the caller may have made it, or may keep other files there.
     let _ = std::fs::remove_dir(dir);
-}
-
-/// `husk checkpoint`: the monitor writes the image; without `--leave-running` the container
-/// is stopped afterwards, as runc's is, and this returns once its monitor is gone.
-pub fn checkpoint(root: &Path, opts: &CheckpointOpts) -> Result<()> {
-    let store = Store::new(root);
-    let st = commands::load(&store, &opts.id)?;
-    if !matches!(st.status, Status::Running | Status::Paused) {
-        bail!("container {} is not running", opts.id);
-    }
-    let dir = std::path::absolute(&opts.image_path)?;
-    let leave_running = opts.leave_running || opts.pre_dump;
-    let req = Request::Checkpoint {
-        dir: dir.clone(),
-        leave_running,
-    };
-    control::call(&store.dir(&opts.id), &req)?;
-    if !leave_running {
-        commands::finish_monitor(&st);
-    }
-    Ok(())
-}
-
-/// `husk restore`: checks the image, claims the id and starts a monitor that brings the VM
-/// back; returns once the container runs (with `--detach`), or waits for it like `run`.
-pub fn restore(root: &Path, opts: &RestoreOpts) -> Result<i32> {
-    let dir = std::path::absolute(&opts.image_path)?;
-    Manifest::read_checked(&dir)?;
-    let source = |_: &_| Ok(VmSource::Checkpoint(dir.clone()));
-    let pid = commands::create_with(root, &opts.create, source)?;
-    Ok(commands::follow(root, &opts.create.id, pid, opts.detach))
 }

@@ -12,7 +12,7 @@ use std::process::Command;
 use anyhow::{Context, Result};
 use nix::unistd::{fork, ForkResult};
 
-use super::monitor::{self, MonitorArgs};
+use super::MonitorArgs;
 
 /// Starts the monitor for `args`; returns its pid. `args.ready_fd` is close-on-exec in the
 /// caller; the monitor gets its own copy, open.
@@ -29,7 +29,7 @@ pub fn start(args: MonitorArgs) -> Result<i32> {
         ForkResult::Child => {
             nix::unistd::setsid().ok();
             close_cloexec_fds(args.ready_fd);
-            let code = monitor::run(args);
+            let code = super::run(args);
             std::process::exit(code)
         }
     }

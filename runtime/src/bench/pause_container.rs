@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 
-use crate::bench::ms;
-use crate::bench_start::{work_dir, Fleet, Runtime};
+use super::fleet::{work_dir, Fleet, Runtime};
+use super::stats::{kib_field, ms};
 
 /// How long the container idles before the first reading (late guest work settles).
 const SETTLE: Duration = Duration::from_secs(3);
@@ -27,8 +27,7 @@ impl Reading {
         let path = format!("/proc/{pid}/smaps_rollup");
         let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
         let field = |name: &str| {
-            crate::bench_density::kib_field(&text, name)
-                .with_context(|| format!("no {name} line in {path}"))
+            kib_field(&text, name).with_context(|| format!("no {name} line in {path}"))
         };
         Ok(Reading {
             rss: field("Rss:")?,

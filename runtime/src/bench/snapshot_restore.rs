@@ -21,34 +21,15 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use clap::Args;
 use husk_vmm::snapshot::{AfterSnapshot, RestoreOverrides, SnapshotPaths};
 use husk_vmm::testing::guests::{
     self as testguest, Running, COUNTER, FILLED, FILL_QWORDS, FILL_START, STARTED,
 };
 use husk_vmm::Vm;
 
-use crate::bench::{ms, Percentiles};
-
-#[derive(Args, Debug)]
-pub struct RestoreBench {
-    /// Restores (and cold boots) for each vCPU count.
-    #[arg(long, default_value_t = 20)]
-    runs: usize,
-    /// Guest memory in MiB.
-    #[arg(long, default_value_t = 256)]
-    memory: u32,
-    /// MiB of guest memory the guest fills with a pattern before the snapshot.
-    #[arg(long, default_value_t = 64)]
-    fill: u32,
-    /// vCPU counts to measure, comma-separated; the first one's median is the last line.
-    #[arg(long, value_delimiter = ',', default_value = "1,2")]
-    vcpus: Vec<u8>,
-}
-
-/// How long the guest may take for anything (the fill is emulated instruction by instruction).
-const WAIT_LIMIT: Duration = Duration::from_secs(300);
-const MIB: u64 = 1 << 20;
+use super::raw_guest::{wait, MIB};
+use super::stats::{ms, Percentiles};
+use super::RestoreBench;
 
 pub fn run(b: &RestoreBench) -> Result<()> {
     if b.runs == 0 || b.vcpus.is_empty() {
@@ -63,7 +44,7 @@ pub fn run(b: &RestoreBench) -> Result<()> {
             b.memory
         );
     }
-    let dir = crate::bench::host_kvm_scratch("husk-bench-restore-", "snapshot")?;
+    let dir = super::setup::host_kvm_scratch("husk-bench-restore-", "snapshot")?;
     println!(
         "guest: raw long-mode counting guest, {} MiB RAM, vCPU 0 fills {} MiB with a pattern first",
         b.memory, b.fill
@@ -231,16 +212,6 @@ fn memory_sharing(snap: &Path, fill_mib: u32) -> Result<()> {
     a.quit().map_err(anyhow::Error::msg)?;
     b.quit().map_err(anyhow::Error::msg)?;
     Ok(())
-}
-
-/// Waits (up to [`WAIT_LIMIT`]) until `done` holds for the guest's memory.
-fn wait(
-    vm: &Running,
-    what: &str,
-    done: impl Fn(&husk_vmm::memory::GuestMemory) -> bool,
-) -> Result<()> {
-    vm.wait_for(what, WAIT_LIMIT, done)
-        .map_err(anyhow::Error::msg)
 }
 
 /// Memory of some mappings, from /proc/self/smaps, in KiB.

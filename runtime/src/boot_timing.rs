@@ -1,19 +1,13 @@
 //! `husk boot`: boot the default guest to a ready agent, report the time, power it off.
 
 use std::path::PathBuf;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use husk_vmm::SerialOutput;
 
+use crate::agent_vm::{serial_output, AgentVm, Options, AGENT_TIMEOUT, POWEROFF_TIMEOUT};
 use crate::assets;
-use crate::microvm::{MicroVm, Options};
-
-/// How long a guest may take to reach its agent. Generous: the nested lab is ~20x slower.
-pub const AGENT_TIMEOUT: Duration = Duration::from_secs(120);
-/// How long a guest may take to power off once the agent has acknowledged.
-pub const POWEROFF_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Args, Debug, Clone)]
 pub struct BootArgs {
@@ -57,17 +51,8 @@ impl BootArgs {
     }
 }
 
-/// Maps `--console` to where the serial output goes.
-pub fn serial_output(console: Option<&PathBuf>) -> SerialOutput {
-    match console {
-        None => SerialOutput::Sink,
-        Some(p) if p.as_os_str() == "-" => SerialOutput::Stdout,
-        Some(p) => SerialOutput::File(p.clone()),
-    }
-}
-
 pub fn run(args: &BootArgs, started: Instant) -> Result<()> {
-    let mut vm = MicroVm::start(args.options()?)?;
+    let mut vm = AgentVm::start(args.options()?)?;
     if std::env::var_os("HUSK_TRACE").is_some() {
         eprintln!("husk: VM built in {} ms", started.elapsed().as_millis());
     }

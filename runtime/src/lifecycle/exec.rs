@@ -1,6 +1,7 @@
-//! `husk exec`: runs another process in a running container. The caller talks to the guest
-//! agent directly over the VM's vsock socket; with `--detach` a small exec monitor (this same
-//! command, re-run in its own session) holds the connection and exits with the process's status.
+//! `exec`: runs another process in a running container. The caller talks to the guest agent
+//! directly over the VM's vsock socket; detached, a small exec monitor (this process's `exec`
+//! command line, re-run in its own session) holds the connection and exits with the process's
+//! status.
 
 use std::io::{BufRead, BufReader};
 use std::os::unix::process::CommandExt;
@@ -11,75 +12,59 @@ use anyhow::{bail, Context, Result};
 use husk_agent::client::Client;
 use serde_json::{json, Value};
 
-use super::state::{Status, Store};
-use super::stdio::{self, HostStdio};
-use crate::vsock;
+use super::create::{high_fd, write_pid_file};
+use super::Container;
+use crate::container::state::Status;
+use crate::guest_port;
+use crate::monitor::stdio::{self, HostStdio};
 
-#[derive(clap::Args, Debug, Clone)]
-pub struct ExecOpts {
-    /// AF_UNIX socket that receives the pty master with --tty.
-    #[arg(long)]
+/// What `exec` runs, and how.
+#[derive(Debug, Clone, Default)]
+pub struct ExecOptions {
+    /// AF_UNIX socket that receives the pty master with `tty`.
     pub console_socket: Option<PathBuf>,
     /// Working directory in the container.
-    #[arg(long)]
     pub cwd: Option<String>,
-    /// Set an environment variable (repeatable).
-    #[arg(short, long)]
+    /// Environment variables added to the container process's.
     pub env: Vec<String>,
     /// Allocate a pseudo-TTY.
-    #[arg(short, long)]
     pub tty: bool,
     /// UID[:GID].
-    #[arg(short, long)]
     pub user: Option<String>,
-    /// Additional gids (repeatable).
-    #[arg(short = 'g', long)]
+    /// Additional gids.
     pub additional_gids: Vec<u32>,
-    /// An OCI process.json to run instead of the arguments.
-    #[arg(short, long)]
+    /// An OCI process.json to run instead of `args`.
     pub process: Option<PathBuf>,
-    /// Detach from the process.
-    #[arg(short, long)]
+    /// Return once the process runs: a detached exec monitor (this process's command line
+    /// run again, with `ready_fd`) holds its stdio.
     pub detach: bool,
-    /// File to write the exec's (monitor's) pid to.
-    #[arg(long)]
+    /// File to write the exec monitor's pid to.
     pub pid_file: Option<PathBuf>,
     /// Set no_new_privileges for the process.
-    #[arg(long)]
     pub no_new_privs: bool,
-    /// Add a capability to the process (repeatable).
-    #[arg(short, long)]
+    /// Capabilities added to the process.
     pub cap: Vec<String>,
-    /// Accepted for runc compatibility.
-    #[arg(long, default_value_t = 0)]
-    pub preserve_fds: u32,
     /// Allow exec in a paused container.
-    #[arg(long)]
     pub ignore_paused: bool,
-    /// Accepted for runc compatibility.
-    #[arg(long)]
-    pub process_label: Option<String>,
-    /// Accepted for runc compatibility.
-    #[arg(long)]
-    pub apparmor: Option<String>,
-    /// Accepted for runc compatibility.
-    #[arg(long)]
-    pub cgroup: Option<String>,
-    /// (internal) Readiness pipe of a detached exec monitor.
-    #[arg(long, hide = true)]
+    /// Readiness pipe of a detached exec monitor.
     pub ready_fd: Option<i32>,
-    pub id: String,
     /// Command and arguments.
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     pub args: Vec<String>,
 }
 
 /// How long a running guest may take to accept an exec and start its process.
 const START_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
-pub fn exec(root: &Path, opts: &ExecOpts) -> Result<i32> {
-    let store = Store::new(root);
-    let st = super::commands::load(&store, &opts.id)?;
+impl Container {
+    /// Runs another process in the running container; its exit code, or 0 once it runs when
+    /// detached.
+    pub fn exec(&self, opts: &ExecOptions) -> Result<i32> {
+        exec(self, opts)
+    }
+}
+
+fn exec(c: &Container, opts: &ExecOptions) -> Result<i32> {
+    let st = &c.state;
     match st.status {
         Status::Stopped => bail!("cannot exec in a stopped container"),
         Status::Paused if !opts.ignore_paused => bail!("cannot exec in a paused container"),
@@ -89,14 +74,14 @@ pub fn exec(root: &Path, opts: &ExecOpts) -> Result<i32> {
     let spec: Value = serde_json::from_slice(&std::fs::read(st.bundle.join("config.json"))?)?;
     let process = process(opts, &spec["process"])?;
     if opts.detach && opts.ready_fd.is_none() {
-        return detach(root, opts);
+        return detach(c.store.root(), opts);
     }
-    let uds = store.dir(&opts.id).join("vsock.sock");
+    let uds = c.store.dir(&st.id).join("vsock.sock");
     // A running guest answers the handshake and the start at once; a wedged one must not hang
     // exec. A paused one answers once resumed (`--ignore-paused`), so it is waited for.
     let stream = match st.status {
-        Status::Paused => vsock::connect(&uds, husk_agent::AGENT_VSOCK_PORT)?,
-        _ => vsock::connect_timeout(&uds, husk_agent::AGENT_VSOCK_PORT, START_TIMEOUT)?,
+        Status::Paused => guest_port::connect(&uds, husk_agent::AGENT_VSOCK_PORT)?,
+        _ => guest_port::connect_timeout(&uds, husk_agent::AGENT_VSOCK_PORT, START_TIMEOUT)?,
     };
     let mut agent = Client::new(stream);
     agent
@@ -107,10 +92,10 @@ pub fn exec(root: &Path, opts: &ExecOpts) -> Result<i32> {
         _ => HostStdio::Inherited,
     };
     if let Some(fd) = opts.ready_fd {
-        super::monitor::notify(fd, "ok");
+        crate::monitor::notify(fd, "ok");
     }
     // The process itself may run and stay silent for as long as it likes.
-    let rx = stdio::bridge(vsock::without_timeouts(agent.into_inner())?, host)?;
+    let rx = stdio::bridge(guest_port::without_timeouts(agent.into_inner())?, host)?;
     match rx.recv() {
         Ok(Ok(status)) => Ok(stdio::exit_code(&status)),
         Ok(Err(message)) => bail!("exec failed: {message}"),
@@ -119,7 +104,7 @@ pub fn exec(root: &Path, opts: &ExecOpts) -> Result<i32> {
 }
 
 /// The process to run: `--process`, or the container's own process with the flags applied.
-fn process(opts: &ExecOpts, base: &Value) -> Result<Value> {
+fn process(opts: &ExecOptions, base: &Value) -> Result<Value> {
     if let Some(p) = &opts.process {
         let text = std::fs::read(p).with_context(|| format!("reading {}", p.display()))?;
         return serde_json::from_slice(&text).with_context(|| format!("parsing {}", p.display()));
@@ -165,9 +150,9 @@ fn user_json(user: &str, additional: &[u32]) -> Result<Value> {
 }
 
 /// Re-runs this exec as a session leader that holds the stdio; returns once it started.
-fn detach(root: &Path, opts: &ExecOpts) -> Result<i32> {
+fn detach(root: &Path, opts: &ExecOptions) -> Result<i32> {
     let (read, write) = nix::unistd::pipe()?;
-    let write_fd = super::commands::high_fd(write)?;
+    let write_fd = high_fd(write)?;
     let mut cmd = Command::new(std::env::current_exe()?);
     // Options must precede the container id, so --ready-fd goes right after "exec".
     cmd.arg("--root").arg(root).arg("exec");
@@ -191,7 +176,7 @@ fn detach(root: &Path, opts: &ExecOpts) -> Result<i32> {
         bail!("{}", line.trim_end());
     }
     if let Some(p) = &opts.pid_file {
-        super::commands::write_pid_file(p, child.id() as i32)?;
+        write_pid_file(p, child.id() as i32)?;
     }
     Ok(0)
 }

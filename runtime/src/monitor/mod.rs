@@ -1,6 +1,16 @@
 //! The monitor: one process per container that owns its micro-VM. It clones the guest from a
-//! template (or boots it), has the agent create the container, bridges stdio, answers control requests, and exits with the
-//! container's status (the code, or 128 + signal) once the process is gone and the VM is off.
+//! template (or boots it, or restores it from a checkpoint image), has the agent create the
+//! container, bridges stdio, answers control requests, and exits with the container's status
+//! (the code, or 128 + signal) once the process is gone and the VM is off.
+//!
+//! Its parts: `launch` (how `create` starts it), `control` (its socket and protocol), `stdio`,
+//! `paging` (a paused guest's memory on disk), `cgroup` (the container's host cgroup).
+
+pub mod cgroup;
+pub mod control;
+pub mod launch;
+pub mod paging;
+pub mod stdio;
 
 use std::fs::File;
 use std::io::Write;
@@ -16,18 +26,16 @@ use husk_agent::client::Client;
 use husk_agent::proto::{Request as AgentRequest, Response};
 use husk_templates::{Lease, Template};
 
-use super::bundle::Bundle;
-use super::cgroup;
-use super::checkpoint::{self, Manifest};
-use super::control::{self, Reply, Request};
-use super::guest_plan::{GuestPlan, GUEST_ROOTFS};
-use super::paging::{Pager, PauseConfig};
-use super::state::{ContainerState, Status, Store};
-use super::stdio::{self, HostStdio};
-use super::trace::Trace;
-use crate::boot::AGENT_TIMEOUT;
-use crate::microvm::{MicroVm, Options, RestoreOptions};
-use crate::{assets, vsock};
+use self::control::{Reply, Request};
+use self::paging::{PauseConfig, PausePaging};
+use self::stdio::HostStdio;
+use crate::agent_vm::{AgentVm, Options, RestoreOptions, AGENT_TIMEOUT, POWEROFF_TIMEOUT};
+use crate::checkpoint_image::{self, Manifest};
+use crate::container::bundle::Bundle;
+use crate::container::guest_plan::{GuestPlan, GUEST_ROOTFS};
+use crate::container::state::{ContainerState, Status, Store};
+use crate::container::trace::Trace;
+use crate::{assets, guest_port};
 
 /// What `husk create` hands the monitor.
 pub struct MonitorArgs {
@@ -99,10 +107,10 @@ fn report(ready: &mut Option<File>, msg: &str) {
 }
 
 struct Started {
-    vm: MicroVm,
+    vm: AgentVm,
     /// Marks this monitor as a running clone of its template (dropped at exit).
     _lease: Option<Lease>,
-    pager: Arc<Pager>,
+    pager: Arc<PausePaging>,
     state: Arc<Mutex<ContainerState>>,
     exit: std::sync::mpsc::Receiver<stdio::Outcome>,
 }
@@ -122,7 +130,7 @@ fn start(args: &MonitorArgs, store: &Store) -> Result<Started> {
     let (mut vm, clone) = match (&args.restore, &args.template) {
         (Some(image), _) => restore_vm(image, manifest.as_ref(), &dir, &plan)?,
         (None, Some(name)) => clone_vm(name, &dir, &plan)?,
-        (None, None) => (MicroVm::start(options(&bundle, &dir, &plan)?)?, None),
+        (None, None) => (AgentVm::start(options(&bundle, &dir, &plan)?)?, None),
     };
     trace.mark(if clone.is_some() {
         "VM restored"
@@ -171,8 +179,8 @@ fn start(args: &MonitorArgs, store: &Store) -> Result<Started> {
     let attach = attach?.attach_stdio(&guest_id)?;
     let exit = stdio::bridge(attach.into_inner(), host)?;
     trace.mark("stdio attached");
-    let base = template.as_ref().map(checkpoint::template_memory);
-    let pager = Pager::new(pause_config, vm.control().clone(), base, &args.id);
+    let base = template.as_ref().map(checkpoint_image::template_memory);
+    let pager = PausePaging::new(pause_config, vm.control().clone(), base, &args.id);
     let mut initial = initial_state(args, &bundle)?;
     if restored {
         initial.status = Status::Running;
@@ -214,10 +222,10 @@ struct Cloned {
 
 /// Restores the VM from template `name`, with this container's console, vsock socket and
 /// directories in the template's share slots.
-fn clone_vm(name: &str, dir: &Path, plan: &GuestPlan) -> Result<(MicroVm, Option<Cloned>)> {
+fn clone_vm(name: &str, dir: &Path, plan: &GuestPlan) -> Result<(AgentVm, Option<Cloned>)> {
     let (template, lease) = open_template(name)?;
     let opts = own_devices(dir, template_shares(&template, plan));
-    let vm = MicroVm::restore(&template.snapshot_dir(), opts)
+    let vm = AgentVm::restore(&template.snapshot_dir(), opts)
         .with_context(|| format!("cloning template {name}"))?;
     Ok((vm, Some(Cloned { lease, template })))
 }
@@ -230,12 +238,12 @@ fn restore_vm(
     manifest: Option<&Manifest>,
     dir: &Path,
     plan: &GuestPlan,
-) -> Result<(MicroVm, Option<Cloned>)> {
+) -> Result<(AgentVm, Option<Cloned>)> {
     let manifest = manifest.context("restoring without the checkpoint's manifest")?;
     let (shares, cloned) = match &manifest.template {
         Some(t) => {
             let (template, lease) = open_template(&t.name)?;
-            checkpoint::check_template(t, &template)?;
+            checkpoint_image::check_template(t, &template)?;
             let shares = template_shares(&template, plan);
             (shares, Some(Cloned { lease, template }))
         }
@@ -244,7 +252,7 @@ fn restore_vm(
             (shares.collect(), None)
         }
     };
-    let vm = MicroVm::restore_checkpoint(image, own_devices(dir, shares))
+    let vm = AgentVm::restore_checkpoint(image, own_devices(dir, shares))
         .with_context(|| format!("restoring the checkpoint in {}", image.display()))?;
     Ok((vm, cloned))
 }
@@ -353,21 +361,21 @@ fn finish(mut s: Started, store: &Store) -> i32 {
     }
     // The container's status is recorded: a guest slow to power off must not keep the
     // monitor (and the caller waiting on it) alive; the VM ends with this process.
-    if let Err(e) = s.vm.wait_timeout(crate::boot::POWEROFF_TIMEOUT) {
+    if let Err(e) = s.vm.wait_timeout(POWEROFF_TIMEOUT) {
         eprintln!("husk: {e:#}");
     }
     s.pager.remove_file();
     stdio::exit_code(&status)
 }
 
-fn vm_agent(vm: &MicroVm) -> Result<Client<UnixStream>> {
+fn vm_agent(vm: &AgentVm) -> Result<Client<UnixStream>> {
     // A wedged guest must not block the monitor's exit on the poweroff reply.
     agent_at(vm.vsock_path(), Duration::from_secs(10))
 }
 
 /// A connection to the guest agent whose replies are awaited for at most `timeout`.
 fn agent_at(uds: &Path, timeout: Duration) -> Result<Client<UnixStream>> {
-    let stream = vsock::connect_timeout(uds, husk_agent::AGENT_VSOCK_PORT, timeout)?;
+    let stream = guest_port::connect_timeout(uds, husk_agent::AGENT_VSOCK_PORT, timeout)?;
     Ok(Client::new(stream))
 }
 
@@ -397,7 +405,7 @@ fn initial_state(args: &MonitorArgs, bundle: &Bundle) -> Result<ContainerState> 
         created: humantime::format_rfc3339_nanos(std::time::SystemTime::now()).to_string(),
         status: Status::Created,
         pid,
-        pid_start_time: super::process_start_time(pid).unwrap_or(0),
+        pid_start_time: crate::container::process_start_time(pid).unwrap_or(0),
         annotations: annotations.into_iter().collect(),
         cgroup_dirs: Vec::new(),
         page_file: None,
@@ -445,7 +453,7 @@ struct Control {
     vm: husk_vmm::VmControl,
     state: Arc<Mutex<ContainerState>>,
     root: PathBuf,
-    pager: Arc<Pager>,
+    pager: Arc<PausePaging>,
     /// The template the VM was cloned from (a checkpoint's pages are relative to it).
     template: Option<Template>,
     /// Set by a checkpoint that ends the container: the VM stops once the reply is out.
@@ -536,11 +544,11 @@ impl Control {
             .map_err(|e| anyhow::anyhow!("{e}"))
             .and_then(|_| {
                 let st = self.state.lock().unwrap().clone();
-                let template = self.template.as_ref().map(checkpoint::template_ref);
+                let template = self.template.as_ref().map(checkpoint_image::template_ref);
                 Manifest::new(dir, st.guest_id(), &st.bundle, template.transpose()?)?.write(dir)
             });
         if let Err(e) = written {
-            checkpoint::remove_image(dir);
+            checkpoint_image::remove_image(dir);
             if !was_paused && self.vm.is_paused() {
                 self.vm.resume();
             }
@@ -550,7 +558,7 @@ impl Control {
     }
 
     /// The agent for one request of a CLI command: a guest that stopped answering becomes
-    /// an error well within the CLI's own wait ([`super::control::CALL_TIMEOUT`]).
+    /// an error well within the CLI's own wait ([`control::CALL_TIMEOUT`]).
     fn agent(&self) -> Result<Client<UnixStream>> {
         agent_at(&self.uds, CONTROL_AGENT_TIMEOUT)
     }

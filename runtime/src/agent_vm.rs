@@ -1,4 +1,5 @@
-//! A micro-VM running the Husk guest kernel and agent, driven from this process.
+//! A micro-VM running the Husk guest kernel and agent, driven from this process (as opposed to
+//! the VMM's bare `Vm`, which knows nothing of the agent).
 //!
 //! The VMM runs on its own thread; the caller talks to the guest agent over the VM's vsock
 //! Unix socket. Used by `husk boot`, the benchmarks and the tests.
@@ -16,8 +17,23 @@ use husk_vmm::{
     BlockConfig, Boot, SerialOutput, ShareConfig, Vm, VmConfig, VmControl, VmError, VsockConfig,
 };
 
+/// How long a guest may take to reach its agent. Generous: a nested, emulated host (the lab)
+/// runs guests many times slower than hardware.
+pub const AGENT_TIMEOUT: Duration = Duration::from_secs(120);
+/// How long a guest may take to power off once the agent has acknowledged.
+pub const POWEROFF_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// The guest's vsock context id; every VM has its own socket, so one id serves all.
 pub const GUEST_CID: u32 = 3;
+
+/// Maps `--console` to where the serial output goes.
+pub fn serial_output(console: Option<&PathBuf>) -> SerialOutput {
+    match console {
+        None => SerialOutput::Sink,
+        Some(p) if p.as_os_str() == "-" => SerialOutput::Stdout,
+        Some(p) => SerialOutput::File(p.clone()),
+    }
+}
 
 /// What to boot and with which resources.
 #[derive(Clone, Debug)]
@@ -34,7 +50,7 @@ pub struct Options {
     pub vsock_path: Option<PathBuf>,
 }
 
-/// What a clone gets of its own (see [`MicroVm::restore`]).
+/// What a clone gets of its own (see [`AgentVm::restore`]).
 #[derive(Clone, Debug)]
 pub struct RestoreOptions {
     pub serial: SerialOutput,
@@ -56,19 +72,19 @@ impl RestoreOptions {
 }
 
 /// A running micro-VM. Dropping it without `wait` leaves the VMM thread to end with the guest.
-pub struct MicroVm {
+pub struct AgentVm {
     uds: PathBuf,
     control: VmControl,
     thread: Option<JoinHandle<Result<()>>>,
     /// Set until the agent has said it listens (cold boots only).
-    ready: Option<crate::vsock::ReadySignal>,
+    ready: Option<crate::guest_port::ReadySignal>,
     // Holds the socket directory, if we made it; removed on drop so nothing is left behind.
     _dir: Option<tempfile::TempDir>,
 }
 
-impl MicroVm {
+impl AgentVm {
     /// Builds the VM (bad input fails here, synchronously) and starts its vCPUs.
-    pub fn start(opts: Options) -> Result<MicroVm> {
+    pub fn start(opts: Options) -> Result<AgentVm> {
         let (dir, uds) = match &opts.vsock_path {
             Some(p) => (None, p.clone()),
             None => {
@@ -80,7 +96,7 @@ impl MicroVm {
                 (Some(dir), uds)
             }
         };
-        let ready = crate::vsock::ReadySignal::bind(&uds, husk_agent::READY_VSOCK_PORT)?;
+        let ready = crate::guest_port::ReadySignal::bind(&uds, husk_agent::READY_VSOCK_PORT)?;
         let config = vm_config(opts, &uds);
         let mut vm = Self::spawn(move || Vm::new(config), uds, dir)?;
         vm.ready = Some(ready);
@@ -91,7 +107,7 @@ impl MicroVm {
     /// copy-on-write, vCPUs and devices where the snapshot left them, with this VM's own
     /// console, vsock socket and share directories (one per share of the snapshot). The
     /// agent already listens; the guest learns of its new host side by a transport reset.
-    pub fn restore(snapshot_dir: &Path, opts: RestoreOptions) -> Result<MicroVm> {
+    pub fn restore(snapshot_dir: &Path, opts: RestoreOptions) -> Result<AgentVm> {
         let (overrides, uds) = opts.overrides();
         let dir = snapshot_dir.to_path_buf();
         Self::spawn(move || Vm::restore(&dir, overrides), uds, None)
@@ -99,7 +115,7 @@ impl MicroVm {
 
     /// Brings back the VM checkpointed into `dir` (see `VmControl::checkpoint`), with this
     /// VM's own console, vsock socket and share directories; its memory comes back lazily.
-    pub fn restore_checkpoint(dir: &Path, opts: RestoreOptions) -> Result<MicroVm> {
+    pub fn restore_checkpoint(dir: &Path, opts: RestoreOptions) -> Result<AgentVm> {
         let (overrides, uds) = opts.overrides();
         let dir = dir.to_path_buf();
         Self::spawn(move || Vm::restore_checkpoint(&dir, overrides), uds, None)
@@ -110,13 +126,13 @@ impl MicroVm {
         build: impl FnOnce() -> Result<Vm, VmError> + Send + 'static,
         uds: PathBuf,
         dir: Option<tempfile::TempDir>,
-    ) -> Result<MicroVm> {
+    ) -> Result<AgentVm> {
         let (built_tx, built_rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("vmm".into())
             .spawn(move || run_vm(build, built_tx))?;
         match built_rx.recv() {
-            Ok(Ok(control)) => Ok(MicroVm {
+            Ok(Ok(control)) => Ok(AgentVm {
                 uds,
                 control,
                 thread: Some(thread),
@@ -156,7 +172,7 @@ impl MicroVm {
                 Some(signal) => signal.wait(timeout, &alive),
                 None => Ok(()),
             };
-            ready.and_then(|()| crate::vsock::connect_retry(&self.uds, port, timeout, &alive))
+            ready.and_then(|()| crate::guest_port::connect_retry(&self.uds, port, timeout, &alive))
         };
         self.ready = None;
         let stream = match connected {

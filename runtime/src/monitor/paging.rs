@@ -79,7 +79,7 @@ impl PauseConfig {
 
 /// The monitor's pager: pages out after a pause, back in on resume. Clones share the epoch.
 #[derive(Clone)]
-pub struct Pager {
+pub struct PausePaging {
     config: PauseConfig,
     vm: husk_vmm::VmControl,
     /// The template's memory file for a clone (pages equal to it are not stored).
@@ -90,17 +90,17 @@ pub struct Pager {
     epoch: Arc<Mutex<u64>>,
 }
 
-impl Pager {
+impl PausePaging {
     pub fn new(
         config: PauseConfig,
         vm: husk_vmm::VmControl,
         base: Option<PathBuf>,
         id: &str,
-    ) -> Pager {
+    ) -> PausePaging {
         let file = config
             .page_dir
             .join(format!("{id}-{}.pages", std::process::id()));
-        Pager {
+        PausePaging {
             config,
             vm,
             base,

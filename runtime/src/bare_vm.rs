@@ -9,8 +9,8 @@ use husk_vmm::pause::VmControl;
 use husk_vmm::{BlockConfig, Boot, Vm, VmConfig, VsockConfig};
 use nix::sys::signal::{SigSet, Signal};
 
+use crate::agent_vm::serial_output;
 use crate::assets;
-use crate::boot::serial_output;
 
 #[derive(Args, Debug)]
 pub struct VmArgs {
@@ -36,7 +36,7 @@ pub struct VmArgs {
     #[arg(long)]
     vsock: Option<PathBuf>,
     /// Guest vsock context id.
-    #[arg(long, default_value_t = crate::microvm::GUEST_CID)]
+    #[arg(long, default_value_t = crate::agent_vm::GUEST_CID)]
     cid: u32,
     /// A virtio-blk disk backed by this file (repeatable).
     #[arg(long)]

@@ -1,0 +1,230 @@
+//! The runc lifecycle commands: create, run, start, state, kill, delete, pause, resume, ps,
+//! list and exec. Each parses its arguments into the library's options, calls
+//! [`Container`](crate::lifecycle::Container) and prints what runc prints.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+use clap::Args;
+
+use crate::container::signal;
+use crate::lifecycle::{Container, CreateOptions, ExecOptions};
+
+/// Options shared by `create` and `run`.
+#[derive(clap::Args, Debug, Clone)]
+pub struct CreateOpts {
+    /// Path to the root of the bundle directory.
+    #[arg(short, long, default_value = ".")]
+    pub bundle: PathBuf,
+    /// AF_UNIX socket that receives the pty master when process.terminal is set.
+    #[arg(long)]
+    pub console_socket: Option<PathBuf>,
+    /// File to write the container's (monitor's) pid to.
+    #[arg(long)]
+    pub pid_file: Option<PathBuf>,
+    /// Accepted for runc compatibility; the guest always has its own root.
+    #[arg(long)]
+    pub no_pivot: bool,
+    /// Accepted for runc compatibility.
+    #[arg(long)]
+    pub no_new_keyring: bool,
+    /// Extra fds beyond stdio: accepted, but they cannot cross into the VM.
+    #[arg(long, default_value_t = 0)]
+    pub preserve_fds: u32,
+    /// Cold-boot the micro-VM instead of cloning it from a template.
+    #[arg(long)]
+    pub no_template: bool,
+    pub id: String,
+}
+
+impl CreateOpts {
+    pub fn options(&self) -> CreateOptions {
+        CreateOptions {
+            id: self.id.clone(),
+            bundle: self.bundle.clone(),
+            console_socket: self.console_socket.clone(),
+            pid_file: self.pid_file.clone(),
+            no_template: self.no_template,
+        }
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct RunOpts {
+    #[command(flatten)]
+    pub create: CreateOpts,
+    /// Detach from the container's process.
+    #[arg(short, long)]
+    pub detach: bool,
+    /// Do not delete the container after it exits.
+    #[arg(long)]
+    pub keep: bool,
+    /// Accepted for runc compatibility.
+    #[arg(long)]
+    pub no_subreaper: bool,
+}
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct ExecOpts {
+    /// AF_UNIX socket that receives the pty master with --tty.
+    #[arg(long)]
+    pub console_socket: Option<PathBuf>,
+    /// Working directory in the container.
+    #[arg(long)]
+    pub cwd: Option<String>,
+    /// Set an environment variable (repeatable).
+    #[arg(short, long)]
+    pub env: Vec<String>,
+    /// Allocate a pseudo-TTY.
+    #[arg(short, long)]
+    pub tty: bool,
+    /// UID[:GID].
+    #[arg(short, long)]
+    pub user: Option<String>,
+    /// Additional gids (repeatable).
+    #[arg(short = 'g', long)]
+    pub additional_gids: Vec<u32>,
+    /// An OCI process.json to run instead of the arguments.
+    #[arg(short, long)]
+    pub process: Option<PathBuf>,
+    /// Detach from the process.
+    #[arg(short, long)]
+    pub detach: bool,
+    /// File to write the exec's (monitor's) pid to.
+    #[arg(long)]
+    pub pid_file: Option<PathBuf>,
+    /// Set no_new_privileges for the process.
+    #[arg(long)]
+    pub no_new_privs: bool,
+    /// Add a capability to the process (repeatable).
+    #[arg(short, long)]
+    pub cap: Vec<String>,
+    /// Accepted for runc compatibility.
+    #[arg(long, default_value_t = 0)]
+    pub preserve_fds: u32,
+    /// Allow exec in a paused container.
+    #[arg(long)]
+    pub ignore_paused: bool,
+    /// Accepted for runc compatibility.
+    #[arg(long)]
+    pub process_label: Option<String>,
+    /// Accepted for runc compatibility.
+    #[arg(long)]
+    pub apparmor: Option<String>,
+    /// Accepted for runc compatibility.
+    #[arg(long)]
+    pub cgroup: Option<String>,
+    /// (internal) Readiness pipe of a detached exec monitor.
+    #[arg(long, hide = true)]
+    pub ready_fd: Option<i32>,
+    pub id: String,
+    /// Command and arguments.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    pub args: Vec<String>,
+}
+
+impl ExecOpts {
+    fn options(&self) -> ExecOptions {
+        ExecOptions {
+            console_socket: self.console_socket.clone(),
+            cwd: self.cwd.clone(),
+            env: self.env.clone(),
+            tty: self.tty,
+            user: self.user.clone(),
+            additional_gids: self.additional_gids.clone(),
+            process: self.process.clone(),
+            detach: self.detach,
+            pid_file: self.pid_file.clone(),
+            no_new_privs: self.no_new_privs,
+            cap: self.cap.clone(),
+            ignore_paused: self.ignore_paused,
+            ready_fd: self.ready_fd,
+            args: self.args.clone(),
+        }
+    }
+}
+
+/// `husk create`.
+pub fn create(root: &Path, opts: &CreateOpts, debug: &dyn Fn(&str)) -> Result<()> {
+    Container::create(root, &opts.options(), debug).map(drop)
+}
+
+/// `husk run`: create, start, and (unless detached) wait and delete; exits with the status.
+pub fn run(root: &Path, opts: &RunOpts, debug: &dyn Fn(&str)) -> Result<i32> {
+    let c = Container::create(root, &opts.create.options(), debug)?;
+    if let Err(e) = c.start() {
+        let _ = Container::load(root, c.id()).and_then(|c| c.delete(true));
+        return Err(e);
+    }
+    Ok(follow(c, opts.detach))
+}
+
+/// The end of `run` and `restore`: in the foreground, waits for the container and deletes
+/// it, returning its exit code; detached, returns 0 at once.
+pub fn follow(c: Container, detach: bool) -> i32 {
+    if detach {
+        return 0;
+    }
+    c.wait_and_delete()
+}
+
+pub fn start(root: &Path, id: &str) -> Result<()> {
+    Container::load(root, id)?.start()
+}
+
+pub fn state(root: &Path, id: &str) -> Result<()> {
+    let c = Container::load(root, id)?;
+    println!("{}", serde_json::to_string_pretty(&c.state().oci_json())?);
+    Ok(())
+}
+
+pub fn kill(root: &Path, id: &str, sig: &str, all: bool) -> Result<()> {
+    let signal = signal::parse(sig)?;
+    Container::load(root, id)?.kill(signal, all)
+}
+
+pub fn delete(root: &Path, id: &str, force: bool) -> Result<()> {
+    Container::load(root, id)?.delete(force)
+}
+
+pub fn pause(root: &Path, id: &str) -> Result<()> {
+    Container::load(root, id)?.pause()
+}
+
+pub fn resume(root: &Path, id: &str) -> Result<()> {
+    Container::load(root, id)?.resume()
+}
+
+pub fn ps(root: &Path, id: &str, json: bool) -> Result<()> {
+    let pids = Container::load(root, id)?.processes()?;
+    if json {
+        println!("{}", serde_json::to_string(&pids)?);
+    } else {
+        println!("PID");
+        pids.iter().for_each(|p| println!("{p}"));
+    }
+    Ok(())
+}
+
+pub fn list(root: &Path, json: bool, quiet: bool) -> Result<()> {
+    let all = Container::list(root);
+    if quiet {
+        all.iter().for_each(|c| println!("{}", c.id()));
+    } else if json {
+        let v: Vec<_> = all.iter().map(|c| c.state().oci_json()).collect();
+        println!("{}", serde_json::to_string(&v)?);
+    } else {
+        println!("ID\tPID\tSTATUS\tBUNDLE\tCREATED\tOWNER");
+        for s in all.iter().map(Container::state) {
+            let pid = s.oci_json()["pid"].clone();
+            let b = s.bundle.display();
+            println!("{}\t{pid}\t{}\t{b}\t{}\troot", s.id, s.status, s.created);
+        }
+    }
+    Ok(())
+}
+
+/// `husk exec`: its exit code is the process's.
+pub fn exec(root: &Path, opts: &ExecOpts) -> Result<i32> {
+    Container::load(root, &opts.id)?.exec(&opts.options())
+}

@@ -1,0 +1,278 @@
+//! `husk`'s command line, runc-compatible where runc has the command: the clap types, and a
+//! file per group of commands that parses their arguments, calls the library and prints.
+//! `containers`: the lifecycle commands; `checkpoints`: checkpoint and restore; `oci_info`:
+//! features and spec. Husk's own commands (boot, vm, template, bench) take their arguments
+//! from the modules that run them.
+
+mod checkpoints;
+mod containers;
+mod deferred;
+mod oci_info;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use clap::{Args, Parser, Subcommand};
+
+use self::checkpoints::{CheckpointOpts, RestoreOpts};
+use self::containers::{CreateOpts, ExecOpts, RunOpts};
+pub use self::deferred::Deferred;
+use crate::logging::{LogFormat, Logger};
+use crate::monitor::{self, MonitorArgs};
+use crate::{bare_vm, bench, boot_timing, template};
+
+#[derive(Parser, Debug)]
+#[command(name = "husk", version, about = "OCI containers in KVM micro-VMs")]
+struct Cli {
+    /// Root directory for container state (should be on tmpfs).
+    #[arg(long, global = true, default_value = "/run/husk")]
+    root: PathBuf,
+    /// Log file (default: stderr).
+    #[arg(long, global = true)]
+    log: Option<PathBuf>,
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value = "text")]
+    log_format: LogFormat,
+    /// Debug logging.
+    #[arg(long, global = true)]
+    debug: bool,
+    /// systemd cgroup driver (not supported).
+    #[arg(long, global = true)]
+    systemd_cgroup: bool,
+    /// Accepted for runc compatibility (checkpoints are Husk's own).
+    #[arg(long, global = true, hide = true)]
+    criu: Option<String>,
+    /// Accepted for runc compatibility.
+    #[arg(long, global = true, hide = true)]
+    rootless: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// The subcommands. Those with more than a few arguments take them through `Deferred`, so that
+/// clap builds only the arguments of the subcommand being run.
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Create a container (its micro-VM boots; the process waits for `start`).
+    Create(Deferred<CreateOpts>),
+    /// Start the process of a created container.
+    Start { id: String },
+    /// Create and start a container, and wait for it unless detached.
+    Run(Deferred<RunOpts>),
+    /// Output the state of a container (runc's JSON).
+    State { id: String },
+    /// Send a signal (default SIGTERM) to the container's process.
+    Kill {
+        /// Signal every process of the container.
+        #[arg(short, long)]
+        all: bool,
+        id: String,
+        #[arg(default_value = "SIGTERM")]
+        signal: String,
+    },
+    /// Delete a container and everything it holds.
+    Delete {
+        /// Kill it first if it still runs.
+        #[arg(short, long)]
+        force: bool,
+        id: String,
+    },
+    /// Suspend every process of the container.
+    Pause { id: String },
+    /// Resume a paused container.
+    Resume { id: String },
+    /// List the container's processes (guest pids).
+    Ps {
+        #[arg(short, long, default_value = "table")]
+        format: String,
+        id: String,
+    },
+    /// List containers.
+    List {
+        #[arg(short, long, default_value = "table")]
+        format: String,
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// Run a new process inside a running container.
+    Exec(Deferred<ExecOpts>),
+    /// Write the container's whole micro-VM to a directory (and stop it, unless told not to).
+    Checkpoint(Deferred<CheckpointOpts>),
+    /// Bring a checkpointed container back, running, in a new micro-VM monitor.
+    Restore(Deferred<RestoreOpts>),
+    /// Print the features Husk honours (runc's JSON).
+    Features,
+    /// Write a default config.json for a bundle.
+    Spec {
+        /// Where to write config.json.
+        #[arg(short, long, default_value = ".")]
+        bundle: PathBuf,
+    },
+    /// Boot the default guest to a ready agent, report the time, and power it off.
+    Boot(Deferred<boot_timing::BootArgs>),
+    /// Run the bare VMM until the guest powers off.
+    Vm(Deferred<bare_vm::VmArgs>),
+    /// Templates: warmed guest snapshots every container's micro-VM is cloned from.
+    #[command(subcommand)]
+    Template(Deferred<template::TemplateCmd>),
+    /// Benchmarks against a reference measured in the same run.
+    #[command(subcommand)]
+    Bench(Deferred<bench::BenchCmd>),
+    /// (internal) The per-container monitor started by `create`.
+    #[command(hide = true)]
+    Monitor(Deferred<MonitorOpts>),
+}
+
+#[derive(Args, Debug)]
+struct MonitorOpts {
+    #[arg(long)]
+    bundle: PathBuf,
+    #[arg(long)]
+    console_socket: Option<PathBuf>,
+    #[arg(long)]
+    ready_fd: Option<i32>,
+    /// Clone the VM from this template instead of booting it.
+    #[arg(long)]
+    template: Option<String>,
+    /// Restore the VM from this checkpoint instead of booting it.
+    #[arg(long)]
+    restore: Option<PathBuf>,
+    id: String,
+}
+
+impl MonitorOpts {
+    fn into_args(self, root: PathBuf) -> MonitorArgs {
+        MonitorArgs {
+            root,
+            id: self.id,
+            bundle: self.bundle,
+            console_socket: self.console_socket,
+            ready_fd: self.ready_fd,
+            template: self.template,
+            restore: self.restore,
+        }
+    }
+}
+
+/// `husk`: parses the command line, runs the command, and turns its end into an exit code.
+pub fn main() -> ExitCode {
+    let started = Instant::now();
+    let cli = Cli::parse();
+    let logger = match Logger::new(cli.log.as_deref(), cli.log_format, cli.debug) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("husk: {e:#}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if cli.systemd_cgroup {
+        logger.error("--systemd-cgroup is not supported by husk");
+        return ExitCode::FAILURE;
+    }
+    match dispatch(cli, started, &logger) {
+        Ok(code) => ExitCode::from(code as u8),
+        Err((prefix, e)) => {
+            logger.error(&format!("{prefix}{e:#}"));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+type Failure = (&'static str, anyhow::Error);
+
+fn dispatch(cli: Cli, started: Instant, logger: &Logger) -> Result<i32, Failure> {
+    let root = cli.root;
+    let debug = |msg: &str| logger.debug(msg);
+    let plain = |r: anyhow::Result<()>| r.map(|()| 0).map_err(|e| ("", e));
+    match cli.command {
+        Command::Create(Deferred(opts)) => containers::create(&root, &opts, &debug)
+            .map(|()| 0)
+            .map_err(|e| ("husk create failed: ", e)),
+        Command::Run(Deferred(opts)) => {
+            containers::run(&root, &opts, &debug).map_err(|e| ("husk run failed: ", e))
+        }
+        Command::Start { id } => plain(containers::start(&root, &id)),
+        Command::State { id } => plain(containers::state(&root, &id)),
+        Command::Kill { all, id, signal } => plain(containers::kill(&root, &id, &signal, all)),
+        Command::Delete { force, id } => plain(containers::delete(&root, &id, force)),
+        Command::Pause { id } => plain(containers::pause(&root, &id)),
+        Command::Resume { id } => plain(containers::resume(&root, &id)),
+        Command::Ps { format, id } => plain(containers::ps(&root, &id, format == "json")),
+        Command::List { format, quiet } => plain(containers::list(&root, format == "json", quiet)),
+        Command::Exec(Deferred(opts)) => containers::exec(&root, &opts).map_err(|e| ("", e)),
+        Command::Checkpoint(Deferred(opts)) => checkpoints::checkpoint(&root, &opts)
+            .map(|()| 0)
+            .map_err(|e| ("husk checkpoint failed: ", e)),
+        Command::Restore(Deferred(opts)) => {
+            checkpoints::restore(&root, &opts).map_err(|e| ("husk restore failed: ", e))
+        }
+        Command::Features => plain(oci_info::features()),
+        Command::Spec { bundle } => plain(oci_info::spec(&bundle)),
+        Command::Monitor(Deferred(opts)) => Ok(monitor::run(opts.into_args(root))),
+        Command::Boot(Deferred(args)) => vm_cmd(boot_timing::run(&args, started)),
+        Command::Vm(Deferred(args)) => vm_cmd(bare_vm::run(args)),
+        Command::Bench(Deferred(cmd)) => vm_cmd(bench::run(cmd)),
+        Command::Template(Deferred(cmd)) => vm_cmd(template::run(cmd)),
+    }
+}
+
+/// Husk's own commands report errors as `husk: <message>` on one line.
+fn vm_cmd(r: anyhow::Result<()>) -> Result<i32, Failure> {
+    match r {
+        Ok(()) => Ok(0),
+        Err(e) => {
+            eprintln!("husk: {e:#}");
+            Ok(1)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        // Builds every (deferred) subcommand and runs clap's own checks on it.
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn deferred_subcommand_takes_global_and_own_flags() {
+        let argv = [
+            "husk",
+            "--root",
+            "/r",
+            "run",
+            "--log-format",
+            "json",
+            "-d",
+            "-b",
+            "/b",
+            "c1",
+        ];
+        let cli = Cli::try_parse_from(argv).unwrap();
+        assert_eq!(cli.root, PathBuf::from("/r"));
+        assert_eq!(cli.log_format, LogFormat::Json);
+        let Command::Run(Deferred(run)) = cli.command else {
+            panic!("parsed as {:?}", cli.command)
+        };
+        assert!(run.detach);
+        assert_eq!(run.create.bundle, PathBuf::from("/b"));
+        assert_eq!(run.create.id, "c1");
+    }
+
+    #[test]
+    fn deferred_subcommand_keeps_its_own_help_text() {
+        let mut cli = Cli::command();
+        cli.build();
+        let run = cli.find_subcommand("run").unwrap();
+        let about = run.get_about().map(|a| a.to_string());
+        assert_eq!(
+            about.as_deref(),
+            Some("Create and start a container, and wait for it unless detached")
+        );
+    }
+}

@@ -1,0 +1,194 @@
+//! A container's life as a library: [`Container`] is a handle on one container of a state
+//! directory (`root`), made by [`Container::create`] or [`Container::restore`] or found again
+//! by [`Container::load`], with a method for each runc verb. Every method acts through the
+//! container's monitor (see `monitor`): its control socket, or its process.
+//!
+//! `create` is in `create`, `exec` in `exec`, `checkpoint` and `restore` in `checkpointing`.
+
+mod checkpointing;
+mod create;
+mod exec;
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Result};
+
+pub use self::checkpointing::{CheckpointOptions, RestoreOptions};
+pub use self::create::{CreateOptions, VmSource};
+pub use self::exec::ExecOptions;
+use crate::container::monitor_alive;
+use crate::container::state::{ContainerState, Status, Store};
+use crate::container::trace::Trace;
+use crate::monitor::control::{self, Reply, Request};
+use crate::monitor::{cgroup, paging};
+
+/// One container: its state directory and the state it held when the handle was made.
+pub struct Container {
+    store: Store,
+    state: ContainerState,
+}
+
+impl Container {
+    /// The container `id` under `root`, its status corrected if its monitor has died.
+    pub fn load(root: &Path, id: &str) -> Result<Container> {
+        let store = Store::new(root);
+        let state = load_state(&store, id)?;
+        Ok(Container { store, state })
+    }
+
+    /// Every container under `root` whose state can be read.
+    pub fn list(root: &Path) -> Vec<Container> {
+        Store::new(root)
+            .list()
+            .into_iter()
+            .filter_map(|s| Container::load(root, &s.id).ok())
+            .collect()
+    }
+
+    /// Its state (runc's JSON is [`ContainerState::oci_json`]).
+    pub fn state(&self) -> &ContainerState {
+        &self.state
+    }
+
+    pub fn id(&self) -> &str {
+        &self.state.id
+    }
+
+    /// Starts the process of a created container; returns once it runs.
+    pub fn start(&self) -> Result<()> {
+        let trace = Trace::start("start");
+        match self.state.status {
+            Status::Created => {}
+            Status::Stopped => bail!("cannot start a container that has stopped"),
+            _ => bail!("cannot start an already running container"),
+        }
+        trace.mark("state read");
+        self.call(&Request::Start)?;
+        trace.mark("started");
+        Ok(())
+    }
+
+    /// Sends `signal` to the container's process, or with `all` to every process of it.
+    pub fn kill(&self, signal: i32, all: bool) -> Result<()> {
+        if self.state.status == Status::Stopped {
+            bail!("container not running");
+        }
+        self.call(&Request::Kill { signal, all })?;
+        Ok(())
+    }
+
+    /// Suspends every process of a running container.
+    pub fn pause(&self) -> Result<()> {
+        match self.state.status {
+            Status::Running => self.call(&Request::Pause)?,
+            Status::Paused => bail!("container already paused"),
+            _ => bail!("container not running"),
+        };
+        Ok(())
+    }
+
+    /// Resumes a paused container.
+    pub fn resume(&self) -> Result<()> {
+        match self.state.status {
+            Status::Paused => self.call(&Request::Resume)?,
+            _ => bail!("container not paused"),
+        };
+        Ok(())
+    }
+
+    /// The container's processes (guest pids).
+    pub fn processes(&self) -> Result<Vec<i32>> {
+        if self.state.status == Status::Stopped {
+            bail!("container not running");
+        }
+        let Reply::Pids { pids } = self.call(&Request::Ps)? else {
+            bail!("unexpected reply from the monitor");
+        };
+        Ok(pids)
+    }
+
+    /// Deletes the container and everything it holds; a running or paused one only with
+    /// `force` (it is killed first).
+    pub fn delete(self, force: bool) -> Result<()> {
+        let st = &self.state;
+        match st.status {
+            // The monitor may still be tearing its VM down; it must be gone (and out of the
+            // container's cgroup) before the cgroup can be removed.
+            Status::Stopped => finish_monitor(st),
+            Status::Created => self.stop_monitor(),
+            _ if force => self.stop_monitor(),
+            s => bail!("cannot delete container {} that is not stopped: {s}", st.id),
+        }
+        self.store.remove(&st.id)?;
+        cgroup::remove(&st.cgroup_dirs);
+        if let Some(f) = &st.page_file {
+            paging::remove_page_file(f);
+        }
+        Ok(())
+    }
+
+    /// Waits for the container's monitor, a child of this process (it made the container),
+    /// and deletes the container; returns its exit code (128 + signal if killed).
+    pub fn wait_and_delete(self) -> i32 {
+        let code = wait_pid(self.state.pid);
+        let _ = Container::load(self.store.root(), &self.state.id).and_then(|c| c.delete(true));
+        code
+    }
+
+    fn call(&self, req: &Request) -> Result<Reply> {
+        control::call(&self.store.dir(&self.state.id), req)
+    }
+
+    /// Kills the container and, failing a clean end within a few seconds, its monitor.
+    fn stop_monitor(&self) {
+        let dir = self.store.dir(&self.state.id);
+        let _ = control::call_timeout(
+            &dir,
+            &Request::Kill {
+                signal: libc::SIGKILL,
+                all: true,
+            },
+            Duration::from_secs(10),
+        );
+        finish_monitor(&self.state);
+    }
+}
+
+/// Loads a container's state, correcting it if its monitor has died.
+fn load_state(store: &Store, id: &str) -> Result<ContainerState> {
+    let mut st = store.load(id)?;
+    if st.status != Status::Stopped && !monitor_alive(&st) {
+        st.status = Status::Stopped;
+    }
+    Ok(st)
+}
+
+/// Gives the monitor up to 10 s to exit on its own, then kills it.
+fn finish_monitor(st: &ContainerState) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while monitor_alive(st) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    if monitor_alive(st) {
+        // SAFETY: plain kill(2) of the monitor whose identity monitor_alive just checked.
+        unsafe { libc::kill(st.pid, libc::SIGKILL) };
+        while monitor_alive(st) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// Waits for our child monitor and maps its end to an exit code.
+fn wait_pid(pid: i32) -> i32 {
+    use nix::sys::wait::{waitpid, WaitStatus};
+    loop {
+        match waitpid(nix::unistd::Pid::from_raw(pid), None) {
+            Ok(WaitStatus::Exited(_, code)) => return code,
+            Ok(WaitStatus::Signaled(_, sig, _)) => return 128 + sig as i32,
+            Ok(_) => continue,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => return 255,
+        }
+    }
+}
