@@ -30,7 +30,7 @@ pub fn run(b: &BootBench) -> Result<()> {
     if vsock {
         eprintln!("qemu microvm: serial and vhost-vsock, the devices Husk's guest has");
     } else {
-        // Husk's guest probes a vsock device that QEMU's lacks (about 15 ms in the lab).
+        // Husk's guest probes a vsock device that QEMU's lacks, which costs it boot time.
         eprintln!("qemu microvm: serial only (no /dev/vhost-vsock here; Husk's guest has vsock)");
     }
     let mut husk = Vec::new();
@@ -59,11 +59,10 @@ pub fn run(b: &BootBench) -> Result<()> {
 }
 
 /// Writes every byte of `mib` MiB of fresh memory, then frees it, so that the next boot does
-/// not pay for the one before it. In the lab (QEMU TCG) the first write to a page that a VM
-/// ran code from is slow until TCG has dropped the translations of that page: after one boot,
-/// writing 400 MiB took 3234 ms instead of 1498, and a fresh lab's first boot is ~40% quicker
-/// than the ones after it. Whichever VMM boots next would pay for the previous one's code
-/// (interleaved: each for the other's); on hardware there is no such cost. Both VMMs get the
+/// not pay for the one before it. Under QEMU TCG (the lab) the first write to a page that a VM
+/// ran code from is slow until TCG has dropped the translations of that page, so a boot is
+/// slower after another than on fresh memory: whichever VMM boots next would pay for the
+/// previous one's code (interleaved: each for the other's); on hardware there is no such cost. Both VMMs get the
 /// same scrub, outside the timed span. 4 KiB pages, as the freed memory is mostly small pages.
 fn scrub_freed_memory(mib: usize) -> Result<()> {
     use nix::sys::mman::{madvise, mmap_anonymous, munmap, MapFlags, MmapAdvise, ProtFlags};

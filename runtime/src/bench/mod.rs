@@ -135,7 +135,7 @@ fn restore(b: &RestoreBench) -> Result<()> {
 
 #[cfg(not(feature = "test-guest-benches"))]
 fn restore(_: &RestoreBench) -> Result<()> {
-    Err(without_test_guest("restore"))
+    Err(without_test_guest("husk bench restore"))
 }
 
 #[cfg(feature = "test-guest-benches")]
@@ -145,13 +145,15 @@ fn pause(b: &PauseBench) -> Result<()> {
 
 #[cfg(not(feature = "test-guest-benches"))]
 fn pause(_: &PauseBench) -> Result<()> {
-    Err(without_test_guest("pause"))
+    Err(without_test_guest(
+        "husk bench pause (on the host; --container is built in)",
+    ))
 }
 
 /// The error of a host benchmark that runs the VMM's test guest, in a husk built without it.
 #[cfg(not(feature = "test-guest-benches"))]
 fn without_test_guest(bench: &str) -> anyhow::Error {
     anyhow::anyhow!(
-        "this husk was built without the test-guest benchmarks (`bench {bench}`); build them with `cargo build --release -p husk-runtime --features test-guest-benches`"
+        "{bench}: this husk was built without the benchmarks on the VMM's test guest; build them with `cargo build --release -p husk-runtime --features test-guest-benches`"
     )
 }

@@ -31,8 +31,8 @@ pub struct Installed {
 /// Copies this husk binary, the guest kernel and the initramfs to `work/install` (the layout
 /// `assets` looks in) unless already there: the benchmarks run husk as an installed binary on
 /// local storage, as runc and QEMU are. Run straight from a lab's checkout, every exec would
-/// re-read the binary over the checkout's 9p share (cache=mmap keeps no pages between opens):
-/// about 200 ms per husk process there, which says nothing about Husk.
+/// re-read the binary over the checkout's 9p share (cache=mmap keeps no pages between opens),
+/// a cost per husk process that says nothing about Husk.
 pub fn installed_husk(work: &Path) -> Result<Installed> {
     let install = work.join("install");
     let assets_dir = install.join("husk");

@@ -53,40 +53,8 @@ pub fn run(b: &RestoreBench) -> Result<()> {
     let mut first_snapshot = None;
     for &vcpus in &b.vcpus {
         let snap = dir.path().join(format!("{vcpus}-vcpu"));
-        take_snapshot(&snap, vcpus, b)?;
-        let mut restores = Vec::with_capacity(b.runs);
-        let mut restore_calls = Vec::with_capacity(b.runs);
-        let mut colds = Vec::with_capacity(b.runs);
-        // One unmeasured restore and cold boot first: the snapshot's writeback and the source
-        // VM's teardown are still settling.
-        restore_once(&snap).context("warm-up restore")?;
-        cold_once(vcpus, b.memory).context("warm-up cold boot")?;
-        for i in 0..b.runs {
-            let (call, running) =
-                restore_once(&snap).with_context(|| format!("restore #{i} ({vcpus} vCPU)"))?;
-            restore_calls.push(call);
-            restores.push(running);
-            colds.push(
-                cold_once(vcpus, b.memory)
-                    .with_context(|| format!("cold boot #{i} ({vcpus} vCPU)"))?,
-            );
-        }
-        let r = Percentiles::of(&restores);
-        let call = Percentiles::of(&restore_calls);
-        let c = Percentiles::of(&colds);
-        println!(
-            "{vcpus} vCPU / {} MiB restore -> guest running: {r} (Vm::restore alone: {call}; {} runs after a warm-up)",
-            b.memory, b.runs
-        );
-        println!(
-            "{vcpus} vCPU / {} MiB cold boot -> first guest store: {c}",
-            b.memory
-        );
-        println!(
-            "{vcpus} vCPU restore/cold-boot ratio (p50): {:.3}",
-            r.p50 / c.p50
-        );
-        first_median.get_or_insert(r.p50);
+        let median = one_vcpu_count(&snap, vcpus, b)?;
+        first_median.get_or_insert(median);
         first_snapshot.get_or_insert(snap);
     }
     let snap = first_snapshot.expect("at least one vCPU count");
@@ -99,6 +67,44 @@ pub fn run(b: &RestoreBench) -> Result<()> {
         first_median.expect("at least one vCPU count")
     );
     Ok(())
+}
+
+/// Snapshots the guest with `vcpus` vCPUs into `snap`, times its restores against cold boots
+/// and prints them; returns the restores' p50.
+fn one_vcpu_count(snap: &Path, vcpus: u8, b: &RestoreBench) -> Result<f64> {
+    take_snapshot(snap, vcpus, b)?;
+    let mut restores = Vec::with_capacity(b.runs);
+    let mut restore_calls = Vec::with_capacity(b.runs);
+    let mut colds = Vec::with_capacity(b.runs);
+    // One unmeasured restore and cold boot first: the snapshot's writeback and the source
+    // VM's teardown are still settling.
+    restore_once(snap).context("warm-up restore")?;
+    cold_once(vcpus, b.memory).context("warm-up cold boot")?;
+    for i in 0..b.runs {
+        let (call, running) =
+            restore_once(snap).with_context(|| format!("restore #{i} ({vcpus} vCPU)"))?;
+        restore_calls.push(call);
+        restores.push(running);
+        colds.push(
+            cold_once(vcpus, b.memory).with_context(|| format!("cold boot #{i} ({vcpus} vCPU)"))?,
+        );
+    }
+    let r = Percentiles::of(&restores);
+    let call = Percentiles::of(&restore_calls);
+    let c = Percentiles::of(&colds);
+    println!(
+        "{vcpus} vCPU / {} MiB restore -> guest running: {r} (Vm::restore alone: {call}; {} runs after a warm-up)",
+        b.memory, b.runs
+    );
+    println!(
+        "{vcpus} vCPU / {} MiB cold boot -> first guest store: {c}",
+        b.memory
+    );
+    println!(
+        "{vcpus} vCPU restore/cold-boot ratio (p50): {:.3}",
+        r.p50 / c.p50
+    );
+    Ok(r.p50)
 }
 
 /// Boots the guest, lets vCPU 0 fill its memory, and snapshots it paused into `dir` while all

@@ -1,13 +1,13 @@
-//! Command-line plumbing shared by `husk`'s subcommands.
+//! [`Deferred`]: a subcommand's arguments built only when clap enters that subcommand.
 
 use clap::{ArgMatches, Args, Command, FromArgMatches, Subcommand};
 
 /// A subcommand's arguments (or nested subcommands), built only when clap enters that
 /// subcommand. Clap's derive builds every subcommand's arguments before it parses anything,
 /// and each `husk` process (every `create`, `start`, monitor and `boot`) runs that code once,
-/// mostly cold. In the lab, with husk's pages read through 9p, `husk --version` took 72 ms
-/// with every subcommand built and 46 ms with this; from tmpfs the whole parse is ~3 ms.
-/// Clap's own `Command::defer` does the work; this type lets the derive use it.
+/// mostly cold: where the binary's pages come from slow storage, building the arguments of
+/// every subcommand is a large share of a short command's time. Clap's own `Command::defer`
+/// does the work; this type lets the derive use it.
 #[derive(Debug, Clone)]
 pub struct Deferred<T>(pub T);
 

@@ -2,7 +2,7 @@
 //!
 //! The guest reaches the rootfs over virtio-9p, where every path component costs a round trip
 //! to the monitor (milliseconds each in a nested, emulated guest): finding `args[0]` on PATH and
-//! reading `/etc/passwd` for `HOME` took about a third of a container's set-up inside the guest.
+//! reading `/etc/passwd` for `HOME` are a large share of a container's set-up inside the guest.
 //! The monitor has the same directory at hand, so it does both here and passes the results in
 //! the spec it hands the agent. Both are resolved as inside the container (`RESOLVE_IN_ROOT`:
 //! absolute symlinks and `..` stay in the rootfs), and only where the spec's own mounts cannot

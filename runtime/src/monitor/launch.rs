@@ -1,8 +1,8 @@
 //! Starting a container's monitor from `create`: forked straight into `monitor::run` when the
 //! caller is single-threaded, else a fresh `husk monitor` process.
 //!
-//! The fork spares the exec of the husk binary and its start-up (a fifth of a clone's create
-//! in the lab, where every process start is emulated). Either way the monitor is a child of
+//! The fork spares the exec of the husk binary and its start-up, a large share of a clone's
+//! create where every process start is slow (an emulated host such as the lab). Either way the monitor is a child of
 //! the caller in a session of its own, and holds exactly the fds an exec would have kept:
 //! close-on-exec ones are closed in the forked child too.
 

@@ -141,37 +141,7 @@ fn start(args: &MonitorArgs, store: &Store) -> Result<Started> {
     let restored = args.restore.is_some();
     // A restored container keeps the id its guest agent knows it by.
     let guest_id = manifest.map_or_else(|| args.id.clone(), |m| m.id);
-    let mut agent = match lease.is_some() || restored {
-        true => vm.clone_agent(AGENT_TIMEOUT),
-        false => vm.agent(AGENT_TIMEOUT),
-    }
-    .context("waiting for the guest agent")?;
-    trace.mark("agent answering");
-    // A clone is made unique; a restored guest also needs the clock set (it stood still since
-    // the checkpoint), but has its shares mounted and its container running already.
-    let mut steps = Vec::new();
-    if lease.is_some() || restored {
-        steps.push(("making the clone unique", unique_request()?));
-    }
-    if !restored {
-        steps.push(("mounting the shares in the guest", plan.mount_request()));
-        let create = AgentRequest::CreateContainer {
-            id: args.id.clone(),
-            spec: plan.spec.clone(),
-            rootfs: GUEST_ROOTFS.into(),
-        };
-        steps.push(("", create));
-    }
-    let (what, requests): (Vec<&'static str>, Vec<AgentRequest>) = steps.into_iter().unzip();
-    // A guest that stops answering fails the create instead of hanging it.
-    agent.get_ref().set_read_timeout(Some(AGENT_TIMEOUT))?;
-    agent
-        .send_all(requests)
-        .context("talking to the guest agent")?;
-    // The stdio connection is opened while the guest works through those requests.
-    let attach = vm.agent(AGENT_TIMEOUT);
-    check_replies(&mut agent, &what)?;
-    trace.mark("guest prepared, container created");
+    let attach = prepare_guest(&mut vm, args, &plan, lease.is_some(), &trace)?;
     let host = match (&args.console_socket, terminal(&bundle)) {
         (Some(sock), true) => stdio::terminal(sock)?,
         _ => HostStdio::Inherited,
@@ -213,7 +183,61 @@ fn start(args: &MonitorArgs, store: &Store) -> Result<Started> {
     })
 }
 
-/// A VM cloned from a template (or restored from a checkpoint of such a clone).
+/// Has the guest agent make a clone unique, mount the shares and create the container, as
+/// the VM's origin requires. Returns the opening of a second agent connection, for stdio: it
+/// is opened while the guest works, and its failure is the caller's to report.
+fn prepare_guest(
+    vm: &mut AgentVm,
+    args: &MonitorArgs,
+    plan: &GuestPlan,
+    cloned: bool,
+    trace: &Trace,
+) -> Result<Result<Client<UnixStream>>> {
+    let restored = args.restore.is_some();
+    let mut agent = match cloned || restored {
+        true => vm.clone_agent(AGENT_TIMEOUT),
+        false => vm.agent(AGENT_TIMEOUT),
+    }
+    .context("waiting for the guest agent")?;
+    trace.mark("agent answering");
+    let (what, requests) = guest_requests(args, plan, cloned)?;
+    // A guest that stops answering fails the create instead of hanging it.
+    agent.get_ref().set_read_timeout(Some(AGENT_TIMEOUT))?;
+    agent
+        .send_all(requests)
+        .context("talking to the guest agent")?;
+    // The stdio connection is opened while the guest works through those requests.
+    let attach = vm.agent(AGENT_TIMEOUT);
+    check_replies(&mut agent, &what)?;
+    trace.mark("guest prepared, container created");
+    Ok(attach)
+}
+
+/// The requests that prepare the guest, each with what it does (for an error).
+fn guest_requests(
+    args: &MonitorArgs,
+    plan: &GuestPlan,
+    cloned: bool,
+) -> Result<(Vec<&'static str>, Vec<AgentRequest>)> {
+    let restored = args.restore.is_some();
+    // A clone is made unique; a restored guest also needs the clock set (it stood still since
+    // the checkpoint), but has its shares mounted and its container running already.
+    let mut steps = Vec::new();
+    if cloned || restored {
+        steps.push(("making the clone unique", unique_request()?));
+    }
+    if !restored {
+        steps.push(("mounting the shares in the guest", plan.mount_request()));
+        let create = AgentRequest::CreateContainer {
+            id: args.id.clone(),
+            spec: plan.spec.clone(),
+            rootfs: GUEST_ROOTFS.into(),
+        };
+        steps.push(("", create));
+    }
+    Ok(steps.into_iter().unzip())
+}
+
 struct Cloned {
     /// Marks this monitor as a running clone of the template (the template stays meanwhile).
     lease: Lease,
@@ -444,7 +468,7 @@ impl Drop for HostCgroup {
 }
 
 /// How long a control request waits for the guest agent (starting the process is the
-/// slowest request, well under a second even in the lab).
+/// slowest request, quick even on a slow, nested host; this only catches a wedged guest).
 const CONTROL_AGENT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// What the control server needs to act on the container.

@@ -1,4 +1,4 @@
-//! Paging a paused container's guest memory out to disk and back (issue 5): the policy, read
+//! Paging a paused container's guest memory out to disk and back: the policy, read
 //! from the runtime's configuration file, and the monitor's side of it.
 //!
 //! `husk pause` freezes the vCPUs at once. Once the pause has lasted `page_out_after_ms`
