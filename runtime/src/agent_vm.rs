@@ -37,7 +37,7 @@ pub fn serial_output(console: Option<&PathBuf>) -> SerialOutput {
 
 /// What to boot and with which resources.
 #[derive(Clone, Debug)]
-pub struct Options {
+pub struct BootOptions {
     pub vcpus: u8,
     pub memory_mib: u32,
     pub kernel: PathBuf,
@@ -52,14 +52,14 @@ pub struct Options {
 
 /// What a clone gets of its own (see [`AgentVm::restore`]).
 #[derive(Clone, Debug)]
-pub struct RestoreOptions {
+pub struct OwnDevices {
     pub serial: SerialOutput,
     pub vsock_path: PathBuf,
     /// Host directory and read-only flag for each share slot of the snapshot, in order.
     pub shares: Vec<(PathBuf, bool)>,
 }
 
-impl RestoreOptions {
+impl OwnDevices {
     fn overrides(self) -> (RestoreOverrides, PathBuf) {
         let overrides = RestoreOverrides {
             serial: self.serial,
@@ -84,7 +84,7 @@ pub struct AgentVm {
 
 impl AgentVm {
     /// Builds the VM (bad input fails here, synchronously) and starts its vCPUs.
-    pub fn start(opts: Options) -> Result<AgentVm> {
+    pub fn start(opts: BootOptions) -> Result<AgentVm> {
         let (dir, uds) = match &opts.vsock_path {
             Some(p) => (None, p.clone()),
             None => {
@@ -107,7 +107,7 @@ impl AgentVm {
     /// copy-on-write, vCPUs and devices where the snapshot left them, with this VM's own
     /// console, vsock socket and share directories (one per share of the snapshot). The
     /// agent already listens; the guest learns of its new host side by a transport reset.
-    pub fn restore(snapshot_dir: &Path, opts: RestoreOptions) -> Result<AgentVm> {
+    pub fn restore(snapshot_dir: &Path, opts: OwnDevices) -> Result<AgentVm> {
         let (overrides, uds) = opts.overrides();
         let dir = snapshot_dir.to_path_buf();
         Self::spawn(move || Vm::restore(&dir, overrides), uds, None)
@@ -115,7 +115,7 @@ impl AgentVm {
 
     /// Brings back the VM checkpointed into `dir` (see `VmControl::checkpoint`), with this
     /// VM's own console, vsock socket and share directories; its memory comes back lazily.
-    pub fn restore_checkpoint(dir: &Path, opts: RestoreOptions) -> Result<AgentVm> {
+    pub fn restore_checkpoint(dir: &Path, opts: OwnDevices) -> Result<AgentVm> {
         let (overrides, uds) = opts.overrides();
         let dir = dir.to_path_buf();
         Self::spawn(move || Vm::restore_checkpoint(&dir, overrides), uds, None)
@@ -233,7 +233,7 @@ impl AgentVm {
     }
 }
 
-fn vm_config(opts: Options, uds: &Path) -> VmConfig {
+fn vm_config(opts: BootOptions, uds: &Path) -> VmConfig {
     VmConfig {
         vcpus: opts.vcpus,
         memory_mib: opts.memory_mib,

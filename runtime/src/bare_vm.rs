@@ -1,72 +1,13 @@
 //! `husk vm`: the bare VMM as a process. Boots a kernel with the given devices and exits 0 when
 //! the guest powers off, non-zero with one line naming the problem otherwise.
 
-use std::path::PathBuf;
-
 use anyhow::{anyhow, Result};
-use clap::Args;
 use husk_vmm::pause::VmControl;
-use husk_vmm::{BlockConfig, Boot, Vm, VmConfig, VsockConfig};
+use husk_vmm::{Vm, VmConfig};
 use nix::sys::signal::{SigSet, Signal};
 
-use crate::agent_vm::serial_output;
-use crate::assets;
-
-#[derive(Args, Debug)]
-pub struct VmArgs {
-    /// Number of vCPUs.
-    #[arg(long, default_value_t = 1)]
-    vcpus: u8,
-    /// Guest memory in MiB.
-    #[arg(long, default_value_t = 256)]
-    memory: u32,
-    /// Guest kernel (vmlinux ELF); default: the built one.
-    #[arg(long)]
-    kernel: Option<PathBuf>,
-    /// Initramfs; default: the agent's.
-    #[arg(long)]
-    initramfs: Option<PathBuf>,
-    /// Extra kernel command line.
-    #[arg(long, default_value = "")]
-    cmdline: String,
-    /// Serial console: a file, or "-" for stdout (default).
-    #[arg(long, default_value = "-")]
-    console: PathBuf,
-    /// Unix socket for the vsock device's host side.
-    #[arg(long)]
-    vsock: Option<PathBuf>,
-    /// Guest vsock context id.
-    #[arg(long, default_value_t = crate::agent_vm::GUEST_CID)]
-    cid: u32,
-    /// A virtio-blk disk backed by this file (repeatable).
-    #[arg(long)]
-    disk: Vec<PathBuf>,
-    /// A read-only virtio-blk disk backed by this file (repeatable; after the --disk ones).
-    #[arg(long)]
-    disk_ro: Vec<PathBuf>,
-    /// The KVM device (for tests of a missing /dev/kvm).
-    #[arg(long, default_value = "/dev/kvm", hide = true)]
-    kvm_device: PathBuf,
-}
-
-pub fn run(args: VmArgs) -> Result<()> {
-    let config = VmConfig {
-        vcpus: args.vcpus,
-        memory_mib: args.memory,
-        boot: Boot::Linux {
-            kernel: assets::kernel(args.kernel.as_deref())?,
-            initramfs: Some(assets::initramfs(args.initramfs.as_deref())?),
-            cmdline: args.cmdline,
-        },
-        serial: serial_output(Some(&args.console)),
-        vsock: args.vsock.map(|uds_path| VsockConfig {
-            guest_cid: args.cid,
-            uds_path,
-        }),
-        blocks: disks(args.disk, args.disk_ro),
-        shares: Vec::new(),
-        kvm_device: args.kvm_device,
-    };
+/// Runs a VM of `config` until the guest powers off; SIGUSR2 reports where its vCPUs are.
+pub fn run(config: VmConfig) -> Result<()> {
     // Before any VMM thread exists, so that every one inherits the mask.
     let report_signal = block_report_signal()?;
     let vm = Vm::new(config).map_err(|e| anyhow!("{e}"))?;
@@ -97,16 +38,4 @@ fn report_vcpus_on(set: SigSet, control: VmControl) -> Result<()> {
             }
         })?;
     Ok(())
-}
-
-fn disks(rw: Vec<PathBuf>, ro: Vec<PathBuf>) -> Vec<BlockConfig> {
-    let rw = rw.into_iter().map(|path| BlockConfig {
-        path,
-        read_only: false,
-    });
-    let ro = ro.into_iter().map(|path| BlockConfig {
-        path,
-        read_only: true,
-    });
-    rw.chain(ro).collect()
 }

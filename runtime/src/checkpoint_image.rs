@@ -25,7 +25,7 @@ pub const INVENTORY_FILE: &str = "inventory.img";
 
 /// `manifest.json`: what a restore needs besides the VMM's files.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Manifest {
+pub struct ImageManifest {
     pub format: u32,
     pub id: String,
     pub bundle: PathBuf,
@@ -75,19 +75,19 @@ fn vmm_files() -> [&'static str; 2] {
     ]
 }
 
-impl Manifest {
+impl ImageManifest {
     /// The manifest of the VMM checkpoint just written into `dir`.
     pub fn new(
         dir: &Path,
         id: &str,
         bundle: &Path,
         template: Option<TemplateRef>,
-    ) -> Result<Manifest> {
+    ) -> Result<ImageManifest> {
         let files = vmm_files()
             .iter()
             .map(|name| FileSum::of(dir, name))
             .collect::<Result<_>>()?;
-        Ok(Manifest {
+        Ok(ImageManifest {
             format: MANIFEST_FORMAT,
             id: id.to_string(),
             bundle: bundle.to_path_buf(),
@@ -105,7 +105,7 @@ impl Manifest {
     }
 
     /// Reads the manifest of the image in `dir` and checks every file against it.
-    pub fn read_checked(dir: &Path) -> Result<Manifest> {
+    pub fn read_checked(dir: &Path) -> Result<ImageManifest> {
         let m = Self::read(dir)?;
         for want in &m.files {
             let found = FileSum::of(dir, &want.name)?;
@@ -124,11 +124,11 @@ impl Manifest {
     }
 
     /// Reads the manifest of the image in `dir` (checking its format, not the files).
-    pub fn read(dir: &Path) -> Result<Manifest> {
+    pub fn read(dir: &Path) -> Result<ImageManifest> {
         let path = dir.join(MANIFEST_FILE);
         let bytes = std::fs::read(&path)
             .with_context(|| format!("{} is not a checkpoint image", dir.display()))?;
-        let m: Manifest = serde_json::from_slice(&bytes)
+        let m: ImageManifest = serde_json::from_slice(&bytes)
             .with_context(|| format!("checkpoint manifest {} is damaged", path.display()))?;
         if m.format != MANIFEST_FORMAT {
             bail!(

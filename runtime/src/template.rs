@@ -1,16 +1,16 @@
-//! `husk template build|list|rm`, and how a template's guest is built: boot the default
-//! guest with every device a clone may need, wait for the agent, let it settle, snapshot it.
+//! Templates as the runtime makes them: their settings, the default template (built on first
+//! use), and how a template's guest is built: boot the default guest with every device a
+//! clone may need, wait for the agent, let it settle, snapshot it.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use clap::{Args, Subcommand};
 use husk_templates::{slot_tag, BuildTarget, Settings, Store, Template, DEFAULT_NAME, SHARE_SLOTS};
 use husk_vmm::snapshot::AfterSnapshot;
 use husk_vmm::{SerialOutput, ShareConfig};
 
-use crate::agent_vm::{AgentVm, Options};
+use crate::agent_vm::{AgentVm, BootOptions};
 use crate::agent_vm::{AGENT_TIMEOUT, POWEROFF_TIMEOUT};
 use crate::assets;
 
@@ -21,51 +21,6 @@ pub const DEFAULT_MEMORY_MIB: u32 = 256;
 /// How long the booted guest idles before the snapshot: late boot work (deferred probes,
 /// the agent's first allocations) then lands in the template instead of in every clone.
 const SETTLE: Duration = Duration::from_millis(500);
-
-#[derive(Subcommand, Debug)]
-pub enum TemplateCmd {
-    /// Build (or rebuild) a template: boot a guest, wait for its agent, snapshot it.
-    Build(BuildArgs),
-    /// List templates: name, size, kernel, age, running clones.
-    List,
-    /// Remove a template (refused while clones of it run, unless --force).
-    Rm {
-        name: String,
-        /// Remove it even though clones run (they keep their mapped memory).
-        #[arg(long)]
-        force: bool,
-    },
-}
-
-#[derive(Args, Debug)]
-pub struct BuildArgs {
-    /// Template name.
-    #[arg(default_value = DEFAULT_NAME)]
-    pub name: String,
-    /// Number of vCPUs.
-    #[arg(long, default_value_t = DEFAULT_VCPUS)]
-    pub vcpus: u8,
-    /// Guest memory in MiB.
-    #[arg(long, default_value_t = DEFAULT_MEMORY_MIB)]
-    pub memory: u32,
-    /// Guest kernel (vmlinux); default: the built one.
-    #[arg(long)]
-    pub kernel: Option<PathBuf>,
-}
-
-pub fn run(cmd: TemplateCmd) -> Result<()> {
-    let store = Store::from_env();
-    match cmd {
-        TemplateCmd::Build(args) => {
-            let settings = settings(args.vcpus, args.memory, args.kernel)?;
-            let t = store.build(&args.name, &settings, &|t| build_guest(t, true))?;
-            println!("{}", t.dir.display());
-            Ok(())
-        }
-        TemplateCmd::List => list(&store),
-        TemplateCmd::Rm { name, force } => store.remove(&name, force),
-    }
-}
 
 /// The settings of a template of this size with the default (or given) kernel and agent.
 pub fn settings(vcpus: u8, memory_mib: u32, kernel: Option<PathBuf>) -> Result<Settings> {
@@ -85,36 +40,6 @@ pub fn ensure_default(store: &Store) -> Result<Template> {
     let settings = settings(DEFAULT_VCPUS, DEFAULT_MEMORY_MIB, None)?;
     let verbose = std::io::stderr().is_terminal();
     store.ensure(DEFAULT_NAME, &settings, &|t| build_guest(t, verbose))
-}
-
-fn list(store: &Store) -> Result<()> {
-    println!(
-        "{:<16} {:>10} {:>8} {:>7}  KERNEL",
-        "NAME", "SIZE", "AGE", "CLONES"
-    );
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    for t in store.list()? {
-        println!(
-            "{:<16} {:>9}M {:>8} {:>7}  {}",
-            t.name,
-            t.size.div_ceil(1 << 20),
-            age(now.saturating_sub(t.created)),
-            t.clones,
-            t.kernel.display()
-        );
-    }
-    Ok(())
-}
-
-fn age(secs: u64) -> String {
-    match secs {
-        s if s < 120 => format!("{s}s"),
-        s if s < 7200 => format!("{}m", s / 60),
-        s if s < 172_800 => format!("{}h", s / 3600),
-        s => format!("{}d", s / 86_400),
-    }
 }
 
 /// Progress of a build on stderr, one line per step with the time it took.
@@ -155,7 +80,7 @@ pub fn build_guest(target: &BuildTarget, verbose: bool) -> Result<()> {
         })
         .collect();
     let console = target.snapshot_dir.with_file_name("console.log");
-    let mut vm = AgentVm::start(Options {
+    let mut vm = AgentVm::start(BootOptions {
         vcpus: s.vcpus,
         memory_mib: s.memory_mib,
         kernel: s.kernel.clone(),

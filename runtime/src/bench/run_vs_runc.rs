@@ -9,8 +9,9 @@ use anyhow::{bail, Result};
 use super::setup::{installed_husk, make_bundle};
 use super::stats::{ms, Stats};
 use super::timing::time;
+use super::RunBench;
 
-pub fn run(runs: &usize, podman_runs: &usize) -> Result<()> {
+pub fn run(b: &RunBench) -> Result<()> {
     let work = tempfile::tempdir()?;
     let bundle = work.path().join("bundle");
     make_bundle(&bundle, &["true"])?;
@@ -19,7 +20,7 @@ pub fn run(runs: &usize, podman_runs: &usize) -> Result<()> {
     let runc_root = work.path().join("runc-root");
     let mut h = Vec::new();
     let mut r = Vec::new();
-    for i in 0..*runs {
+    for i in 0..b.runs {
         let id = format!("bench-{i}");
         h.push(time(
             Command::new(&husk)
@@ -42,8 +43,8 @@ pub fn run(runs: &usize, podman_runs: &usize) -> Result<()> {
     let (hs, rs) = (Stats::of(&h), Stats::of(&r));
     println!("husk run:  {hs}");
     println!("runc run:  {rs}");
-    if *podman_runs > 0 {
-        podman(&husk, &bundle, *podman_runs, work.path())?;
+    if b.podman_runs > 0 {
+        podman(&husk, &bundle, b.podman_runs, work.path())?;
     }
     println!("husk/runc run ratio: {:.2}", hs.median / rs.median);
     Ok(())

@@ -4,10 +4,13 @@
 //! features and spec. Husk's own commands (boot, vm, template, bench) take their arguments
 //! from the modules that run them.
 
+mod benchmarks;
 mod checkpoints;
 mod containers;
 mod deferred;
+mod guest_tools;
 mod oci_info;
+mod templates;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -20,7 +23,6 @@ use self::containers::{CreateOpts, ExecOpts, RunOpts};
 pub use self::deferred::Deferred;
 use crate::logging::{LogFormat, Logger};
 use crate::monitor::{self, MonitorArgs};
-use crate::{bare_vm, bench, boot_timing, template};
 
 #[derive(Parser, Debug)]
 #[command(name = "husk", version, about = "OCI containers in KVM micro-VMs")]
@@ -110,15 +112,15 @@ enum Command {
         bundle: PathBuf,
     },
     /// Boot the default guest to a ready agent, report the time, and power it off.
-    Boot(Deferred<boot_timing::BootArgs>),
+    Boot(Deferred<guest_tools::BootArgs>),
     /// Run the bare VMM until the guest powers off.
-    Vm(Deferred<bare_vm::VmArgs>),
+    Vm(Deferred<guest_tools::VmArgs>),
     /// Templates: warmed guest snapshots every container's micro-VM is cloned from.
     #[command(subcommand)]
-    Template(Deferred<template::TemplateCmd>),
+    Template(Deferred<templates::TemplateCmd>),
     /// Benchmarks against a reference measured in the same run.
     #[command(subcommand)]
-    Bench(Deferred<bench::BenchCmd>),
+    Bench(Deferred<benchmarks::BenchCmd>),
     /// (internal) The per-container monitor started by `create`.
     #[command(hide = true)]
     Monitor(Deferred<MonitorOpts>),
@@ -210,10 +212,10 @@ fn dispatch(cli: Cli, started: Instant, logger: &Logger) -> Result<i32, Failure>
         Command::Features => plain(oci_info::features()),
         Command::Spec { bundle } => plain(oci_info::spec(&bundle)),
         Command::Monitor(Deferred(opts)) => Ok(monitor::run(opts.into_args(root))),
-        Command::Boot(Deferred(args)) => vm_cmd(boot_timing::run(&args, started)),
-        Command::Vm(Deferred(args)) => vm_cmd(bare_vm::run(args)),
-        Command::Bench(Deferred(cmd)) => vm_cmd(bench::run(cmd)),
-        Command::Template(Deferred(cmd)) => vm_cmd(template::run(cmd)),
+        Command::Boot(Deferred(args)) => vm_cmd(guest_tools::boot(&args, started)),
+        Command::Vm(Deferred(args)) => vm_cmd(guest_tools::vm(args)),
+        Command::Bench(Deferred(cmd)) => vm_cmd(benchmarks::run(cmd)),
+        Command::Template(Deferred(cmd)) => vm_cmd(templates::run(cmd)),
     }
 }
 

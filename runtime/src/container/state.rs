@@ -89,13 +89,13 @@ impl ContainerState {
 }
 
 /// The `--root` directory.
-pub struct Store {
+pub struct StateRoot {
     root: PathBuf,
 }
 
-impl Store {
-    pub fn new(root: &Path) -> Store {
-        Store {
+impl StateRoot {
+    pub fn new(root: &Path) -> StateRoot {
+        StateRoot {
             root: root.to_path_buf(),
         }
     }
@@ -202,7 +202,7 @@ mod tests {
     #[test]
     fn create_save_load_list_remove() {
         let root = tempfile::tempdir().unwrap();
-        let store = Store::new(root.path());
+        let store = StateRoot::new(root.path());
         store.create("b").unwrap();
         store.save(&state("b")).unwrap();
         store.create("a").unwrap();

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Result};
 
 use super::{finish_monitor, Container, CreateOptions, VmSource};
-use crate::checkpoint_image::Manifest;
+use crate::checkpoint_image::ImageManifest;
 use crate::container::state::Status;
 use crate::monitor::control::Request;
 
@@ -51,7 +51,7 @@ impl Container {
     /// once the container runs.
     pub fn restore(root: &Path, opts: &RestoreOptions) -> Result<Container> {
         let dir = std::path::absolute(&opts.image_path)?;
-        Manifest::read_checked(&dir)?;
+        ImageManifest::read_checked(&dir)?;
         let source = |_: &_| Ok(VmSource::Checkpoint(dir.clone()));
         Container::create_from(root, &opts.create, source)
     }

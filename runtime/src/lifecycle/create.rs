@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 
 use super::{load_state, Container};
 use crate::container::bundle::Bundle;
-use crate::container::state::Store;
+use crate::container::state::StateRoot;
 use crate::container::template_choice;
 use crate::container::trace::Trace;
 use crate::monitor::{launch, MonitorArgs};
@@ -53,7 +53,7 @@ impl Container {
         source: impl FnOnce(&Bundle) -> Result<VmSource>,
     ) -> Result<Container> {
         let bundle = Bundle::load(&opts.bundle)?;
-        let store = Store::new(root);
+        let store = StateRoot::new(root);
         store.create(&opts.id)?;
         let trace = Trace::start("create");
         let spawned = source(&bundle).and_then(|source| {

@@ -18,28 +18,28 @@ pub use self::checkpointing::{CheckpointOptions, RestoreOptions};
 pub use self::create::{CreateOptions, VmSource};
 pub use self::exec::ExecOptions;
 use crate::container::monitor_alive;
-use crate::container::state::{ContainerState, Status, Store};
+use crate::container::state::{ContainerState, StateRoot, Status};
 use crate::container::trace::Trace;
 use crate::monitor::control::{self, Reply, Request};
 use crate::monitor::{cgroup, paging};
 
 /// One container: its state directory and the state it held when the handle was made.
 pub struct Container {
-    store: Store,
+    store: StateRoot,
     state: ContainerState,
 }
 
 impl Container {
     /// The container `id` under `root`, its status corrected if its monitor has died.
     pub fn load(root: &Path, id: &str) -> Result<Container> {
-        let store = Store::new(root);
+        let store = StateRoot::new(root);
         let state = load_state(&store, id)?;
         Ok(Container { store, state })
     }
 
     /// Every container under `root` whose state can be read.
     pub fn list(root: &Path) -> Vec<Container> {
-        Store::new(root)
+        StateRoot::new(root)
             .list()
             .into_iter()
             .filter_map(|s| Container::load(root, &s.id).ok())
@@ -156,7 +156,7 @@ impl Container {
 }
 
 /// Loads a container's state, correcting it if its monitor has died.
-fn load_state(store: &Store, id: &str) -> Result<ContainerState> {
+fn load_state(store: &StateRoot, id: &str) -> Result<ContainerState> {
     let mut st = store.load(id)?;
     if st.status != Status::Stopped && !monitor_alive(&st) {
         st.status = Status::Stopped;

@@ -29,11 +29,11 @@ use husk_templates::{Lease, Template};
 use self::control::{Reply, Request};
 use self::paging::{PauseConfig, PausePaging};
 use self::stdio::HostStdio;
-use crate::agent_vm::{AgentVm, Options, RestoreOptions, AGENT_TIMEOUT, POWEROFF_TIMEOUT};
-use crate::checkpoint_image::{self, Manifest};
+use crate::agent_vm::{AgentVm, BootOptions, OwnDevices, AGENT_TIMEOUT, POWEROFF_TIMEOUT};
+use crate::checkpoint_image::{self, ImageManifest};
 use crate::container::bundle::Bundle;
 use crate::container::guest_plan::{GuestPlan, GUEST_ROOTFS};
-use crate::container::state::{ContainerState, Status, Store};
+use crate::container::state::{ContainerState, StateRoot, Status};
 use crate::container::trace::Trace;
 use crate::{assets, guest_port};
 
@@ -57,7 +57,7 @@ pub fn run(args: MonitorArgs) -> i32 {
         // SAFETY: `create` passed us this fd for our exclusive use.
         unsafe { File::from_raw_fd(fd) }
     });
-    let store = Store::new(&args.root);
+    let store = StateRoot::new(&args.root);
     let started = match start(&args, &store) {
         Ok(s) => s,
         Err(e) => {
@@ -116,7 +116,7 @@ struct Started {
 }
 
 /// Boots, creates the container, saves the "created" state and starts the control server.
-fn start(args: &MonitorArgs, store: &Store) -> Result<Started> {
+fn start(args: &MonitorArgs, store: &StateRoot) -> Result<Started> {
     let trace = Trace::start("monitor");
     let bundle = Bundle::load(&args.bundle)?;
     let plan = GuestPlan::new(&bundle)?;
@@ -126,7 +126,11 @@ fn start(args: &MonitorArgs, store: &Store) -> Result<Started> {
     let cgroup = HostCgroup::join(&bundle, &args.id)?;
     trace.mark("cgroup joined");
     let pause_config = PauseConfig::load()?;
-    let manifest = args.restore.as_deref().map(Manifest::read).transpose()?;
+    let manifest = args
+        .restore
+        .as_deref()
+        .map(ImageManifest::read)
+        .transpose()?;
     let (mut vm, clone) = match (&args.restore, &args.template) {
         (Some(image), _) => restore_vm(image, manifest.as_ref(), &dir, &plan)?,
         (None, Some(name)) => clone_vm(name, &dir, &plan)?,
@@ -259,7 +263,7 @@ fn clone_vm(name: &str, dir: &Path, plan: &GuestPlan) -> Result<(AgentVm, Option
 /// must be the one the checkpoint was taken against.
 fn restore_vm(
     image: &Path,
-    manifest: Option<&Manifest>,
+    manifest: Option<&ImageManifest>,
     dir: &Path,
     plan: &GuestPlan,
 ) -> Result<(AgentVm, Option<Cloned>)> {
@@ -297,8 +301,8 @@ fn template_shares(template: &Template, plan: &GuestPlan) -> Vec<(PathBuf, bool)
 }
 
 /// This container's console, vsock socket and share directories for a restored VM.
-fn own_devices(dir: &Path, shares: Vec<(PathBuf, bool)>) -> RestoreOptions {
-    RestoreOptions {
+fn own_devices(dir: &Path, shares: Vec<(PathBuf, bool)>) -> OwnDevices {
+    OwnDevices {
         serial: husk_vmm::SerialOutput::File(dir.join("console.log")),
         vsock_path: dir.join("vsock.sock"),
         shares,
@@ -362,7 +366,7 @@ fn terminal(bundle: &Bundle) -> bool {
 }
 
 /// Waits for the process to end, records it, powers the guest off.
-fn finish(mut s: Started, store: &Store) -> i32 {
+fn finish(mut s: Started, store: &StateRoot) -> i32 {
     let killed = husk_agent::ExitStatus {
         code: None,
         signal: Some(libc::SIGKILL),
@@ -404,9 +408,9 @@ fn agent_at(uds: &Path, timeout: Duration) -> Result<Client<UnixStream>> {
 }
 
 /// A cold boot sized from `linux.resources` (see `Bundle::vm_size`).
-fn options(bundle: &Bundle, dir: &Path, plan: &GuestPlan) -> Result<Options> {
+fn options(bundle: &Bundle, dir: &Path, plan: &GuestPlan) -> Result<BootOptions> {
     let (vcpus, memory_mib) = bundle.vm_size();
-    Ok(Options {
+    Ok(BootOptions {
         vcpus,
         memory_mib,
         kernel: assets::kernel(None)?,
@@ -569,7 +573,8 @@ impl Control {
             .and_then(|_| {
                 let st = self.state.lock().unwrap().clone();
                 let template = self.template.as_ref().map(checkpoint_image::template_ref);
-                Manifest::new(dir, st.guest_id(), &st.bundle, template.transpose()?)?.write(dir)
+                ImageManifest::new(dir, st.guest_id(), &st.bundle, template.transpose()?)?
+                    .write(dir)
             });
         if let Err(e) = written {
             checkpoint_image::remove_image(dir);
@@ -590,6 +595,6 @@ impl Control {
     fn set(&self, status: Status) -> Result<()> {
         let mut st = self.state.lock().unwrap();
         st.status = status;
-        Store::new(&self.root).save(&st)
+        StateRoot::new(&self.root).save(&st)
     }
 }
