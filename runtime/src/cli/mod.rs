@@ -1,8 +1,8 @@
-//! `husk`'s command line, runc-compatible where runc has the command: the clap types, and a
-//! file per group of commands that parses their arguments, calls the library and prints.
-//! `containers`: the lifecycle commands; `checkpoints`: checkpoint and restore; `oci_info`:
-//! features and spec. Husk's own commands (boot, vm, template, bench) take their arguments
-//! from the modules that run them.
+//! `husk`'s command line, runc-compatible where runc has the command: the top-level clap types
+//! here, and a file per group of commands that parses their arguments, calls the library and
+//! prints: `containers` (the lifecycle commands), `checkpoints` (checkpoint and restore),
+//! `oci_info` (features and spec), and Husk's own `guest_tools` (boot and vm), `templates` and
+//! `benchmarks`. `deferred` keeps clap from building the arguments of subcommands not run.
 
 mod benchmarks;
 mod checkpoints;
@@ -212,15 +212,15 @@ fn dispatch(cli: Cli, started: Instant, logger: &Logger) -> Result<i32, Failure>
         Command::Features => plain(oci_info::features()),
         Command::Spec { bundle } => plain(oci_info::spec(&bundle)),
         Command::Monitor(Deferred(opts)) => Ok(monitor::run(opts.into_args(root))),
-        Command::Boot(Deferred(args)) => vm_cmd(guest_tools::boot(&args, started)),
-        Command::Vm(Deferred(args)) => vm_cmd(guest_tools::vm(args)),
-        Command::Bench(Deferred(cmd)) => vm_cmd(benchmarks::run(cmd)),
-        Command::Template(Deferred(cmd)) => vm_cmd(templates::run(cmd)),
+        Command::Boot(Deferred(args)) => own_command(guest_tools::boot(&args, started)),
+        Command::Vm(Deferred(args)) => own_command(guest_tools::vm(args)),
+        Command::Bench(Deferred(cmd)) => own_command(benchmarks::run(cmd)),
+        Command::Template(Deferred(cmd)) => own_command(templates::run(cmd)),
     }
 }
 
 /// Husk's own commands report errors as `husk: <message>` on one line.
-fn vm_cmd(r: anyhow::Result<()>) -> Result<i32, Failure> {
+fn own_command(r: anyhow::Result<()>) -> Result<i32, Failure> {
     match r {
         Ok(()) => Ok(0),
         Err(e) => {

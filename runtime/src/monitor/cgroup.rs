@@ -8,6 +8,8 @@ use std::path::{Component, Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 
+use crate::container::bundle::Bundle;
+
 const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 /// Host memory the VMM needs beyond guest RAM (its own heap, thread stacks, device buffers,
 /// page tables). The limit covers both, so that the guest hits its own limit first.
@@ -209,6 +211,36 @@ pub fn remove(dirs: &[PathBuf]) {
                 }
                 _ => break,
             }
+        }
+    }
+}
+
+/// The monitor's host cgroup while the container is being created: if creation fails, the
+/// monitor steps back out and removes it, so a failed create leaves no cgroup behind.
+pub(super) struct HostCgroup {
+    dirs: Vec<PathBuf>,
+    rel: PathBuf,
+}
+
+impl HostCgroup {
+    pub(super) fn join(bundle: &Bundle, id: &str) -> Result<HostCgroup> {
+        let rel = relative_path(&bundle.raw, id)?;
+        let limits = Limits::from_spec(&bundle.raw, bundle.vm_size().1);
+        let dirs = setup(&rel, &limits, std::process::id())?;
+        Ok(HostCgroup { dirs, rel })
+    }
+
+    /// Creation succeeded: the directories stay (for `delete` to remove).
+    pub(super) fn keep(mut self) -> Vec<PathBuf> {
+        std::mem::take(&mut self.dirs)
+    }
+}
+
+impl Drop for HostCgroup {
+    fn drop(&mut self) {
+        if !self.dirs.is_empty() {
+            leave(&self.dirs, &self.rel, std::process::id());
+            remove(&self.dirs);
         }
     }
 }
