@@ -1,8 +1,9 @@
 //! `husk`'s command line, runc-compatible where runc has the command: the top-level clap types
 //! here, and a file per group of commands that parses their arguments, calls the library and
 //! prints: `containers` (the lifecycle commands), `checkpoints` (checkpoint and restore),
-//! `oci_info` (features and spec), and Husk's own `guest_tools` (boot and vm), `templates` and
-//! `benchmarks`. `deferred` keeps clap from building the arguments of subcommands not run.
+//! `oci_info` (features and spec), and Husk's own `guest_tools` (boot and vm),
+//! `template_cmd` and `benchmarks`. `deferred` keeps clap from building the arguments of
+//! subcommands not run.
 
 mod benchmarks;
 mod checkpoints;
@@ -10,7 +11,7 @@ mod containers;
 mod deferred;
 mod guest_tools;
 mod oci_info;
-mod templates;
+mod template_cmd;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -117,7 +118,7 @@ enum Command {
     Vm(Deferred<guest_tools::VmArgs>),
     /// Templates: warmed guest snapshots every container's micro-VM is cloned from.
     #[command(subcommand)]
-    Template(Deferred<templates::TemplateCmd>),
+    Template(Deferred<template_cmd::TemplateCmd>),
     /// Benchmarks against a reference measured in the same run.
     #[command(subcommand)]
     Bench(Deferred<benchmarks::BenchCmd>),
@@ -215,7 +216,7 @@ fn dispatch(cli: Cli, started: Instant, logger: &Logger) -> Result<i32, Failure>
         Command::Boot(Deferred(args)) => own_command(guest_tools::boot(&args, started)),
         Command::Vm(Deferred(args)) => own_command(guest_tools::vm(args)),
         Command::Bench(Deferred(cmd)) => own_command(benchmarks::run(cmd)),
-        Command::Template(Deferred(cmd)) => own_command(templates::run(cmd)),
+        Command::Template(Deferred(cmd)) => own_command(template_cmd::run(cmd)),
     }
 }
 

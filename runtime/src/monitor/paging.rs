@@ -77,7 +77,8 @@ impl PauseConfig {
     }
 }
 
-/// The monitor's pager: pages out after a pause, back in on resume. Clones share the epoch.
+/// The monitor's paging of a paused guest: pages out after a pause, back in on resume. Clones
+/// share the epoch.
 #[derive(Clone)]
 pub struct PausePaging {
     config: PauseConfig,
