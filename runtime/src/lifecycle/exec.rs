@@ -29,7 +29,7 @@ pub struct ExecOptions {
     pub env: Vec<String>,
     /// Allocate a pseudo-TTY.
     pub tty: bool,
-    /// UID[:GID].
+    /// `UID[:GID]`.
     pub user: Option<String>,
     /// Additional gids.
     pub additional_gids: Vec<u32>,
