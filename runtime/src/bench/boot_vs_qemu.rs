@@ -62,8 +62,9 @@ pub fn run(b: &BootBench) -> Result<()> {
 /// not pay for the one before it. Under QEMU TCG (the lab) the first write to a page that a VM
 /// ran code from is slow until TCG has dropped the translations of that page, so a boot is
 /// slower after another than on fresh memory: whichever VMM boots next would pay for the
-/// previous one's code (interleaved: each for the other's); on hardware there is no such cost. Both VMMs get the
-/// same scrub, outside the timed span. 4 KiB pages, as the freed memory is mostly small pages.
+/// previous one's code (interleaved: each for the other's); on hardware there is no such
+/// cost. Both VMMs get the same scrub, outside the timed span. 4 KiB pages, as the freed
+/// memory is mostly small pages.
 fn scrub_freed_memory(mib: usize) -> Result<()> {
     use nix::sys::mman::{madvise, mmap_anonymous, munmap, MapFlags, MmapAdvise, ProtFlags};
     let Some(len) = std::num::NonZeroUsize::new(mib << 20) else {

@@ -92,9 +92,10 @@ fn bundle_script() -> Result<PathBuf> {
     }
     let path = PathBuf::from(BUNDLE_SCRIPT);
     if !path.is_file() {
+        let here = std::env::current_dir()
+            .map_or("the current directory".into(), |d| d.display().to_string());
         bail!(
-            "{BUNDLE_SCRIPT} not found in {}: run this benchmark from the root of a Husk checkout, or set {BUNDLE_SCRIPT_ENV} to the script",
-            std::env::current_dir().map_or("the current directory".into(), |d| d.display().to_string())
+            "{BUNDLE_SCRIPT} not found in {here}: run this benchmark from the root of a Husk checkout, or set {BUNDLE_SCRIPT_ENV} to the script"
         );
     }
     Ok(path)

@@ -2,9 +2,9 @@
 //! caller is single-threaded, else a fresh `husk monitor` process.
 //!
 //! The fork spares the exec of the husk binary and its start-up, a large share of a clone's
-//! create where every process start is slow (an emulated host such as the lab). Either way the monitor is a child of
-//! the caller in a session of its own, and holds exactly the fds an exec would have kept:
-//! close-on-exec ones are closed in the forked child too.
+//! create where every process start is slow (an emulated host such as the lab). Either way
+//! the monitor is a child of the caller in a session of its own, and holds exactly the fds an
+//! exec would have kept: close-on-exec ones are closed in the forked child too.
 
 use std::os::unix::process::CommandExt;
 use std::process::Command;
