@@ -2,7 +2,7 @@
 //! the VMM's bare `Vm`, which knows nothing of the agent).
 //!
 //! The VMM runs on its own thread; the caller talks to the guest agent over the VM's vsock
-//! Unix socket. Used by `husk boot`, the benchmarks and the tests.
+//! Unix socket. Used by the monitor, template builds and `husk boot`.
 
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
