@@ -14,7 +14,7 @@ mod boot_vs_qemu;
 mod density;
 mod fleet;
 #[cfg(feature = "test-guest-benches")]
-mod page_out;
+mod paged_pause;
 mod pause_container;
 #[cfg(feature = "test-guest-benches")]
 mod raw_guest;
@@ -119,7 +119,7 @@ pub fn restore(_: &RestoreBench) -> Result<()> {
 /// Pause with page-out (compressed page file, RAM released) and lazy or eager resume.
 #[cfg(feature = "test-guest-benches")]
 pub fn pause(b: &PauseBench) -> Result<()> {
-    page_out::run(b)
+    paged_pause::run(b)
 }
 
 #[cfg(not(feature = "test-guest-benches"))]
