@@ -219,3 +219,36 @@ impl Drop for TestDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// Held by every flood test: each measures the whole process's resident memory, which another
+/// flood running beside it would inflate.
+pub(crate) static FLOOD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Takes [`FLOOD`] (a flood test that failed does not poison it for the others).
+pub(crate) fn flood_lock() -> std::sync::MutexGuard<'static, ()> {
+    FLOOD.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Starts a measurement: resets the process's peak resident memory (VmHWM) to its current
+/// resident memory and returns that, in KiB.
+pub(crate) fn rss_kib() -> u64 {
+    std::fs::write("/proc/self/clear_refs", "5").unwrap();
+    status_kib("VmRSS:")
+}
+
+fn status_kib(field: &str) -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with(field)).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+/// Asserts that the process's peak resident memory since `before_kib` (from [`rss_kib`]) lay
+/// less than `bound_mib` above it, and prints that growth for the record.
+pub(crate) fn assert_rss_growth(what: &str, before_kib: u64, bound_mib: u64) {
+    let grown = status_kib("VmHWM:").saturating_sub(before_kib);
+    eprintln!("flood {what}: peak RSS grew {grown} KiB (bound {bound_mib} MiB)");
+    assert!(
+        grown < bound_mib << 10,
+        "flood {what}: peak RSS grew {grown} KiB, bound {bound_mib} MiB"
+    );
+}

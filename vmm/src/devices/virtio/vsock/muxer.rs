@@ -41,6 +41,17 @@ const MAX_PKT_DATA: u32 = 64 << 10;
 const MAX_CONNECT_LINE: usize = 32;
 /// Host-side ports for host-initiated connections start here, far from guest services.
 const FIRST_LOCAL_PORT: u32 = 1 << 30;
+/// Most connections (both directions) one VM may have. Each holds a host socket and up to
+/// `BUF_ALLOC` (256 KiB) of guest data its host reader has not taken yet, so this bounds that
+/// buffering at 64 MiB. A container VM uses a handful (the agent's connection, one per exec
+/// or attach, short-lived notices); 256 leaves wide margin for parallel execs.
+pub(super) const MAX_CONNECTIONS: usize = 256;
+/// Most control packets (RST, RESPONSE, REQUEST, credit) waiting for the guest to post rx
+/// buffers. A guest that sends packets but never posts rx buffers would otherwise grow this
+/// queue by one entry per packet forever. Live connections need at most a few entries each
+/// (REQUEST or RESPONSE, CREDIT_UPDATE, CREDIT_REQUEST, RST), so 8 per allowed connection
+/// never bites a guest that reads; 2048 entries are 32 KiB.
+pub(super) const MAX_CTRL_QUEUE: usize = 8 * MAX_CONNECTIONS;
 
 const TOKEN_STOP: u64 = 3;
 const TOKEN_RESET: u64 = 4;
@@ -305,6 +316,11 @@ impl Muxer {
     }
 
     fn connect_to_host(&mut self, key: Key, pkt: &VsockPacket<'_, ()>) {
+        if self.conns.len() >= MAX_CONNECTIONS {
+            log::debug!("virtio-vsock: {MAX_CONNECTIONS} connections open, refusing {key:?}");
+            self.push_ctrl(key, OP_RST, 0);
+            return;
+        }
         let mut path = OsString::from(self.s.uds_path.as_os_str());
         path.push(format!("_{}", key.0));
         match connect_nonblocking(Path::new(&path)) {
@@ -383,6 +399,10 @@ impl Muxer {
             return;
         };
         match parse_connect(&hs.line) {
+            Some(_) if self.conns.len() >= MAX_CONNECTIONS => {
+                // Dropping the stream closes it: the host process sees EOF instead of OK.
+                log::warn!("virtio-vsock: {MAX_CONNECTIONS} connections open, refusing a host one");
+            }
             Some(port) => {
                 let local = self.alloc_port();
                 let key = (local, port);
@@ -545,8 +565,18 @@ impl Muxer {
 
     // ---- connection bookkeeping -------------------------------------------------------------
 
+    /// Queues a control packet for the guest. With the queue full (the guest withholds rx
+    /// buffers), an RST is dropped (its connection is already gone; the guest's next packet on
+    /// it gets another) and any other packet resets its connection instead of waiting.
     fn push_ctrl(&mut self, key: Key, op: u16, flags: u32) {
-        self.ctrl.push_back(Ctrl { key, op, flags });
+        if self.ctrl.len() < MAX_CTRL_QUEUE {
+            self.ctrl.push_back(Ctrl { key, op, flags });
+            return;
+        }
+        log::debug!("virtio-vsock: control queue full, dropping op {op} for {key:?}");
+        if op != OP_RST {
+            self.remove_conn(key);
+        }
     }
 
     fn queue_credit_update(&mut self, key: Key) {
@@ -610,6 +640,10 @@ impl Muxer {
         let Some(conn) = self.conns.remove(&key) else {
             return;
         };
+        if conn.rx_pending {
+            // A later connection with the same key must not find a stale entry.
+            self.data_ready.retain(|k| *k != key);
+        }
         let fd = conn.stream.as_raw_fd();
         self.fds.remove(&fd);
         if conn.registered.is_some() {

@@ -11,7 +11,8 @@ use vm_memory::{Bytes, GuestAddress};
 use super::*;
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::testutil::{
-    driver_init, guest_memory, notify, read32, transport, Alloc, GuestQueue, TestDir,
+    assert_rss_growth, driver_init, flood_lock, guest_memory, notify, read32, rss_kib, transport,
+    Alloc, GuestQueue, TestDir,
 };
 
 const GUEST_CID: u64 = 42;
@@ -723,4 +724,128 @@ fn snapshot_restore_keeps_rings_and_resets_the_transport() {
     notify(&mut g.t, 2);
     let port2 = guest_accept(&mut g, 8, 4096);
     assert_eq!(read_line(&host2), format!("OK {port2}"));
+}
+
+impl Guest {
+    /// Publishes `count` copies of the header-only packet `pkt` on the tx queue, a queue-full
+    /// at a time, and waits for the device to take each batch; posts no rx buffers meanwhile.
+    fn flood_tx(&mut self, pkt: &Pkt, count: usize) {
+        assert!(pkt.data.is_empty() && self.reclaim_tx() == TX_SLOTS);
+        let slot = self.tx_slots[0];
+        self.mem
+            .write_slice(&pkt.encode(), GuestAddress(slot))
+            .unwrap();
+        let batch = usize::from(self.tx.size);
+        let mut left = count;
+        while left > 0 {
+            let n = left.min(batch);
+            for _ in 0..n {
+                self.tx.add_chain(&[(slot, HDR as u32, false)]);
+            }
+            notify(&mut self.t, 1);
+            for _ in 0..n {
+                self.tx.wait_used();
+            }
+            left -= n;
+        }
+    }
+
+    /// `send`, waiting for a free tx slot if the device still holds all of them.
+    fn send_when_free(&mut self, pkt: &Pkt) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while self.reclaim_tx() == 0 {
+            assert!(Instant::now() < deadline, "tx slots not returned in 5 s");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        self.send(pkt);
+    }
+
+    /// Receives (re-posting each rx buffer) until the device has nothing more for 200 ms.
+    fn drain(&mut self) -> Vec<Pkt> {
+        let mut got = Vec::new();
+        let mut idle = Instant::now();
+        while idle.elapsed() < Duration::from_millis(200) {
+            match self.try_recv() {
+                Some(p) => {
+                    got.push(p);
+                    idle = Instant::now();
+                }
+                None => std::thread::sleep(Duration::from_millis(1)),
+            }
+        }
+        got
+    }
+}
+
+/// A guest sends two million packets that each call for an RST (data on no connection) and
+/// never posts another rx buffer: the RSTs waiting for it stop at `MAX_CTRL_QUEUE`, so the
+/// monitor's memory does not grow with the flood (uncapped, the queue alone would take 32 MiB).
+#[test]
+fn flood_control_queue_while_guest_withholds_rx() {
+    let _flood = flood_lock();
+    let dir = TestDir::new("vsock");
+    let (vsock, _path) = vsock_in(&dir);
+    let mut g = Guest::new(vsock);
+    let before = rss_kib();
+    g.flood_tx(&Pkt::to_host(3000, 5000, OP_RW), 2 << 20);
+    assert_rss_growth("vsock control queue (2M RSTs withheld)", before, 8);
+    // The 32 rx buffers posted at start took the first RSTs; then the queue's worth.
+    let got = g.drain();
+    assert!(got.iter().all(|p| p.op == OP_RST));
+    assert_eq!(got.len(), 32 + muxer::MAX_CTRL_QUEUE);
+}
+
+/// A guest opens connections to a host service beyond `MAX_CONNECTIONS` (the excess gets RST)
+/// and then sends on each far more than its credit while the service reads nothing: each
+/// connection buffers at most `BUF_ALLOC` and is reset once the guest overruns its credit.
+#[test]
+fn flood_connections_and_their_buffers() {
+    let _flood = flood_lock();
+    let dir = TestDir::new("vsock");
+    let (vsock, path) = vsock_in(&dir);
+    let mut g = Guest::new(vsock);
+    let mut svc_path = path.into_os_string();
+    svc_path.push("_5000");
+    let listener = UnixListener::bind(&svc_path).unwrap();
+    let cap = muxer::MAX_CONNECTIONS;
+    let accepted = std::thread::spawn(move || {
+        (0..cap)
+            .map(|_| listener.accept().unwrap().0)
+            .collect::<Vec<_>>()
+    });
+    let before = rss_kib();
+    let extra = 64;
+    let mut ops = HashMap::<u16, usize>::new();
+    for i in 0..(cap + extra) as u32 {
+        let mut req = Pkt::to_host(10_000 + i, 5000, OP_REQUEST);
+        req.buf_alloc = 1 << 16;
+        g.send_when_free(&req);
+        *ops.entry(g.recv().op).or_default() += 1;
+    }
+    assert_eq!(ops, HashMap::from([(OP_RESPONSE, cap), (OP_RST, extra)]));
+    let services = accepted.join().unwrap();
+    // 1 MiB per connection: four times its credit, and more than the host socket can hold.
+    // The guest keeps reading its rx queue, so every RST reaches it.
+    let chunk = vec![0x5a; TX_SLOT as usize - HDR];
+    let mut reset = std::collections::HashSet::new();
+    let mut note = |p: Pkt| {
+        if p.op == OP_RST {
+            reset.insert(p.dst_port);
+        }
+    };
+    for i in 0..cap as u32 {
+        for _ in 0..16 {
+            let mut data = Pkt::to_host(10_000 + i, 5000, OP_RW);
+            data.data = chunk.clone();
+            g.send_when_free(&data);
+            while let Some(p) = g.try_recv() {
+                note(p);
+            }
+        }
+    }
+    let bound = (cap as u64 * u64::from(connection::BUF_ALLOC)) >> 20;
+    assert_rss_growth("vsock 256 connections, 1 MiB each", before, bound + 16);
+    g.drain().into_iter().for_each(&mut note);
+    assert_eq!(reset.len(), cap, "every overrunning connection was reset");
+    drop(services);
 }
