@@ -46,6 +46,15 @@ const HEADER_BYTES: usize = 16;
 /// Requests are copied through a bounce buffer of this size, so a huge request from the guest
 /// costs no more host memory than a small one.
 const CHUNK: usize = 128 << 10;
+/// Most descriptors one request may have: the header, `seg_max` (QUEUE_SIZE - 2) data
+/// segments and the status byte, which is all a direct chain can hold. We do not offer
+/// VIRTIO_F_INDIRECT_DESC, but virtio-queue follows an indirect table of up to 65535 entries
+/// anyway, and reading a request lists every descriptor in host memory first.
+const MAX_REQUEST_DESCRIPTORS: usize = QUEUE_SIZE as usize;
+/// Most bytes one request may move. Linux sends at most `max_sectors_kb` per request, 1280 KiB
+/// by default; 16 MiB leaves room for a guest that raises it, while a guest describing a
+/// multi-GiB transfer (up to 4 GiB per chain) cannot hold the worker for its whole length.
+const MAX_REQUEST_BYTES: u64 = 16 << 20;
 
 /// Why a block device could not be created.
 #[derive(Debug, thiserror::Error)]
@@ -223,6 +232,10 @@ impl BlockWorker {
 
     /// Runs one request; returns the number of bytes written into the chain (used length).
     fn handle(&mut self, chain: DescriptorChain<&GuestMemoryMmap>, mem: &GuestMemoryMmap) -> u32 {
+        if let Err(why) = within_limits(&chain) {
+            log::warn!("virtio-blk: refusing a request with {why}");
+            return refuse(chain, mem);
+        }
         let (Ok(mut reader), Ok(mut writer)) = (chain.clone().reader(mem), chain.writer(mem))
         else {
             log::warn!("virtio-blk: descriptor chain outside guest memory");
@@ -320,6 +333,35 @@ impl BlockWorker {
         let n = writer.available_bytes().min(ID_BYTES);
         writer.write_all(&self.id[..n])
     }
+}
+
+/// Checks a chain's descriptor count and total length against the caps, walking the chain
+/// without allocating (a chain ends after at most 65535 descriptors).
+fn within_limits(chain: &DescriptorChain<&GuestMemoryMmap>) -> Result<(), String> {
+    let (mut count, mut bytes) = (0usize, 0u64);
+    for desc in chain.clone() {
+        count += 1;
+        bytes += u64::from(desc.len());
+        if count > MAX_REQUEST_DESCRIPTORS {
+            return Err(format!("more than {MAX_REQUEST_DESCRIPTORS} descriptors"));
+        }
+        if bytes > MAX_REQUEST_BYTES + HEADER_BYTES as u64 + 1 {
+            return Err(format!("more than {MAX_REQUEST_BYTES} bytes of data"));
+        }
+    }
+    Ok(())
+}
+
+/// Answers a request beyond the caps with IOERR in its last writable byte (the status), without
+/// reading it; returns the used length.
+fn refuse(chain: DescriptorChain<&GuestMemoryMmap>, mem: &GuestMemoryMmap) -> u32 {
+    use vm_memory::{Address, Bytes};
+    let status = chain.writable().last().filter(|d| d.len() > 0);
+    let written = status.is_some_and(|d| {
+        let at = d.addr().checked_add(u64::from(d.len()) - 1);
+        at.is_some_and(|at| mem.write_obj(VIRTIO_BLK_S_IOERR, at).is_ok())
+    });
+    u32::from(written)
 }
 
 /// What a snapshot records of a block device: which image, and how it is exposed.

@@ -12,6 +12,7 @@ use crate::bus::BusDevice;
 
 const DESC_F_NEXT: u16 = 1;
 const DESC_F_WRITE: u16 = 2;
+const DESC_F_INDIRECT: u16 = 4;
 
 /// Guest memory for tests: 32 MiB at address 0.
 pub(crate) fn guest_memory() -> Arc<GuestMemoryMmap> {
@@ -98,6 +99,30 @@ impl GuestQueue {
             .write_obj(self.avail_idx, GuestAddress(self.avail + 2))
             .unwrap();
         self.chains.insert(head, ids);
+        head
+    }
+
+    /// Publishes a chain of one descriptor that refers to an indirect table, written at
+    /// `table`, of `bufs`; returns its head index.
+    pub(crate) fn add_indirect_chain(&mut self, table: u64, bufs: &[Buf]) -> u16 {
+        for (i, &(addr, len, writable)) in bufs.iter().enumerate() {
+            let mut flags = if writable { DESC_F_WRITE } else { 0 };
+            if i + 1 < bufs.len() {
+                flags |= DESC_F_NEXT;
+            }
+            let at = table + 16 * i as u64;
+            self.mem.write_obj(addr, GuestAddress(at)).unwrap();
+            self.mem.write_obj(len, GuestAddress(at + 8)).unwrap();
+            self.mem.write_obj(flags, GuestAddress(at + 12)).unwrap();
+            self.mem
+                .write_obj((i + 1) as u16, GuestAddress(at + 14))
+                .unwrap();
+        }
+        let head = self.add_chain(&[(table, 16 * bufs.len() as u32, false)]);
+        let flags_at = self.desc + 16 * u64::from(head) + 12;
+        self.mem
+            .write_obj(DESC_F_INDIRECT, GuestAddress(flags_at))
+            .unwrap();
         head
     }
 
