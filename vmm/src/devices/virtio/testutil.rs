@@ -245,13 +245,31 @@ impl Drop for TestDir {
     }
 }
 
-/// Held by every flood test: each measures the whole process's resident memory, which another
-/// flood running beside it would inflate.
-pub(crate) static FLOOD: std::sync::Mutex<()> = std::sync::Mutex::new(());
-
-/// Takes [`FLOOD`] (a flood test that failed does not poison it for the others).
-pub(crate) fn flood_lock() -> std::sync::MutexGuard<'static, ()> {
-    FLOOD.lock().unwrap_or_else(|p| p.into_inner())
+/// Whether the calling flood test should run its flood in this process. A flood measures the
+/// process's resident memory, which tests running beside it in the same process would inflate,
+/// so the test binary runs the test again alone in a child process (filtered to
+/// `module::test`, marked by an environment variable) and passes its output on; the parent
+/// returns false once the child passed.
+pub(crate) fn flood_here(module: &str, test: &str) -> bool {
+    const CHILD: &str = "HUSK_FLOOD_CHILD";
+    if std::env::var_os(CHILD).is_some() {
+        return true;
+    }
+    let path = module.split_once("::").map_or(module, |(_, p)| p);
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args([&format!("{path}::{test}"), "--exact", "--nocapture"])
+        .args(["--test-threads=1"])
+        .env(CHILD, "1")
+        .output()
+        .unwrap();
+    eprint!("{}", String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{test} failed in its own process:\n{stdout}"
+    );
+    assert!(stdout.contains("1 passed"), "{test} did not run:\n{stdout}");
+    false
 }
 
 /// Starts a measurement: resets the process's peak resident memory (VmHWM) to its current

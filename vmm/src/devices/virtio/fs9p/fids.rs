@@ -20,6 +20,20 @@ use super::wire::{msg, HEADER_LEN};
 const NOFID: u32 = u32::MAX;
 /// Tlopen/Tlcreate flags a reopen must not repeat (P9_DOTL_CREATE, _EXCL, _TRUNC).
 const REOPEN_MASK: u32 = !(0o100 | 0o200 | 0o1000);
+/// Most fids a guest may hold on one share. The p9 server keeps one or two host file
+/// descriptors per fid and this table a path, so without a cap a guest could exhaust the
+/// monitor's descriptors and grow its memory and snapshots at will. Linux holds a fid per
+/// open file, mapped file and directory in use (with cache=none, its default, unused
+/// dentries drop theirs), so a container at the default RLIMIT_NOFILE of 1024 stays well
+/// below 4096; beyond it Tattach and Twalk to a new fid get EMFILE.
+pub(super) const MAX_FIDS: usize = 4096;
+/// Most path components a fid may reach. Walks through a symlink (a name like `l/.` with
+/// `l -> .`) would otherwise lengthen a fid's recorded path forever; 256 directories deep is
+/// far beyond real trees. Deeper walks get ENAMETOOLONG.
+pub(super) const MAX_FID_PATH_DEPTH: usize = 256;
+/// Most names in one Twalk (MAXWELEM of 9P; Linux never sends more). More would make the
+/// server stat and answer thousands of names from one request.
+const MAX_WALK_NAMES: u16 = 16;
 
 /// One fid: where it points and how it is open.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -57,6 +71,43 @@ impl FidTable {
         }
         let mut r = Cursor::new(request.get(HEADER_LEN..).unwrap_or_default());
         let _ = self.apply(request[4], &mut r, reply);
+    }
+
+    /// Decides, before the server sees `request` (a whole tracked message), whether the guest
+    /// may have it: a new fid needs room under `MAX_FIDS`, and a walk must stay within
+    /// `MAX_WALK_NAMES` and `MAX_FID_PATH_DEPTH`. Returns the errno to refuse with.
+    pub(super) fn admit(&self, request: &[u8]) -> Result<(), i32> {
+        let mut r = Cursor::new(request.get(HEADER_LEN..).unwrap_or_default());
+        let newfid = match request.get(4).copied() {
+            Some(msg::TATTACH) => u32_of(&mut r),
+            Some(msg::TWALK) => self.admit_walk(&mut r)?,
+            _ => return Ok(()),
+        };
+        // Malformed requests are the server's to refuse.
+        match newfid {
+            Some(fid) if !self.fids.contains_key(&fid) && self.fids.len() >= MAX_FIDS => {
+                Err(libc::EMFILE)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Checks a Twalk's names; returns its newfid.
+    fn admit_walk(&self, r: &mut Cursor<&[u8]>) -> Result<Option<u32>, i32> {
+        let (Some(fid), Some(newfid), Some(count)) = (u32_of(r), u32_of(r), u16_of(r)) else {
+            return Ok(None);
+        };
+        if count > MAX_WALK_NAMES {
+            return Err(libc::EINVAL);
+        }
+        let names = (0..count).map(|_| string_of(r)).collect::<Option<Vec<_>>>();
+        let start = self.fids.get(&fid).map(|f| f.path.as_slice());
+        if let (Some(start), Some(names)) = (start, names) {
+            if joined(start, &names).len() > MAX_FID_PATH_DEPTH {
+                return Err(libc::ENAMETOOLONG);
+            }
+        }
+        Ok(Some(newfid))
     }
 
     fn apply(&mut self, ty: u8, r: &mut Cursor<&[u8]>, reply: &[u8]) -> Option<()> {

@@ -9,7 +9,8 @@ use super::*;
 use crate::bus::BusDevice;
 use crate::devices::virtio::mmio::MmioTransport;
 use crate::devices::virtio::testutil::{
-    driver_init, guest_memory, notify, read32, transport, Alloc, Buf, GuestQueue, TestDir,
+    assert_rss_growth, driver_init, flood_here, guest_memory, notify, read32, rss_kib, transport,
+    Alloc, Buf, GuestQueue, TestDir,
 };
 
 // Message types (include/net/9p/9p.h).
@@ -449,4 +450,132 @@ fn fs9p_dotdot_and_symlinks_stay_inside_the_share() {
     // Walked one name at a time, the link is not followed: the walk stops at it.
     let stopped = g.walk(ROOT_FID, 4, &["link", "outside"]).expect(TWALK);
     assert_eq!(u16::from_le_bytes([stopped[0], stopped[1]]), 1);
+}
+
+/// Sends requests through one request and one reply buffer, reused, so that a flood does not
+/// run the test's guest memory out.
+struct Reusing {
+    request: u64,
+    reply: u64,
+}
+
+impl Reusing {
+    fn new(g: &mut Guest) -> Self {
+        let request = g.alloc.take(u64::from(MSIZE));
+        let reply = g.alloc.take(u64::from(MSIZE));
+        Self { request, reply }
+    }
+
+    fn call(&self, g: &mut Guest, ty: u8, body: Body) -> Reply {
+        let (m, _) = g.frame(ty, &body);
+        g.mem.write_slice(&m, GuestAddress(self.request)).unwrap();
+        let bufs = [
+            (self.request, m.len() as u32, false),
+            (self.reply, MSIZE, true),
+        ];
+        let head = g.q.add_chain(&bufs);
+        notify(&mut g.t, 0);
+        let (used_head, used) = g.q.wait_used();
+        assert_eq!(used_head, head);
+        parse(&g.gather(&bufs)[..used as usize])
+    }
+
+    fn walk(&self, g: &mut Guest, fid: u32, newfid: u32, names: &[&str]) -> Reply {
+        let mut b = Body::default().u32(fid).u32(newfid).u16(names.len() as u16);
+        for n in names {
+            b = b.str(n);
+        }
+        self.call(g, TWALK, b)
+    }
+}
+
+/// A guest clones fids until it is refused, well past `MAX_FIDS`: exactly the cap is granted
+/// (the root fid counts), the rest get EMFILE, and a clunk makes room for one more.
+#[test]
+fn fs9p_flood_of_fids_gets_emfile() {
+    if !flood_here(module_path!(), "fs9p_flood_of_fids_gets_emfile") {
+        return;
+    }
+    let dir = TestDir::new("9p-fids");
+    let (mut g, _) = Guest::attached(dir.path(), false);
+    let io = Reusing::new(&mut g);
+    let before = rss_kib();
+    let mut granted = 1;
+    for newfid in 2..(fids::MAX_FIDS as u32 + 2000) {
+        match io.walk(&mut g, ROOT_FID, newfid, &[]).errno() {
+            None => granted += 1,
+            Some(e) => assert_eq!(e, libc::EMFILE as u32),
+        }
+    }
+    assert_rss_growth("9p fids (MAX_FIDS + 2000 Twalks to new fids)", before, 16);
+    assert_eq!(granted, fids::MAX_FIDS);
+    let extra = fids::MAX_FIDS as u32 + 5000;
+    assert!(io.walk(&mut g, ROOT_FID, extra, &[]).errno().is_some());
+    io.call(&mut g, TCLUNK, Body::default().u32(2))
+        .expect(TCLUNK);
+    io.walk(&mut g, ROOT_FID, extra, &[]).expect(TWALK);
+}
+
+/// A guest walks a fid round a symlink to its own directory (`l/.` with `l -> .`) again and
+/// again: the fid's recorded path stops at `MAX_FID_PATH_DEPTH`, and a walk with more names
+/// than 9P allows is refused before the server stats any of them.
+#[test]
+fn fs9p_flood_of_deep_walks_is_cut_off() {
+    if !flood_here(module_path!(), "fs9p_flood_of_deep_walks_is_cut_off") {
+        return;
+    }
+    let dir = TestDir::new("9p-deep");
+    std::os::unix::fs::symlink(".", dir.path().join("l")).unwrap();
+    let (mut g, _) = Guest::attached(dir.path(), false);
+    let io = Reusing::new(&mut g);
+    io.walk(&mut g, ROOT_FID, 2, &[]).expect(TWALK);
+    let before = rss_kib();
+    let names = ["l/."; 16];
+    let mut deepest = 0;
+    for _ in 0..10_000 {
+        match io.walk(&mut g, 2, 2, &names).errno() {
+            None => deepest += names.len(),
+            Some(e) => assert_eq!(e, libc::ENAMETOOLONG as u32),
+        }
+    }
+    assert_rss_growth("9p 10000 walks 16 deeper each", before, 8);
+    assert_eq!(deepest, fids::MAX_FID_PATH_DEPTH);
+    let too_many = ["."; 17];
+    assert_eq!(
+        io.walk(&mut g, ROOT_FID, 3, &too_many).errno(),
+        Some(libc::EINVAL as u32)
+    );
+}
+
+/// A guest floods Twalks whose chains carry 3 GiB of readable bytes after the message (every
+/// descriptor of an indirect table aliasing one 16 MiB stretch of guest memory): the device reads no more than an
+/// msize of each, so memory stays flat and the walks are answered as usual.
+#[test]
+fn fs9p_flood_of_oversized_chains_reads_an_msize() {
+    if !flood_here(
+        module_path!(),
+        "fs9p_flood_of_oversized_chains_reads_an_msize",
+    ) {
+        return;
+    }
+    let dir = TestDir::new("9p-big");
+    let (mut g, _) = Guest::attached(dir.path(), false);
+    let (m, _) = g.frame(TWALK, &Body::default().u32(ROOT_FID).u32(2).u16(0));
+    let request = g.alloc.take(m.len() as u64);
+    g.mem.write_slice(&m, GuestAddress(request)).unwrap();
+    let reply = g.alloc.take(u64::from(MSIZE));
+    let mut bufs: Vec<Buf> = vec![(request, m.len() as u32, false)];
+    bufs.extend(std::iter::repeat_n((1 << 20, 16 << 20, false), 192));
+    bufs.push((reply, MSIZE, true));
+    let table = g.alloc.take(16 * bufs.len() as u64);
+    let before = rss_kib();
+    for _ in 0..20 {
+        let head = g.q.add_indirect_chain(table, &bufs);
+        notify(&mut g.t, 0);
+        let (used_head, used) = g.q.wait_used();
+        assert_eq!(used_head, head);
+        parse(&g.gather(&bufs)[..used as usize]).expect(TWALK);
+        g.call(TCLUNK, Body::default().u32(2)).expect(TCLUNK);
+    }
+    assert_rss_growth("9p 20 Twalks of 3 GiB chains", before, 8);
 }

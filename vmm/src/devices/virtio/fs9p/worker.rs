@@ -116,9 +116,19 @@ impl Fs9pWorker {
         writer: Writer<'_>,
         tag: u16,
     ) -> u32 {
+        // The server reads no more than msize either; a longer chain is not read into memory.
         let mut request = Vec::new();
-        if reader.clone().read_to_end(&mut request).is_err() {
+        let msize = u64::from(super::MAX_MSIZE);
+        if reader
+            .clone()
+            .take(msize)
+            .read_to_end(&mut request)
+            .is_err()
+        {
             return reply_error(writer, tag, libc::EINVAL);
+        }
+        if let Err(errno) = lock(&self.fids).admit(&request) {
+            return reply_error(writer, tag, errno);
         }
         let mut reply = Vec::new();
         if let Err(e) = self.server.handle_message(&mut reader, &mut reply) {
