@@ -22,6 +22,12 @@ pub enum ClientError {
     Output(io::Error),
 }
 
+/// Most output [`Client::exec`] and [`Client::exec_in_container`] collect per stream: they
+/// keep whatever the guest prints in memory, so a hostile guest printing without end would
+/// grow the host process without bound. 64 MiB is six times the most any caller collects
+/// (the lab's 10 MiB stream); larger outputs belong in [`Client::exec_streaming`].
+pub const MAX_COLLECTED_OUTPUT: usize = 64 << 20;
+
 /// Captured result of `Client::exec`.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ExecOutput {
@@ -76,7 +82,9 @@ impl<S: Read + Write> Client<S> {
     /// Runs a command and collects its output. With `req.stdin` the child sees EOF at once.
     pub fn exec(&mut self, req: &ExecRequest) -> Result<ExecOutput, ClientError> {
         let mut out = ExecOutput::default();
-        out.status = self.exec_streaming(req, &mut out.stdout, &mut out.stderr)?;
+        let (mut stdout, mut stderr) = (Collect(&mut out.stdout), Collect(&mut out.stderr));
+        let status = self.exec_streaming(req, &mut stdout, &mut stderr)?;
+        out.status = status;
         Ok(out)
     }
 
@@ -242,7 +250,9 @@ impl<S: Read + Write> Client<S> {
         self.start_exec_in_container(id, process)?;
         self.close_stdin()?;
         let mut out = ExecOutput::default();
-        out.status = self.pump(&mut out.stdout, &mut out.stderr)?;
+        let (mut stdout, mut stderr) = (Collect(&mut out.stdout), Collect(&mut out.stderr));
+        let status = self.pump(&mut stdout, &mut stderr)?;
+        out.status = status;
         Ok(out)
     }
 
@@ -365,6 +375,24 @@ impl<S: Read + Write> Attachment<S> {
     }
 }
 
+/// Collects exec output in memory, refusing to hold more than [`MAX_COLLECTED_OUTPUT`].
+struct Collect<'a>(&'a mut Vec<u8>);
+
+impl Write for Collect<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        if self.0.len() + buf.len() > MAX_COLLECTED_OUTPUT {
+            let msg = format!("more than {MAX_COLLECTED_OUTPUT} bytes; stream it instead");
+            return Err(io::Error::new(io::ErrorKind::OutOfMemory, msg));
+        }
+        self.0.extend_from_slice(buf);
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 /// A short description: data frames can be 64 KiB, too long to print whole.
 fn describe(frame: &Frame) -> String {
     match frame {
@@ -378,4 +406,113 @@ fn describe(frame: &Frame) -> String {
 
 fn unexpected(resp: Response) -> ClientError {
     ClientError::Unexpected(format!("{resp:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::proto::{Header, MAX_PAYLOAD};
+
+    /// The floods below measure the process's peak memory: one at a time.
+    static FLOOD: Mutex<()> = Mutex::new(());
+
+    /// How far the process's peak resident memory rose above its resident memory while `f`
+    /// ran, in KiB (VmHWM is reset to VmRSS first).
+    fn peak_growth_kib(f: impl FnOnce()) -> u64 {
+        let kib = |field: &str| -> u64 {
+            let status = std::fs::read_to_string("/proc/self/status").unwrap();
+            let line = status.lines().find(|l| l.starts_with(field)).unwrap();
+            line.split_whitespace().nth(1).unwrap().parse().unwrap()
+        };
+        std::fs::write("/proc/self/clear_refs", "5").unwrap();
+        let before = kib("VmRSS:");
+        f();
+        kib("VmHWM:").saturating_sub(before)
+    }
+
+    /// A hostile guest's end of the connection: `head` once, then `body` over and over until
+    /// `total` bytes were read, then `tail`; writes are swallowed.
+    struct HostileGuest {
+        stream: Box<dyn Read>,
+    }
+
+    impl HostileGuest {
+        fn new(head: Vec<u8>, body: Vec<u8>, total: u64, tail: Vec<u8>) -> Self {
+            let body = Repeat { data: body, at: 0 }.take(total);
+            let stream = io::Cursor::new(head).chain(body.chain(io::Cursor::new(tail)));
+            Self {
+                stream: Box::new(stream),
+            }
+        }
+    }
+
+    impl Read for HostileGuest {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.stream.read(buf)
+        }
+    }
+
+    impl Write for HostileGuest {
+        fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// `data` repeated without end.
+    struct Repeat {
+        data: Vec<u8>,
+        at: usize,
+    }
+
+    impl Read for Repeat {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            let n = buf.len().min(self.data.len() - self.at);
+            buf[..n].copy_from_slice(&self.data[self.at..self.at + n]);
+            self.at = (self.at + n) % self.data.len();
+            Ok(n)
+        }
+    }
+
+    /// A guest announces frames of up to 4 GiB and then streams 64 MiB into each: every one
+    /// is refused from its header, before any of its payload is read or allocated.
+    #[test]
+    fn flood_of_oversized_frames_allocates_nothing() {
+        let _one = FLOOD.lock().unwrap_or_else(|p| p.into_inner());
+        let grown = peak_growth_kib(|| {
+            for len in [MAX_PAYLOAD + 1, 1 << 24, 1 << 31, u32::MAX] {
+                let head = Header::encode(FrameKind::Stdout, len).to_vec();
+                let mut guest = HostileGuest::new(head, vec![0xa5; 1 << 16], 64 << 20, vec![]);
+                let err = read_frame(&mut guest).unwrap_err();
+                assert!(matches!(err, FrameError::TooLarge(n) if n == len), "{err}");
+            }
+        });
+        eprintln!("flood agent frames announcing up to 4 GiB: peak RSS grew {grown} KiB");
+        assert!(grown < 4 << 10, "peak RSS grew {grown} KiB, bound 4 MiB");
+    }
+
+    /// A guest answers an exec with 256 MiB of stdout in maximum-size frames: `exec` stops
+    /// collecting at `MAX_COLLECTED_OUTPUT` with an error instead of holding it all.
+    #[test]
+    fn flood_of_exec_output_stops_at_the_cap() {
+        let _one = FLOOD.lock().unwrap_or_else(|p| p.into_inner());
+        let frame = encode_data(FrameKind::Stdout, &vec![b'x'; MAX_PAYLOAD as usize]);
+        let exit = Frame::Response(Response::Exit(ExitStatus::default())).encode();
+        let total = 256 * frame.len() as u64;
+        let mut client = Client::new(HostileGuest::new(vec![], frame, total, exit));
+        let mut result = None;
+        let grown = peak_growth_kib(|| result = Some(client.exec(&ExecRequest::default())));
+        eprintln!("flood agent exec output (256 MiB): peak RSS grew {grown} KiB");
+        let bound = (MAX_COLLECTED_OUTPUT >> 10) as u64 + (8 << 10);
+        assert!(
+            grown < bound,
+            "peak RSS grew {grown} KiB, bound {bound} KiB"
+        );
+        let err = result.unwrap().unwrap_err();
+        assert!(matches!(err, ClientError::Output(_)), "{err}");
+    }
 }

@@ -33,7 +33,10 @@ pub const PROTOCOL_VERSION: u8 = 1;
 pub const EXEC_PATH_ANNOTATION: &str = "run.husk.exec-path";
 /// Size of the fixed frame header.
 pub const HEADER_LEN: usize = 9;
-/// Largest payload either side accepts (1 MiB).
+/// Largest payload either side accepts (1 MiB), checked from the header before anything is
+/// allocated, so a hostile peer cannot make a reader hold more than this per frame. The
+/// largest control frame is a container's OCI spec in JSON (tens of KiB) and data frames are
+/// at most `MAX_DATA_CHUNK`, so 1 MiB leaves wide room.
 pub const MAX_PAYLOAD: u32 = 1 << 20;
 /// Largest stdout/stderr/stdin chunk a sender puts in one data frame (64 KiB).
 pub const MAX_DATA_CHUNK: usize = 64 * 1024;

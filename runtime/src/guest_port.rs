@@ -38,9 +38,15 @@ fn connect_with(uds: &Path, port: u32, timeout: Option<Duration>) -> Result<Unix
     Ok(stream)
 }
 
+/// Longest handshake reply read: `OK <u32>` and a newline fit with room to spare.
+const MAX_HANDSHAKE_LINE: u64 = 64;
+/// Most a [`read_to_end`] holds of what the guest sends: the guest may be hostile and never
+/// stop; replies read this way are short (a status line, a small file).
+pub const MAX_READ_TO_END: u64 = 16 << 20;
+
 /// Reads the handshake reply one byte at a time so no stream data is consumed past the newline.
 fn read_line(stream: &UnixStream) -> Result<String> {
-    let mut reader = BufReader::with_capacity(1, stream);
+    let mut reader = BufReader::with_capacity(1, stream.take(MAX_HANDSHAKE_LINE));
     let mut line = String::new();
     reader.read_line(&mut line)?;
     if line.is_empty() {
@@ -81,10 +87,13 @@ pub fn without_timeouts(stream: UnixStream) -> Result<UnixStream> {
     Ok(stream)
 }
 
-/// Reads everything the other side sends until it closes.
-pub fn read_to_end(mut stream: UnixStream) -> Result<Vec<u8>> {
+/// Reads everything the other side sends until it closes, up to [`MAX_READ_TO_END`] bytes.
+pub fn read_to_end(stream: UnixStream) -> Result<Vec<u8>> {
     let mut out = Vec::new();
-    stream.read_to_end(&mut out)?;
+    stream.take(MAX_READ_TO_END + 1).read_to_end(&mut out)?;
+    if out.len() as u64 > MAX_READ_TO_END {
+        bail!("the guest sent more than {MAX_READ_TO_END} bytes");
+    }
     Ok(out)
 }
 
@@ -138,5 +147,28 @@ impl ReadySignal {
 impl Drop for ReadySignal {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A guest port that sends without end: the host keeps at most `MAX_READ_TO_END` of it
+    /// and reports the overflow.
+    #[test]
+    fn read_to_end_stops_a_guest_that_never_stops() {
+        let (host, mut guest) = UnixStream::pair().unwrap();
+        let flood = std::thread::spawn(move || {
+            let chunk = vec![0x5a; 1 << 16];
+            while guest.write_all(&chunk).is_ok() {}
+        });
+        let err = read_to_end(host).unwrap_err();
+        assert!(err.to_string().contains("more than"), "{err}");
+        flood.join().unwrap();
+        let (host, mut guest) = UnixStream::pair().unwrap();
+        guest.write_all(b"short").unwrap();
+        drop(guest);
+        assert_eq!(read_to_end(host).unwrap(), b"short");
     }
 }
