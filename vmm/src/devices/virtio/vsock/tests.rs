@@ -779,7 +779,8 @@ impl Guest {
 
 /// A guest sends two million packets that each call for an RST (data on no connection) and
 /// never posts another rx buffer: the RSTs waiting for it stop at `MAX_CTRL_QUEUE`, so the
-/// monitor's memory does not grow with the flood (uncapped, the queue alone would take 32 MiB).
+/// monitor's memory does not grow with the flood (uncapped, the queue alone would take 32 MiB),
+/// and a connection whose answer cannot be queued is reset.
 #[test]
 fn flood_control_queue_while_guest_withholds_rx() {
     if !flood_here(
@@ -789,11 +790,20 @@ fn flood_control_queue_while_guest_withholds_rx() {
         return;
     }
     let dir = TestDir::new("vsock");
-    let (vsock, _path) = vsock_in(&dir);
+    let (vsock, path) = vsock_in(&dir);
     let mut g = Guest::new(vsock);
     let before = rss_kib();
     g.flood_tx(&Pkt::to_host(3000, 5000, OP_RW), 2 << 20);
     assert_rss_growth("vsock control queue (2M RSTs withheld)", before, 8);
+    // With the queue full, a new connection's RESPONSE cannot wait: the connection is reset,
+    // and the host service sees it closed.
+    let mut svc_path = path.into_os_string();
+    svc_path.push("_5000");
+    let listener = UnixListener::bind(&svc_path).unwrap();
+    g.send(&Pkt::to_host(3001, 5000, OP_REQUEST));
+    let (mut svc, _) = listener.accept().unwrap();
+    svc.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    assert_eq!(svc.read(&mut [0u8; 1]).unwrap(), 0);
     // The 32 rx buffers posted at start took the first RSTs; then the queue's worth.
     let got = g.drain();
     assert!(got.iter().all(|p| p.op == OP_RST));
