@@ -31,6 +31,10 @@ pub(super) const MAX_FIDS: usize = 4096;
 /// `l -> .`) would otherwise lengthen a fid's recorded path forever; 256 directories deep is
 /// far beyond real trees. Deeper walks get ENAMETOOLONG.
 pub(super) const MAX_FID_PATH_DEPTH: usize = 256;
+/// Most bytes of names (plus a separator each) on a fid's path: Linux's PATH_MAX, the
+/// longest path the guest could name at once. With `MAX_FID_PATH_DEPTH` this keeps the whole
+/// table within about 12 KiB per fid, 48 MiB at `MAX_FIDS`. Longer walks get ENAMETOOLONG.
+pub(super) const MAX_FID_PATH_BYTES: usize = 4096;
 /// Most names in one Twalk (MAXWELEM of 9P; Linux never sends more). More would make the
 /// server stat and answer thousands of names from one request.
 const MAX_WALK_NAMES: u16 = 16;
@@ -75,7 +79,8 @@ impl FidTable {
 
     /// Decides, before the server sees `request` (a whole tracked message), whether the guest
     /// may have it: a new fid needs room under `MAX_FIDS`, and a walk must stay within
-    /// `MAX_WALK_NAMES` and `MAX_FID_PATH_DEPTH`. Returns the errno to refuse with.
+    /// `MAX_WALK_NAMES`, `MAX_FID_PATH_DEPTH` and `MAX_FID_PATH_BYTES`. Returns the errno to
+    /// refuse with.
     pub(super) fn admit(&self, request: &[u8]) -> Result<(), i32> {
         let mut r = Cursor::new(request.get(HEADER_LEN..).unwrap_or_default());
         let newfid = match request.get(4).copied() {
@@ -103,7 +108,9 @@ impl FidTable {
         let names = (0..count).map(|_| string_of(r)).collect::<Option<Vec<_>>>();
         let start = self.fids.get(&fid).map(|f| f.path.as_slice());
         if let (Some(start), Some(names)) = (start, names) {
-            if joined(start, &names).len() > MAX_FID_PATH_DEPTH {
+            let path = joined(start, &names);
+            let bytes: usize = path.iter().map(|n| n.len() + 1).sum();
+            if path.len() > MAX_FID_PATH_DEPTH || bytes > MAX_FID_PATH_BYTES {
                 return Err(libc::ENAMETOOLONG);
             }
         }

@@ -517,7 +517,8 @@ fn fs9p_flood_of_fids_gets_emfile() {
 }
 
 /// A guest walks a fid round a symlink to its own directory (`l/.` with `l -> .`) again and
-/// again: the fid's recorded path stops at `MAX_FID_PATH_DEPTH`, and a walk with more names
+/// again: the fid's recorded path stops at `MAX_FID_PATH_DEPTH` (or at `MAX_FID_PATH_BYTES`
+/// with long names), and a walk with more names
 /// than 9P allows is refused before the server stats any of them.
 #[test]
 fn fs9p_flood_of_deep_walks_is_cut_off() {
@@ -540,9 +541,19 @@ fn fs9p_flood_of_deep_walks_is_cut_off() {
     }
     assert_rss_growth("9p 10000 walks 16 deeper each", before, 8);
     assert_eq!(deepest, fids::MAX_FID_PATH_DEPTH);
+    // Long names reach the byte cap long before the depth cap.
+    let long = "n".repeat(200);
+    std::os::unix::fs::symlink(".", dir.path().join(&long)).unwrap();
+    let name = format!("{long}/.");
+    io.walk(&mut g, ROOT_FID, 3, &[]).expect(TWALK);
+    let mut depth = 0;
+    while io.walk(&mut g, 3, 3, &[name.as_str()]).errno().is_none() {
+        depth += 1;
+    }
+    assert_eq!(depth, fids::MAX_FID_PATH_BYTES / (name.len() + 1));
     let too_many = ["."; 17];
     assert_eq!(
-        io.walk(&mut g, ROOT_FID, 3, &too_many).errno(),
+        io.walk(&mut g, ROOT_FID, 4, &too_many).errno(),
         Some(libc::EINVAL as u32)
     );
 }
