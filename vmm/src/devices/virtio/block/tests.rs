@@ -8,7 +8,6 @@ use vmm_sys_util::tempfile::TempFile;
 
 use super::*;
 use crate::devices::virtio::mmio::MmioTransport;
-use std::time::{Duration, Instant};
 
 use crate::devices::virtio::testutil::{
     assert_rss_growth, driver_init, flood_here, guest_memory, notify, read32, rss_kib, transport,
@@ -233,17 +232,11 @@ fn flood_oversized_requests() {
     // One of each first, so that the tables in guest memory are resident before measuring.
     flood(&mut d, 2);
     let before = rss_kib();
-    let started = Instant::now();
     flood(&mut d, 200);
     assert_rss_growth(
         "block 200 requests of 65535 descriptors or 4 GiB",
         before,
         8,
-    );
-    assert!(
-        started.elapsed() < Duration::from_secs(20),
-        "refusals took {:?}",
-        started.elapsed()
     );
     assert_eq!(d.request(VIRTIO_BLK_T_IN, 0, &[], 512).0, VIRTIO_BLK_S_OK);
 }

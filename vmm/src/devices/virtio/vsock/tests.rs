@@ -760,11 +760,12 @@ impl Guest {
         self.send(pkt);
     }
 
-    /// Receives (re-posting each rx buffer) until the device has nothing more for 200 ms.
+    /// Receives (re-posting each rx buffer) until the device has had nothing more for a second:
+    /// long enough that a loaded machine delaying the device worker does not end it early.
     fn drain(&mut self) -> Vec<Pkt> {
         let mut got = Vec::new();
         let mut idle = Instant::now();
-        while idle.elapsed() < Duration::from_millis(200) {
+        while idle.elapsed() < Duration::from_secs(1) {
             match self.try_recv() {
                 Some(p) => {
                     got.push(p);
