@@ -114,11 +114,18 @@ impl AgentVm {
     }
 
     /// Brings back the VM checkpointed into `dir` (see `VmControl::checkpoint`), with this
-    /// VM's own console, vsock socket and share directories; its memory comes back lazily.
-    pub fn restore_checkpoint(dir: &Path, opts: OwnDevices) -> Result<AgentVm> {
+    /// VM's own console, vsock socket and share directories; its memory comes back lazily,
+    /// against `base` (the template's memory file; `None`: zero).
+    pub fn restore_checkpoint(
+        dir: &Path,
+        base: Option<&Path>,
+        opts: OwnDevices,
+    ) -> Result<AgentVm> {
         let (overrides, uds) = opts.overrides();
         let dir = dir.to_path_buf();
-        Self::spawn(move || Vm::restore_checkpoint(&dir, overrides), uds, None)
+        let base = base.map(Path::to_path_buf);
+        let restore = move || Vm::restore_checkpoint(&dir, base.as_deref(), overrides);
+        Self::spawn(restore, uds, None)
     }
 
     /// Builds the VM on its own thread with `build` and runs it there.

@@ -89,6 +89,8 @@ impl Store {
 
     /// The template `name`, if one is built.
     pub fn open(&self, name: &str) -> Result<Option<Template>> {
+        // The name may come from a checkpoint image: it must not leave the store.
+        check_name(name)?;
         let dir = self.root.join(name);
         let path = dir.join(MANIFEST_FILE);
         let bytes = match std::fs::read(&path) {

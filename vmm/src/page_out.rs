@@ -92,7 +92,7 @@ impl VmControl {
         let file = PageFile::open(path)?;
         let regions = ram::host_regions(&parts.mem);
         check_regions(path, &file, &regions)?;
-        let base = file.open_base()?;
+        let base = file.open_base(ram.paged_out_base.as_deref())?;
         let blocks = file.index().blocks.len();
         match mode {
             PageInMode::Eager => page_in_eager(&file, &regions)?,
@@ -102,6 +102,7 @@ impl VmControl {
             }
         }
         ram.paged_out = None;
+        ram.paged_out_base = None;
         persist::release_all(&parts.devices);
         Ok(PageInReport {
             mode,
@@ -154,6 +155,7 @@ fn page_out_held(
     let written = write_held(parts, ram, path, base, codec)?;
     // The page file is durable: from here on the VM can only come back from it.
     ram.paged_out = Some(path.to_path_buf());
+    ram.paged_out_base = base.map(Path::to_path_buf);
     let t = Instant::now();
     release(
         ram,
@@ -269,15 +271,16 @@ pub(crate) fn write_keeping_ram(
 }
 
 /// For a VM being restored from a checkpoint, before any device can touch its RAM: replaces
-/// the RAM with memory that userfaultfd fills from `file` (and its base) on first touch.
+/// the RAM with memory that userfaultfd fills from `file` (and `base`) on first touch.
 pub(crate) fn start_lazy_restore(
     mem: &GuestMemory,
     file: PageFile,
+    base: Option<&Path>,
     stop: Arc<StopState>,
 ) -> Result<Pager, VmError> {
     let regions = ram::host_regions(mem);
     check_regions(&file.path.clone(), &file, &regions)?;
-    let base = file.open_base()?;
+    let base = file.open_base(base)?;
     Pager::start(file, base, &regions, stop)
 }
 

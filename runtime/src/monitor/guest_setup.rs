@@ -113,7 +113,10 @@ pub(super) fn restore_vm(
         }
         None => (plan.shares.clone(), None),
     };
-    let vm = AgentVm::restore_checkpoint(image, own_devices(dir, shares))
+    let base = cloned
+        .as_ref()
+        .map(|c| checkpoint_image::template_memory(&c.template));
+    let vm = AgentVm::restore_checkpoint(image, base.as_deref(), own_devices(dir, shares))
         .with_context(|| format!("restoring the checkpoint in {}", image.display()))?;
     Ok((vm, cloned))
 }

@@ -72,5 +72,7 @@ fn names_are_single_components() {
     let store = Store::new(dir.path());
     for bad in ["", "..", "a/b", ".hidden"] {
         assert!(store.remove(bad, true).is_err(), "{bad:?}");
+        // A name from a checkpoint image is opened only inside the store.
+        assert!(store.open(bad).is_err(), "{bad:?}");
     }
 }

@@ -25,7 +25,6 @@ mod tests;
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -43,6 +42,9 @@ pub(crate) struct RamState {
     pub(crate) backing: Backing,
     /// The page file the RAM was released into, until it is paged in.
     pub(crate) paged_out: Option<PathBuf>,
+    /// The base file the page-out was written against: page-in opens this one, never a path
+    /// read back from the page file.
+    pub(crate) paged_out_base: Option<PathBuf>,
     /// Serves a lazy page-in until every chunk is back or the VM ends.
     pub(crate) pager: Option<Pager>,
 }
@@ -61,6 +63,7 @@ impl RamState {
         RamState {
             backing,
             paged_out: None,
+            paged_out_base: None,
             pager: None,
         }
     }
@@ -271,31 +274,29 @@ impl PageFile {
         Ok(())
     }
 
-    /// The base file the index names; `None` without a base.
-    pub fn base_path(&self) -> Option<PathBuf> {
-        let base = self.index.base.as_ref()?;
-        Some(PathBuf::from(std::ffi::OsStr::from_bytes(&base.path)))
-    }
-
-    /// Opens the base file the index names and checks its size; `None` without a base.
-    pub fn open_base(&self) -> Result<Option<File>, VmError> {
-        let Some(base) = &self.index.base else {
-            return Ok(None);
+    /// Opens `base`, the file the caller knows the page file was written against, and checks
+    /// the index agrees: a base of the recorded size, or none. The path the index records is
+    /// never opened: a page file is data, not a list of host files to read.
+    pub fn open_base(&self, base: Option<&Path>) -> Result<Option<File>, VmError> {
+        let (recorded, path) = match (&self.index.base, base) {
+            (None, None) => return Ok(None),
+            (Some(r), Some(p)) => (r, p),
+            (Some(_), None) => return Err(damaged(&self.path, "was written against a base file")),
+            (None, Some(_)) => return Err(damaged(&self.path, "was written without a base file")),
         };
-        let path = Path::new(std::ffi::OsStr::from_bytes(&base.path));
         let io = |source| VmError::PageFileIo {
             path: path.to_path_buf(),
             source,
         };
         let file = File::open(path).map_err(io)?;
         let size = file.metadata().map_err(io)?.len();
-        if size != base.size {
+        if size != recorded.size {
             return Err(damaged(
                 &self.path,
                 format!(
                     "base file {} has {size} bytes, the page file was written against {}",
                     path.display(),
-                    base.size
+                    recorded.size
                 ),
             ));
         }

@@ -141,3 +141,39 @@ fn a_base_file_is_compared_page_by_page() {
     assert_eq!(stored, 2);
     std::fs::remove_dir_all(dir).unwrap();
 }
+
+/// An empty page file of one 8 KiB region against `base`.
+fn write_against(path: &Path, base: Option<on_disk::BaseFile>) -> PageFile {
+    let w = Writer::create(path, Codec::Lz4).unwrap();
+    let regions = vec![on_disk::Region {
+        guest_addr: 0,
+        len: 2 * PAGE as u64,
+        base_offset: 0,
+    }];
+    w.finish(regions, base).unwrap();
+    PageFile::open(path).unwrap()
+}
+
+#[test]
+fn the_base_is_the_callers_file_never_the_path_the_page_file_records() {
+    let dir = scratch("base-given");
+    let recorded = on_disk::BaseFile {
+        path: dir.join("recorded").into_os_string().into_encoded_bytes(),
+        size: 2 * PAGE as u64,
+    };
+    let based = write_against(&dir.join("based"), Some(recorded));
+    let given = dir.join("given");
+    std::fs::write(&given, vec![0u8; 2 * PAGE]).unwrap();
+    // The recorded path does not exist: only the caller's file can have been opened.
+    assert!(based.open_base(Some(&given)).unwrap().is_some());
+    let e = based.open_base(None).err().unwrap().to_string();
+    assert!(e.contains("written against a base file"), "{e}");
+    std::fs::write(&given, vec![0u8; PAGE]).unwrap();
+    let e = based.open_base(Some(&given)).err().unwrap().to_string();
+    assert!(e.contains("has 4096 bytes"), "{e}");
+    let zero = write_against(&dir.join("zero"), None);
+    assert!(zero.open_base(None).unwrap().is_none());
+    let e = zero.open_base(Some(&given)).err().unwrap().to_string();
+    assert!(e.contains("written without a base file"), "{e}");
+    std::fs::remove_dir_all(dir).unwrap();
+}

@@ -4,9 +4,10 @@
 //! A checkpoint directory holds the snapshot's `state` file (the same format as a snapshot's)
 //! and, instead of a raw memory file, a page file `pages` (see [`crate::pagefile`]) with every
 //! guest page that differs from a base: the template's memory file a clone was made from, or
-//! zero for a cold-booted VM. The base's path is recorded in the page file. A restore
-//! ([`crate::Vm::restore_checkpoint`]) maps the base (or anonymous memory) and serves each
-//! chunk of RAM on the guest's first touch through userfaultfd.
+//! zero for a cold-booted VM. The page file records the base's path for diagnosis only: a
+//! restore ([`crate::Vm::restore_checkpoint`]) is handed the base by its caller, maps it (or
+//! anonymous memory) and serves each chunk of RAM on the guest's first touch through
+//! userfaultfd.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};

@@ -32,24 +32,29 @@ impl Vm {
         build(&body, cfg, mem, |_| Ok(None))
     }
 
-    /// Brings back the checkpoint in `dir` (see [`super::checkpoint`]): guest memory is the
-    /// page file's base (the template's memory file, mapped copy-on-write, or zero), and each
+    /// Brings back the checkpoint in `dir` (see [`super::checkpoint`]): guest memory is
+    /// `base`, the memory file the caller knows the checkpoint was written against (the
+    /// template's, mapped copy-on-write; `None`: zero), and each
     /// chunk the page file holds comes back on the guest's first touch of it. Refuses, with
     /// one error line, what [`Vm::restore_from`] refuses and a damaged page file (its blocks
     /// are checked as they are read; check them all first with `PageFile::verify` when the
     /// file's integrity is in doubt).
-    pub fn restore_checkpoint(dir: &Path, overrides: RestoreOverrides) -> Result<Vm, VmError> {
+    pub fn restore_checkpoint(
+        dir: &Path,
+        base: Option<&Path>,
+        overrides: RestoreOverrides,
+    ) -> Result<Vm, VmError> {
         let paths = CheckpointPaths::in_dir(dir);
         let body = read_checked(&paths.state, &overrides)?;
         let pages = PageFile::open(&paths.pages)?;
         let cfg = restored_config(&body, overrides)?;
-        let mem = match pages.base_path() {
-            Some(base) => memory_file::map(&base, &body.memory)?,
+        let mem = match base {
+            Some(base) => memory_file::map(base, &body.memory)?,
             None => anonymous_memory(&cfg, &body)?,
         };
         let mem = Arc::new(mem);
         build(&body, cfg, mem, move |b| {
-            page_out::start_lazy_restore(b.memory(), pages, b.stop_state().clone()).map(Some)
+            page_out::start_lazy_restore(b.memory(), pages, base, b.stop_state().clone()).map(Some)
         })
     }
 }
