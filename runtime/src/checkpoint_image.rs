@@ -5,20 +5,30 @@
 //! clock and device state, including the 9p fids of the rootfs and bind mounts; `pages`: the
 //! guest pages that differ from the template's memory file, or from zero for a cold-booted
 //! container, lz4-compressed) and `manifest.json`, written last, which names the container,
-//! its bundle and template and carries a checksum of each file. A restore checks all of it
-//! before anything is created, maps the template's memory (or anonymous memory) and pages the
-//! rest in lazily. CRIU is not involved; its flags are accepted and have nothing to act on.
+//! its bundle and template and carries each file's size and SHA-256. `manifest.hmac` holds the
+//! HMAC-SHA256 of the manifest's exact bytes under the host's image key (see
+//! [`crate::image_key`]), so the MAC covers every file. A restore checks all of it before
+//! anything is created: the MAC before the manifest is even parsed, then every file. It opens
+//! no host path the image names: the template, and so its memory file, comes from the
+//! template store by name, and the pages' base is that memory file, not the path the page
+//! file records. Then it maps the template's memory (or anonymous memory) and pages the rest
+//! in lazily. CRIU is not involved; its flags are accepted and have nothing to act on.
 
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use husk_templates::FileStamp;
 use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::image_key::ImageKey;
 
 /// The manifest's own format; bump on any incompatible change.
-pub const MANIFEST_FORMAT: u32 = 1;
+pub const MANIFEST_FORMAT: u32 = 2;
 /// The manifest's name in the image directory.
 pub const MANIFEST_FILE: &str = "manifest.json";
+/// The manifest's MAC (lowercase hex) under the host's image key.
+pub const MAC_FILE: &str = "manifest.hmac";
 /// CRIU's inventory file: podman refuses to restore from a directory without one, so a
 /// complete image carries this small marker beside the manifest (it holds no state).
 pub const INVENTORY_FILE: &str = "inventory.img";
@@ -31,7 +41,7 @@ pub struct ImageManifest {
     pub bundle: PathBuf,
     /// The template the VM was cloned from; `None`: cold-booted (pages are against zero).
     pub template: Option<TemplateRef>,
-    /// The VMM's files with their sizes and checksums.
+    /// The VMM's files with their sizes and digests.
     pub files: Vec<FileSum>,
 }
 
@@ -45,26 +55,62 @@ pub struct TemplateRef {
     pub memory: FileStamp,
 }
 
-/// One file of the image and its CRC-32.
+/// One file of the image and its SHA-256 (lowercase hex).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct FileSum {
     pub name: String,
     pub size: u64,
-    pub crc32: u32,
+    pub sha256: String,
 }
 
 impl FileSum {
     fn of(dir: &Path, name: &str) -> Result<FileSum> {
         let path = dir.join(name);
-        let mut hasher = crc32fast::Hasher::new();
+        let mut hasher = Sha256::new();
         let size = husk_templates::read_chunks(&path, |bytes| hasher.update(bytes))
-            .with_context(|| format!("{}", path.display()))?;
+            .with_context(|| format!("checkpoint file {} is missing", path.display()))?;
         Ok(FileSum {
             name: name.to_string(),
             size,
-            crc32: hasher.finalize(),
+            sha256: hex(&hasher.finalize()),
         })
     }
+
+    /// Refuses the file in `dir` unless it is the one this entry describes.
+    fn check(&self, dir: &Path) -> Result<()> {
+        if !vmm_files().contains(&self.name.as_str()) {
+            bail!(
+                "checkpoint manifest in {} names a file {:?} that no image has",
+                dir.display(),
+                self.name
+            );
+        }
+        let found = FileSum::of(dir, &self.name)?;
+        let path = dir.join(&self.name);
+        if found.size < self.size {
+            bail!(
+                "checkpoint file {} is damaged: truncated to {} of {} bytes",
+                path.display(),
+                found.size,
+                self.size
+            );
+        }
+        if found != *self {
+            bail!(
+                "checkpoint file {} is damaged ({} bytes, sha256 {}; the manifest says {} bytes, sha256 {})",
+                path.display(),
+                found.size,
+                found.sha256,
+                self.size,
+                self.sha256
+            );
+        }
+        Ok(())
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// The VMM's files in an image directory.
@@ -96,40 +142,68 @@ impl ImageManifest {
         })
     }
 
-    /// Writes it into `dir` last, durably: an image with a manifest is complete. The
-    /// inventory marker follows, for podman, which looks for it before it restores.
+    /// Writes it into `dir` last, durably, under the host's image key (created on first
+    /// use): an image with a manifest is complete. The inventory marker follows, for podman,
+    /// which looks for it before it restores.
     pub fn write(&self, dir: &Path) -> Result<()> {
-        write_durably(dir, MANIFEST_FILE, &serde_json::to_vec_pretty(self)?)?;
+        self.write_with(dir, &ImageKey::load_or_create(&ImageKey::default_path())?)
+    }
+
+    /// [`ImageManifest::write`] under `key`.
+    pub fn write_with(&self, dir: &Path, key: &ImageKey) -> Result<()> {
+        let bytes = serde_json::to_vec_pretty(self)?;
+        write_durably(dir, MAC_FILE, hex(&key.mac(&bytes)).as_bytes())?;
+        write_durably(dir, MANIFEST_FILE, &bytes)?;
         let note = "a husk micro-VM checkpoint: see manifest.json (CRIU was not used)\n";
         write_durably(dir, INVENTORY_FILE, note.as_bytes())
     }
 
-    /// Reads the manifest of the image in `dir` and checks every file against it.
+    /// Reads the manifest of the image in `dir`, authenticates it under the host's image key
+    /// and checks every file against it.
     pub fn read_checked(dir: &Path) -> Result<ImageManifest> {
-        let m = Self::read(dir)?;
+        Self::read_checked_with(dir, &ImageKey::load(&ImageKey::default_path())?)
+    }
+
+    /// [`ImageManifest::read_checked`] under `key`.
+    pub fn read_checked_with(dir: &Path, key: &ImageKey) -> Result<ImageManifest> {
+        let bytes = read_manifest_bytes(dir)?;
+        let tag = std::fs::read(dir.join(MAC_FILE)).with_context(|| {
+            format!(
+                "checkpoint {} has no {MAC_FILE}: it is not authenticated",
+                dir.display()
+            )
+        })?;
+        let authentic = std::str::from_utf8(&tag)
+            .ok()
+            .and_then(|t| unhex(t.trim()))
+            .is_some_and(|t| key.verify(&bytes, &t));
+        if !authentic {
+            bail!(
+                "checkpoint {} was not made on this host or its manifest was altered (its HMAC does not match this host's image key)",
+                dir.display()
+            );
+        }
+        let m = Self::parse(dir, &bytes)?;
         for want in &m.files {
-            let found = FileSum::of(dir, &want.name)?;
-            if &found != want {
-                bail!(
-                    "checkpoint file {} is damaged ({} bytes, crc32 {:08x}; the manifest says {} bytes, crc32 {:08x})",
-                    dir.join(&want.name).display(),
-                    found.size,
-                    found.crc32,
-                    want.size,
-                    want.crc32
-                );
-            }
+            want.check(dir)?;
         }
         Ok(m)
     }
 
-    /// Reads the manifest of the image in `dir` (checking its format, not the files).
+    /// Reads the manifest of the image in `dir` (checking its format, neither its MAC nor the
+    /// files: for inspection only).
     pub fn read(dir: &Path) -> Result<ImageManifest> {
-        let path = dir.join(MANIFEST_FILE);
-        let bytes = std::fs::read(&path)
-            .with_context(|| format!("{} is not a checkpoint image", dir.display()))?;
-        let m: ImageManifest = serde_json::from_slice(&bytes)
-            .with_context(|| format!("checkpoint manifest {} is damaged", path.display()))?;
+        Self::parse(dir, &read_manifest_bytes(dir)?)
+    }
+
+    /// The manifest `bytes` of the image in `dir`, decoded, in this husk's format.
+    pub fn parse(dir: &Path, bytes: &[u8]) -> Result<ImageManifest> {
+        let m: ImageManifest = serde_json::from_slice(bytes).with_context(|| {
+            format!(
+                "checkpoint manifest {} is damaged",
+                dir.join(MANIFEST_FILE).display()
+            )
+        })?;
         if m.format != MANIFEST_FORMAT {
             bail!(
                 "checkpoint {} has format {}; this husk reads format {MANIFEST_FORMAT}",
@@ -139,6 +213,22 @@ impl ImageManifest {
         }
         Ok(m)
     }
+}
+
+fn read_manifest_bytes(dir: &Path) -> Result<Vec<u8>> {
+    std::fs::read(dir.join(MANIFEST_FILE))
+        .with_context(|| format!("{} is not a checkpoint image", dir.display()))
+}
+
+/// The bytes of lowercase or uppercase hex `text`; `None` if it is not hex.
+fn unhex(text: &str) -> Option<Vec<u8>> {
+    if !text.len().is_multiple_of(2) {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(text.get(i..i + 2)?, 16).ok())
+        .collect()
 }
 
 /// Writes `name` in `dir` through a temporary file, synced, so it is there whole or not at all.
@@ -179,7 +269,10 @@ pub fn template_memory(template: &husk_templates::Template) -> PathBuf {
 
 /// Removes what a failed checkpoint may have written into `dir`, leaving anything else.
 pub fn remove_image(dir: &Path) {
-    for name in vmm_files().iter().chain(&[MANIFEST_FILE, INVENTORY_FILE]) {
+    for name in vmm_files()
+        .iter()
+        .chain(&[MANIFEST_FILE, MAC_FILE, INVENTORY_FILE])
+    {
         let _ = std::fs::remove_file(dir.join(name));
         let _ = std::fs::remove_file(dir.join(format!("{name}.tmp")));
         let _ = std::fs::remove_file(dir.join(format!(".{name}.tmp")));
@@ -187,3 +280,6 @@ pub fn remove_image(dir: &Path) {
     // Only if it is empty: the caller may have made it, or may keep other files there.
     let _ = std::fs::remove_dir(dir);
 }
+
+#[cfg(test)]
+mod tests;

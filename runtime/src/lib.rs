@@ -25,6 +25,7 @@ pub mod monitor;
 
 pub mod checkpoint_image;
 pub mod container;
+pub mod image_key;
 pub mod template;
 
 pub mod agent_vm;

@@ -133,7 +133,7 @@ fn start(args: &MonitorArgs, store: &StateRoot) -> Result<Started> {
     let manifest = args
         .restore
         .as_deref()
-        .map(ImageManifest::read)
+        .map(ImageManifest::read_checked)
         .transpose()?;
     let (mut vm, clone) = match (&args.restore, &args.template) {
         (Some(image), _) => restore_vm(image, manifest.as_ref(), &dir, &plan)?,

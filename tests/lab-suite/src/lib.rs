@@ -260,12 +260,18 @@ impl Oci {
     /// Runs a husk command that leaves a container behind (`create`, `run -d`): the container's
     /// monitor inherits stdio, so output goes to files and only husk's own exit is awaited.
     pub fn husk_detached(&self, args: &[&str]) -> Out {
+        self.husk_detached_env(args, &[])
+    }
+
+    /// [`Oci::husk_detached`] with `env` added to husk's environment.
+    pub fn husk_detached_env(&self, args: &[&str], env: &[(&str, &Path)]) -> Out {
         let out_path = self.dir.path().join("detached.out");
         let err_path = self.dir.path().join("detached.err");
         let mut child = Command::new(husk_bin())
             .arg("--root")
             .arg(self.root())
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&out_path).unwrap())
             .stderr(std::fs::File::create(&err_path).unwrap())

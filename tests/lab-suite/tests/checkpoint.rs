@@ -150,6 +150,32 @@ fn leave_running_keeps_the_original_and_a_restore_under_a_new_id_runs_beside_it(
     }
 }
 
+/// `husk restore` of `image` as `id` (with `env` added), which must fail with one line
+/// holding `expect` and leave no state directory and no cgroup.
+fn refused(oci: &Oci, image: &Path, bundle: &Path, id: &str, env: &[(&str, &Path)], expect: &str) {
+    let out = oci.husk_detached_env(
+        &[
+            "restore",
+            "--image-path",
+            image.to_str().unwrap(),
+            "--bundle",
+            bundle.to_str().unwrap(),
+            "--detach",
+            id,
+        ],
+        env,
+    );
+    assert_eq!(out.code, 1, "restored a checkpoint that is {expect}");
+    assert!(
+        out.stderr.contains(expect) && out.stderr.trim().lines().count() == 1,
+        "{}",
+        out.stderr
+    );
+    assert!(!oci.root().join(id).exists(), "state left behind");
+    let cgroup = Path::new("/sys/fs/cgroup/husk").join(id);
+    assert!(!cgroup.exists(), "cgroup left behind");
+}
+
 #[test]
 fn a_damaged_checkpoint_is_refused_with_one_line_and_leaves_nothing() {
     let oci = Oci::new();
@@ -162,26 +188,7 @@ fn a_damaged_checkpoint_is_refused_with_one_line_and_leaves_nothing() {
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0xff;
     std::fs::write(&pages, bytes).unwrap();
-    let out = oci.husk_detached(&[
-        "restore",
-        "--image-path",
-        image.to_str().unwrap(),
-        "--bundle",
-        bundle.to_str().unwrap(),
-        "--detach",
-        "c3-bad",
-    ]);
-    assert_eq!(out.code, 1, "restored a damaged checkpoint");
-    assert!(
-        out.stderr.contains("damaged") && out.stderr.trim().lines().count() == 1,
-        "{}",
-        out.stderr
-    );
-    assert!(!oci.root().join("c3-bad").exists(), "state left behind");
-    assert!(
-        !Path::new("/sys/fs/cgroup/husk/c3-bad").exists(),
-        "cgroup left behind"
-    );
+    refused(&oci, &image, &bundle, "c3-bad", &[], "damaged");
     let json = oci.husk(&[
         "--log-format",
         "json",
@@ -194,4 +201,43 @@ fn a_damaged_checkpoint_is_refused_with_one_line_and_leaves_nothing() {
     let line: serde_json::Value = serde_json::from_str(json.stderr.trim()).unwrap();
     assert_eq!(line["level"], "error", "{}", json.stderr);
     assert_eq!(oci.husk(&["delete", "--force", "c3"]).code, 0);
+}
+
+#[test]
+fn a_foreign_or_truncated_checkpoint_is_refused_with_one_line_and_leaves_nothing() {
+    use std::os::unix::fs::OpenOptionsExt;
+    let oci = Oci::new();
+    let bundle = counter(&oci, "c4");
+    count(&oci, "c4");
+    let image = checkpoint(&oci, "c4", &["--leave-running"]);
+    // Another host's key: the image is whole, but this "host" did not make it.
+    let key = oci.dir.path().join("foreign.key");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&key)
+        .unwrap();
+    let random = std::fs::read("/proc/sys/kernel/random/uuid").unwrap();
+    std::io::Write::write_all(&mut f, &random[..32]).unwrap();
+    drop(f);
+    let env = [("HUSK_IMAGE_KEY", key.as_path())];
+    refused(
+        &oci,
+        &image,
+        &bundle,
+        "c4-foreign",
+        &env,
+        "not made on this host",
+    );
+    // The page file cut in half, under this host's own key.
+    let pages = std::fs::OpenOptions::new()
+        .write(true)
+        .open(image.join("pages"))
+        .unwrap();
+    let len = pages.metadata().unwrap().len();
+    pages.set_len(len / 2).unwrap();
+    refused(&oci, &image, &bundle, "c4-short", &[], "truncated");
+    assert_eq!(oci.status("c4"), "running");
+    assert_eq!(oci.husk(&["delete", "--force", "c4"]).code, 0);
 }
