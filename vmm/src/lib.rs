@@ -13,13 +13,16 @@
 //!   VM that hangs are doing;
 //! - [`page_out`]: paging a paused VM's memory out to a page file and back in;
 //! - [`snapshot`]: snapshots and checkpoints, taken and restored;
-//! - `testing` (feature `test-guest`): test guests and benchmark helpers.
+//! - `testing` (feature `test-guest`): test guests and benchmark helpers;
+//! - `fuzzing` (feature `fuzzing`): the fuzz targets' ways into the devices.
 pub mod boot;
 pub mod bus;
 pub mod config;
 pub mod cpuid;
 pub mod devices;
 pub mod error;
+#[cfg(feature = "fuzzing")]
+pub mod fuzzing;
 pub mod i8042;
 pub mod memory;
 pub(crate) mod memory_file;

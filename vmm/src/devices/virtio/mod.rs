@@ -11,7 +11,7 @@ pub mod fs9p;
 pub mod mmio;
 pub mod vsock;
 
-#[cfg(test)]
+#[cfg(any(test, feature = "fuzzing"))]
 pub(crate) mod testutil;
 
 use std::io;

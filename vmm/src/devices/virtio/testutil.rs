@@ -1,5 +1,7 @@
 //! The driver side of split virtqueues and of the virtio-mmio register protocol, for tests: it
 //! does in guest memory and through the transport's registers what a guest kernel would do.
+//! The fuzz targets (feature `fuzzing`) drive devices with it too, and use only part of it.
+#![cfg_attr(not(test), allow(dead_code))]
 
 use std::collections::HashMap;
 use std::sync::Arc;

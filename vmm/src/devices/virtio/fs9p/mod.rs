@@ -307,3 +307,47 @@ impl Drop for Fs9p {
 
 #[cfg(test)]
 mod tests;
+
+/// The fuzz target's way into the message parsing (`wire`) and fid tracking (`fids`) without a
+/// server: `data` is a list of (request, reply) pairs, each a u16 length and that many bytes.
+/// Every request goes through the checks the worker makes before the server sees it, and one
+/// the fid table admits is observed with its reply; the table must stay within its bounds.
+#[cfg(feature = "fuzzing")]
+pub(crate) fn fuzz_messages(mut data: &[u8]) {
+    let mut next = || {
+        let (len, rest) = data.split_at_checked(2)?;
+        let len = usize::from(u16::from_le_bytes([len[0], len[1]])).min(rest.len());
+        let (msg, rest) = rest.split_at(len);
+        data = rest;
+        Some(msg)
+    };
+    let mut table = FidTable::default();
+    while let (Some(request), Some(reply)) = (next(), next()) {
+        let Some(header) = wire::peek_header(&request) else {
+            continue;
+        };
+        let _ = wire::modifies_host(header.ty, &request);
+        let _ = wire::mknod_makes_device(&request);
+        let _ = wire::names_a_path(header.ty, &request);
+        let _ = wire::opened_fid(header.ty, &request);
+        let _ = wire::rgetattr_mode(reply);
+        if fids::tracks(header.ty) && table.admit(request).is_ok() {
+            table.observe(request, reply);
+        }
+        assert!(
+            table.fids.len() <= fids::MAX_FIDS,
+            "fid table over its bound"
+        );
+        for f in table.fids.values() {
+            assert!(
+                f.path.len() <= fids::MAX_FID_PATH_DEPTH,
+                "fid path too deep"
+            );
+            let bytes: usize = f.path.iter().map(|n| n.len() + 1).sum();
+            assert!(bytes <= fids::MAX_FID_PATH_BYTES, "fid path too long");
+        }
+    }
+    for (request, _) in table.replay() {
+        assert!(wire::peek_header(&request.as_slice()).is_some());
+    }
+}

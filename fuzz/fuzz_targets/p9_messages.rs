@@ -1,0 +1,4 @@
+//! See `husk_vmm::fuzzing::fs9p_messages` for what the bytes mean.
+#![no_main]
+
+libfuzzer_sys::fuzz_target!(|data: &[u8]| husk_vmm::fuzzing::fs9p_messages(data));
