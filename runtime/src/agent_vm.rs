@@ -194,7 +194,7 @@ impl AgentVm {
     }
 
     /// Adds where the vCPUs are to the error of a guest that runs but never answered.
-    fn with_vcpu_report(&self, e: anyhow::Error) -> anyhow::Error {
+    pub(crate) fn with_vcpu_report(&self, e: anyhow::Error) -> anyhow::Error {
         let report = match self.control.vcpu_report() {
             Ok(lines) => lines.join("; "),
             Err(r) => format!("unreadable: {r}"),

@@ -44,7 +44,7 @@ pub(super) fn prepare_guest(
         .context("talking to the guest agent")?;
     // The stdio connection is opened while the guest works through those requests.
     let attach = vm.agent(AGENT_TIMEOUT);
-    check_replies(&mut agent, &what)?;
+    check_replies(vm, &mut agent, &what)?;
     trace.mark("guest prepared, container created");
     Ok(attach)
 }
@@ -164,10 +164,19 @@ fn unique_request() -> Result<AgentRequest> {
 /// Reads the replies to the requests sent with `send_all`, one per entry of `steps` (what
 /// each request does); the first refused step is the error, named by its description (an
 /// empty one, the create's, leaves the agent's message alone, as runc's would be).
-fn check_replies(agent: &mut Client<UnixStream>, steps: &[&'static str]) -> Result<()> {
+fn check_replies(
+    vm: &AgentVm,
+    agent: &mut Client<UnixStream>,
+    steps: &[&'static str],
+) -> Result<()> {
+    // A guest that never answers gets where its vCPUs are added to the error.
     let replies = agent
         .replies(steps.len())
-        .context("talking to the guest agent")?;
+        .context("talking to the guest agent")
+        .map_err(|e| match vm.is_running() {
+            true => vm.with_vcpu_report(e),
+            false => e,
+        })?;
     for (what, reply) in steps.iter().zip(replies) {
         match reply {
             Err(e) if what.is_empty() => return Err(anyhow::anyhow!("{e}")),
