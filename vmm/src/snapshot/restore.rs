@@ -186,32 +186,3 @@ fn replace_shares(cfg: &mut VmConfig, shares: Vec<ShareConfig>) -> Result<(), Vm
     }
     Ok(())
 }
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_clone_share_keeps_the_saved_tag_and_takes_everything_else() {
-        let mut cfg = crate::config::SavedConfig {
-            vcpus: 1,
-            memory_mib: 64,
-            blocks: Vec::new(),
-            shares: vec![("share0".into(), "/placeholder".into(), true)],
-            vsock: None,
-        }
-        .to_vm_config();
-        let mine = ShareConfig {
-            only: Some(vec!["hosts".into()]),
-            read_only_paths: vec!["etc/hosts".into()],
-            ..ShareConfig::dir("ignored", Path::new("/srv/userdata"), false)
-        };
-        replace_shares(&mut cfg, vec![mine.clone()]).unwrap();
-        let expected = ShareConfig {
-            tag: "share0".into(),
-            ..mine
-        };
-        assert_eq!(cfg.shares, [expected]);
-        assert!(replace_shares(&mut cfg, Vec::new()).is_err());
-    }
-}
