@@ -23,14 +23,14 @@ type Writer<'a> = virtio_queue::Writer<'a, ()>;
 /// p9 0.3 does not keep walks inside its root: it resolves each Twalk name with
 /// `openat(parent, name, O_NOFOLLOW)`, so a name of `..` leaves the root and a name with a `/`
 /// follows symlinks in its leading components. The thread therefore moves into a mount
-/// namespace of its own whose root is the share's view: the kernel then keeps `..` at the
-/// root, resolves absolute symlinks inside it, and never lets a lookup climb out (a directory
-/// moved out of the share by the host is the one exception). This needs CAP_SYS_ADMIN and
-/// CAP_SYS_CHROOT, which the VMM has as root.
+/// namespace of its own whose root is the share's view: the kernel then
+/// keeps `..` at the root, resolves absolute symlinks inside it, and never lets a lookup climb
+/// out (a directory moved out of the share by the host is the one exception). This needs
+/// CAP_SYS_ADMIN and CAP_SYS_CHROOT, which the VMM has as root.
 pub(super) fn confined_server(share: &ShareConfig, pinned: &File) -> io::Result<p9::Server> {
     // p9 opens /proc now and later reopens fids through /proc/self/fd: it must see the host's
-    // /proc, so the server is created before the view hides it. A reopened fid is still the
-    // view's file, on the view's mount, with its flags.
+    // /proc, so the server is created before the chroot hides it. A reopened fid is still
+    // the view's file, on the view's mount, with its flags.
     let server = p9::Server::new(Path::new("/"), Default::default(), Default::default())?;
     share_view::enter(share, pinned)?;
     // The guest kernel applies the guest's umask before it sends a mode; applying the VMM's
