@@ -40,8 +40,6 @@ const P9_ACCMODE: u32 = 0o3;
 const P9_CREATE: u32 = 0o100;
 const P9_TRUNC: u32 = 0o1000;
 const P9_APPEND: u32 = 0o2000;
-/// Tsetattr `valid` bit: set the size.
-const P9_SETATTR_SIZE: u32 = 0x8;
 
 /// The header fields the device needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -141,17 +139,11 @@ fn plain_name(n: &[u8]) -> bool {
     !n.is_empty() && n != b"." && n != b".." && !n.contains(&b'/')
 }
 
-/// The fid of a request that opens the file it names: a Tlopen, or a Tsetattr that changes
-/// the size (`header fid[4] valid[4] ...`; the server opens the file to truncate it).
-pub(super) fn opened_fid<R: Read + Clone>(ty: u8, request: &R) -> Option<u32> {
+/// The fid of a Tlopen.
+pub(super) fn lopen_fid<R: Read + Clone>(request: &R) -> Option<u32> {
     let mut r = request.clone();
     skip(&mut r, HEADER_LEN)?;
-    let fid = u32_le(&mut r)?;
-    match ty {
-        msg::TLOPEN => Some(fid),
-        msg::TSETATTR => (u32_le(&mut r)? & P9_SETATTR_SIZE != 0).then_some(fid),
-        _ => None,
-    }
+    u32_le(&mut r)
 }
 
 /// A Tgetattr of `fid` asking for its mode (P9_GETATTR_MODE).

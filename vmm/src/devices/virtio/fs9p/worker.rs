@@ -147,8 +147,8 @@ impl Fs9pWorker {
 
 /// Why `request` (of type `ty`) must not reach the server, if it must not: it makes a device
 /// node (which the view's `nodev` would refuse to open anyway), it names a path where one
-/// name belongs (see `wire::names_a_path`), or it opens (Tlopen, or Tsetattr of the size)
-/// anything but a regular file or a directory.
+/// name belongs (see `wire::names_a_path`), or it opens anything but a regular file or a
+/// directory.
 ///
 /// The last covers FIFOs, which `nodev` does not: opening one would block the worker until
 /// someone opens the other end. The check asks the server for the mode of the fid's own
@@ -163,7 +163,8 @@ pub(super) fn refusal<R: Read + Clone>(
     match ty {
         wire::msg::TMKNOD if wire::mknod_makes_device(request) => Some(libc::EPERM),
         _ if wire::names_a_path(ty, request) => Some(libc::EINVAL),
-        _ => special_file(server, wire::opened_fid(ty, request)?),
+        wire::msg::TLOPEN => special_file(server, wire::lopen_fid(request)?),
+        _ => None,
     }
 }
 
