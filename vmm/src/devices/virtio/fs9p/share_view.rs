@@ -15,11 +15,7 @@
 //!   guest's writes to a bound file reach the host inode at once.
 //!
 //! Everything is done on file descriptors (the new mount API), so a path replaced on the host
-//! while the view is built cannot redirect a mount. The view then becomes the namespace's
-//! root (`pivot_root`) and the copies of the host's other mounts are dropped, so that the
-//! thread neither sees them nor keeps their filesystems busy while the VM runs (where the
-//! host's root cannot be pivoted away from, an initramfs, the thread chroots into the view
-//! and keeps them).
+//! while the view is built cannot redirect a mount. The thread finally chroots into the view.
 
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
@@ -28,10 +24,9 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
-use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::mount::{mount, MsFlags};
 use nix::sched::{unshare, CloneFlags};
-use nix::unistd::{chroot, fchdir, pivot_root};
-use rustix::fs::{fstat, openat, openat2, FileType, Mode, OFlags, ResolveFlags, CWD};
+use rustix::fs::{openat, openat2, Mode, OFlags, ResolveFlags, CWD};
 use rustix::mount::{
     fsconfig_create, fsconfig_set_string, fsmount, fsopen, move_mount, open_tree, FsMountFlags,
     FsOpenFlags, MountAttrFlags, MoveMountFlags, OpenTreeFlags,
@@ -51,10 +46,11 @@ struct MountAttr {
     userns_fd: u64,
 }
 
-/// Moves the calling thread into a private mount namespace whose root is the view of
-/// `share`. `pinned` is the share's directory as opened when the device was created: the
-/// view is refused if `share.path` no longer names it.
-pub(super) fn enter(share: &ShareConfig, pinned: &File) -> io::Result<()> {
+/// Moves the calling thread into a private mount namespace holding the view of `share`, and
+/// returns the view's root (a directory in that namespace). `pinned` is the share's
+/// directory as opened when the device was created: the view is refused if `share.path` no
+/// longer names it.
+pub(super) fn enter(share: &ShareConfig, pinned: &File) -> io::Result<OwnedFd> {
     unshare(CloneFlags::CLONE_NEWNS)?;
     mount(
         None::<&str>,
@@ -75,41 +71,18 @@ pub(super) fn enter(share: &ShareConfig, pinned: &File) -> io::Result<()> {
     for inner in &share.read_only_paths {
         read_only_bind(dir.as_fd(), inner)?;
     }
-    let view = match &share.only {
-        None => whole(dir)?,
-        Some(names) => files_only(dir, names)?,
-    };
-    make_root(view)
-}
-
-/// A bind mount of `dir` and everything mounted below it, over `dir`: the view of a whole
-/// directory, as a mount of its own that can become the root.
-fn whole(dir: OwnedFd) -> io::Result<OwnedFd> {
-    let tree = clone_tree(dir.as_fd(), true)?;
-    attach(tree.as_fd(), dir.as_fd(), OsStr::new(""))?;
-    Ok(tree)
-}
-
-/// Makes `view` the thread's root: the namespace's root if it can be, dropping the rest.
-fn make_root(view: OwnedFd) -> io::Result<()> {
-    fchdir(&view)?;
-    // With both arguments ".", the old root ends up stacked on the view, and unmounting "."
-    // removes it and every mount below it (pivot_root(2), notes). The other threads of the
-    // process have their roots elsewhere and are not moved.
-    match pivot_root(".", ".") {
-        Ok(()) => umount2(".", MntFlags::MNT_DETACH)?,
-        Err(e) => log::debug!("virtio-9p: cannot pivot into the share's view ({e}); chrooting"),
+    match &share.only {
+        None => Ok(dir),
+        Some(names) => files_only(dir, names),
     }
-    chroot(".")?;
-    Ok(())
 }
 
 /// `path` opened in this namespace (a descriptor opened before the unshare names the host's
 /// mounts, which this namespace may not mount on), checked to be the `pinned` directory.
 fn reopen(path: &Path, pinned: &File) -> io::Result<OwnedFd> {
     let dir = openat(CWD, path, dir_path_flags(), Mode::empty())?;
-    let (now, then) = (fstat(&dir)?, pinned.metadata()?);
-    if (now.st_dev, now.st_ino) != (then.dev(), then.ino()) {
+    let (now, then) = (File::from(dir.try_clone()?).metadata()?, pinned.metadata()?);
+    if (now.dev(), now.ino()) != (then.dev(), then.ino()) {
         return Err(io::Error::other(format!(
             "{} was replaced after the share was created",
             path.display()
@@ -131,7 +104,14 @@ fn read_only_bind(dir: BorrowedFd<'_>, inner: &Path) -> io::Result<()> {
             format!("read-only path {} in the share: {e}", inner.display()),
         )
     })?;
-    let tree = clone_tree(target.as_fd(), true)?;
+    let tree = open_tree(
+        target.as_fd(),
+        "",
+        OpenTreeFlags::OPEN_TREE_CLONE
+            | OpenTreeFlags::OPEN_TREE_CLOEXEC
+            | OpenTreeFlags::AT_RECURSIVE
+            | OpenTreeFlags::AT_EMPTY_PATH,
+    )?;
     attach(tree.as_fd(), target.as_fd(), OsStr::new(""))?;
     set_attrs(tree.as_fd(), MountAttrFlags::MOUNT_ATTR_RDONLY, true)
 }
@@ -189,22 +169,17 @@ fn bound_file(dir: BorrowedFd<'_>, name: &OsString) -> io::Result<OwnedFd> {
         OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
         Mode::empty(),
     )?;
-    let kind = FileType::from_raw_mode(fstat(&file)?.st_mode);
-    if matches!(kind, FileType::Directory | FileType::Symlink) {
+    let kind = File::from(file.try_clone()?).metadata()?.file_type();
+    if kind.is_dir() || kind.is_symlink() {
         return Err(bad("a directory or a symlink"));
     }
-    clone_tree(file.as_fd(), false)
-}
-
-/// A detached bind mount of what `at` is (with the mounts below it if `recursive`).
-fn clone_tree(at: BorrowedFd<'_>, recursive: bool) -> io::Result<OwnedFd> {
-    let mut flags = OpenTreeFlags::OPEN_TREE_CLONE
-        | OpenTreeFlags::OPEN_TREE_CLOEXEC
-        | OpenTreeFlags::AT_EMPTY_PATH;
-    if recursive {
-        flags |= OpenTreeFlags::AT_RECURSIVE;
-    }
-    Ok(open_tree(at, "", flags)?)
+    Ok(open_tree(
+        file.as_fd(),
+        "",
+        OpenTreeFlags::OPEN_TREE_CLONE
+            | OpenTreeFlags::OPEN_TREE_CLOEXEC
+            | OpenTreeFlags::AT_EMPTY_PATH,
+    )?)
 }
 
 fn dir_path_flags() -> OFlags {
@@ -245,52 +220,4 @@ fn set_attrs(mnt: BorrowedFd<'_>, attrs: MountAttrFlags, recursive: bool) -> io:
         return Err(io::Error::last_os_error());
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::devices::virtio::testutil::TestDir;
-
-    /// The mount points of the namespace a thread has after entering `share`'s view, as
-    /// that thread sees them, sorted.
-    fn mounts_seen_from(share: ShareConfig) -> Vec<String> {
-        std::thread::spawn(move || {
-            // Opened before the proc mount leaves the thread's view; files opened in it later
-            // describe the thread as it is then.
-            let me = File::open("/proc/thread-self").unwrap();
-            enter(&share, &File::open(&share.path).unwrap()).unwrap();
-            let info = openat(&me, "mountinfo", OFlags::RDONLY, Mode::empty()).unwrap();
-            let info = std::io::read_to_string(File::from(info)).unwrap();
-            let mut points: Vec<String> = info
-                .lines()
-                .map(|l| l.split(' ').nth(4).unwrap().to_string())
-                .collect();
-            points.sort();
-            points
-        })
-        .join()
-        .unwrap()
-    }
-
-    #[test]
-    fn fs9p_view_namespace_holds_the_share_and_nothing_else() {
-        let dir = TestDir::new("fs9p-view");
-        std::fs::create_dir(dir.path().join("ro")).unwrap();
-        for f in ["a", "b", "c"] {
-            std::fs::write(dir.path().join(f), "").unwrap();
-        }
-        let whole = ShareConfig::dir("t", dir.path(), false);
-        assert_eq!(mounts_seen_from(whole.clone()), ["/"]);
-        let nested = ShareConfig {
-            read_only_paths: vec![PathBuf::from("ro")],
-            ..whole.clone()
-        };
-        assert_eq!(mounts_seen_from(nested), ["/", "/ro"]);
-        let files = ShareConfig {
-            only: Some(vec!["a".into(), "c".into()]),
-            ..whole
-        };
-        assert_eq!(mounts_seen_from(files), ["/", "/a", "/c"]);
-    }
 }

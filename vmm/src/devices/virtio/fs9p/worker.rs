@@ -7,6 +7,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use nix::sys::stat::{umask, Mode};
+use nix::unistd::{chroot, fchdir};
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -23,7 +24,7 @@ type Writer<'a> = virtio_queue::Writer<'a, ()>;
 /// p9 0.3 does not keep walks inside its root: it resolves each Twalk name with
 /// `openat(parent, name, O_NOFOLLOW)`, so a name of `..` leaves the root and a name with a `/`
 /// follows symlinks in its leading components. The thread therefore moves into a mount
-/// namespace of its own whose root is the share's view: the kernel then
+/// namespace of its own holding only the share's view and chroots into it: the kernel then
 /// keeps `..` at the root, resolves absolute symlinks inside it, and never lets a lookup climb
 /// out (a directory moved out of the share by the host is the one exception). This needs
 /// CAP_SYS_ADMIN and CAP_SYS_CHROOT, which the VMM has as root.
@@ -32,7 +33,9 @@ pub(super) fn confined_server(share: &ShareConfig, pinned: &File) -> io::Result<
     // /proc, so the server is created before the chroot hides it. A reopened fid is still
     // the view's file, on the view's mount, with its flags.
     let server = p9::Server::new(Path::new("/"), Default::default(), Default::default())?;
-    share_view::enter(share, pinned)?;
+    let root = share_view::enter(share, pinned)?;
+    fchdir(&root)?;
+    chroot(".")?;
     // The guest kernel applies the guest's umask before it sends a mode; applying the VMM's
     // as well would silently strip permission bits from what the guest creates.
     umask(Mode::empty());
