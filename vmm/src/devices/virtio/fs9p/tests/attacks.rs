@@ -346,36 +346,3 @@ fn fs9p_share_views_leave_no_mount_on_the_host() {
         .file_type();
     assert!(kind.is_file() && !kind.is_fifo());
 }
-
-#[test]
-fn fs9p_restore_does_not_reopen_a_fifo_left_at_a_saved_path() {
-    use super::super::fids::{FidTable, SavedFid};
-    let dir = TestDir::new("fs9p-replay");
-    let saved = |name: &str| SavedFid {
-        path: vec![name.to_string()],
-        open_flags: Some(P9_RDONLY),
-    };
-    let mut table = FidTable {
-        version: Some((MSIZE, "9P2000.L".to_string())),
-        fids: [(1, saved("was-a-file")), (2, saved("still-a-file"))].into(),
-    };
-    // The directory the restored VM serves holds a FIFO where the open file was.
-    nix::unistd::mkfifo(
-        &dir.path().join("was-a-file"),
-        NodeMode::from_bits_truncate(0o666),
-    )
-    .unwrap();
-    fs::write(dir.path().join("still-a-file"), b"").unwrap();
-    let root = dir.path().to_path_buf();
-    let (done_tx, done_rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        let mut server = p9::Server::new(root, Default::default(), Default::default()).unwrap();
-        super::super::worker::replay(&mut server, &mut table);
-        let _ = done_tx.send(table);
-    });
-    // Opening the FIFO would block the replay until a writer came.
-    let table = done_rx
-        .recv_timeout(std::time::Duration::from_secs(5))
-        .expect("the replay blocked");
-    assert_eq!(table.fids.keys().copied().collect::<Vec<_>>(), [2]);
-}
