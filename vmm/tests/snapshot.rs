@@ -290,7 +290,11 @@ fn snapshot_with_shares(dir: &Path) -> PathBuf {
     let (mut cfg, _out) = counting_config(1);
     cfg.shares = ["share0", "share1"]
         .iter()
-        .map(|tag| husk_vmm::ShareConfig::dir(tag, &share_dir, true))
+        .map(|tag| husk_vmm::ShareConfig {
+            tag: tag.to_string(),
+            path: share_dir.clone(),
+            read_only: true,
+        })
         .collect();
     let snap = dir.join("snap");
     let vm = Running::start(Vm::new(cfg).unwrap());
@@ -310,12 +314,7 @@ fn a_clone_serves_its_own_share_directories_under_the_saved_tags() {
     let mine = dir.join("mine");
     fs::create_dir_all(&mine).unwrap();
     let with = |shares: Vec<(PathBuf, bool)>| RestoreOverrides {
-        shares: Some(
-            shares
-                .iter()
-                .map(|(path, ro)| husk_vmm::ShareConfig::dir("", path, *ro))
-                .collect(),
-        ),
+        shares: Some(shares),
         ..Default::default()
     };
     let two = vec![(mine.clone(), false), (mine.clone(), true)];
