@@ -195,11 +195,11 @@ impl AgentVm {
 
     /// Adds where the vCPUs are to the error of a guest that runs but never answered.
     pub(crate) fn with_vcpu_report(&self, e: anyhow::Error) -> anyhow::Error {
-        let report = match self.control.vcpu_report() {
-            Ok(lines) => lines.join("; "),
-            Err(r) => format!("unreadable: {r}"),
-        };
-        anyhow!("{e:#} (the VM still runs; {report})")
+        match self.control.vcpu_report() {
+            Ok(lines) => anyhow!("{e:#} (the VM still runs; {})", lines.join("; ")),
+            // The VM ended between the caller's check and the report.
+            Err(r) => anyhow!("{e:#} (no vCPU report: {r})"),
+        }
     }
 
     /// Like [`Self::agent`], for a VM just restored from a snapshot: the VMM closes host
