@@ -16,7 +16,8 @@
 //! - `boot_timing`, `bare_vm`: `husk boot` and `husk vm`.
 //! - `agent_vm`: a VM running Husk's kernel and agent, driven from this process.
 //! - `guest_port`: the host side of a guest vsock port.
-//! - `assets`, `logging`: the guest kernel and initramfs on disk; runc-style log lines.
+//! - `assets`, `logging`: the guest kernel and initramfs on disk; runc-style log lines (the
+//!   command's, and the monitor's bounded log).
 pub mod cli;
 
 pub mod bench;

@@ -1,0 +1,262 @@
+//! The container monitor's backend for the `log` crate: what the VMM and the monitor log
+//! (warnings and errors; debug and info lines too with `--debug`) in runc's format, appended
+//! to the `--log` file `create` was given, or else to [`LOG_FILE`] in the container's state
+//! directory. Error lines are also kept in [`ERRORS_FILE`] there, one JSON entry per line,
+//! where `state` and `delete` find them whichever file the log is.
+//!
+//! A hostile guest can make a device log in a loop, so what a monitor writes is bounded:
+//! - a line that repeats the one before (same level and message) is only counted; one "last
+//!   message repeated N times" line follows when a different line comes, or at exit;
+//! - a message is cut at [`MAX_MESSAGE_BYTES`];
+//! - the monitor writes at most [`MAX_LOG_BYTES`] to its log, then one "log truncated" line,
+//!   and drops every line after it;
+//! - [`ERRORS_FILE`] keeps the first [`MAX_KEPT_ERRORS`] error lines.
+//!
+//! So however long its guest keeps at it, a monitor adds at most 4 MiB and one line to its log,
+//! and 30 kept errors to the state directory (tmpfs, i.e. host RAM): under 28 KiB each even
+//! when every character of a message needs escaping, about 200 bytes for a real one.
+
+use std::fmt::Write as _;
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+use log::{Level, LevelFilter, Log, Metadata, Record};
+
+use super::{Entry, LogFormat, LogOptions};
+
+/// The monitor's log in the state directory, when `create` was given no `--log`.
+pub const LOG_FILE: &str = "monitor.log";
+/// The error lines the monitor logged, in the state directory, for `state` and `delete`.
+pub const ERRORS_FILE: &str = "monitor.errors";
+/// Bytes a monitor writes to its log at most: thousands of real lines, and small next to the
+/// RAM a container's state directory (tmpfs) may hold.
+pub const MAX_LOG_BYTES: u64 = 4 << 20;
+/// Longest message kept (longer ones are cut): room for a 4096-byte guest path and its text.
+pub const MAX_MESSAGE_BYTES: usize = 4608;
+/// Error lines kept for `state` and `delete` (the first ones: what went wrong first explains
+/// what follows), each at most a message and its level and time.
+pub const MAX_KEPT_ERRORS: usize = 30;
+
+/// The logger of one monitor process.
+pub struct MonitorLog {
+    level: LevelFilter,
+    format: LogFormat,
+    errors_path: PathBuf,
+    sink: Mutex<Sink>,
+}
+
+/// Installs the monitor's logger for this process; returns the log file's path. Logging
+/// never fails the container: a log that cannot be opened drops its lines.
+pub fn install(opts: &LogOptions, state_dir: &Path) -> PathBuf {
+    let logger = MonitorLog::open(opts, state_dir);
+    let path = logger.path();
+    let level = logger.level;
+    // Fails only if this process already has a logger (then that one keeps the lines).
+    if log::set_logger(Box::leak(Box::new(logger))).is_ok() {
+        log::set_max_level(level);
+    }
+    path
+}
+
+impl MonitorLog {
+    /// The `--log` file, or [`LOG_FILE`] in `state_dir` when there is none or it cannot be
+    /// opened.
+    pub fn open(opts: &LogOptions, state_dir: &Path) -> MonitorLog {
+        let given = opts
+            .file
+            .as_ref()
+            .and_then(|p| Some((p.clone(), open_append(p).ok()?)));
+        let (path, file) = match given {
+            Some((path, f)) => (path, Some(f)),
+            None => {
+                let own = state_dir.join(LOG_FILE);
+                let f = open_append(&own).ok();
+                (own, f)
+            }
+        };
+        MonitorLog {
+            level: match opts.debug {
+                true => LevelFilter::Debug,
+                false => LevelFilter::Warn,
+            },
+            format: opts.format,
+            errors_path: state_dir.join(ERRORS_FILE),
+            sink: Mutex::new(Sink {
+                path,
+                file,
+                written: 0,
+                truncated: false,
+                errors: None,
+                kept_errors: 0,
+                last: None,
+                repeats: 0,
+            }),
+        }
+    }
+
+    /// Where the log goes.
+    pub fn path(&self) -> PathBuf {
+        self.lock().path.clone()
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Sink> {
+        // A thread that panicked while logging left nothing half-done that matters here.
+        self.sink.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Log for MonitorLog {
+    fn enabled(&self, metadata: &Metadata) -> bool {
+        metadata.level() <= self.level
+    }
+
+    fn log(&self, record: &Record) {
+        if !self.enabled(record.metadata()) {
+            return;
+        }
+        let mut msg = Capped(String::new());
+        let _ = write!(msg, "{}", record.args());
+        let mut sink = self.lock();
+        sink.push(self, record.level(), msg.0);
+    }
+
+    fn flush(&self) {
+        self.lock().flush_repeats(self);
+    }
+}
+
+/// The log file and what has been written to it.
+struct Sink {
+    path: PathBuf,
+    file: Option<File>,
+    /// Bytes this monitor wrote to `file`.
+    written: u64,
+    /// Set once [`MAX_LOG_BYTES`] is reached: nothing more is written.
+    truncated: bool,
+    /// [`ERRORS_FILE`], opened at the first error.
+    errors: Option<File>,
+    kept_errors: usize,
+    /// The last line written, and how often it came again since.
+    last: Option<(Level, String)>,
+    repeats: u64,
+}
+
+impl Sink {
+    fn push(&mut self, log: &MonitorLog, level: Level, msg: String) {
+        if let Some((l, m)) = &self.last {
+            if *l == level && *m == msg {
+                self.repeats = self.repeats.saturating_add(1);
+                return;
+            }
+        }
+        self.flush_repeats(log);
+        self.write(log, level, &msg);
+        self.last = Some((level, msg));
+    }
+
+    fn flush_repeats(&mut self, log: &MonitorLog) {
+        let Some((level, _)) = self.last else {
+            return;
+        };
+        if self.repeats > 0 {
+            let note = format!("last message repeated {} times", self.repeats);
+            self.repeats = 0;
+            self.write(log, level, &note);
+        }
+    }
+
+    fn write(&mut self, log: &MonitorLog, level: Level, msg: &str) {
+        let entry = Entry::now(level_name(level), msg);
+        if level == Level::Error {
+            self.keep_error(&log.errors_path, &entry);
+        }
+        if self.truncated {
+            return;
+        }
+        let mut line = entry.line(log.format);
+        if self.written + line.len() as u64 > MAX_LOG_BYTES {
+            self.truncated = true;
+            let note = format!(
+                "log truncated: this monitor wrote {} MiB; its further lines are dropped",
+                MAX_LOG_BYTES >> 20
+            );
+            line = Entry::now("warning", &note).line(log.format);
+        }
+        if let Some(f) = &mut self.file {
+            // One write per line: the file may be shared (O_APPEND) with husk commands.
+            if f.write_all(line.as_bytes()).is_ok() {
+                self.written += line.len() as u64;
+            }
+        }
+    }
+
+    fn keep_error(&mut self, path: &Path, entry: &Entry) {
+        if self.kept_errors >= MAX_KEPT_ERRORS {
+            return;
+        }
+        self.kept_errors += 1;
+        if self.errors.is_none() {
+            self.errors = open_append(path).ok();
+        }
+        if let Some(f) = &mut self.errors {
+            let _ = f.write_all(entry.line(LogFormat::Json).as_bytes());
+        }
+    }
+}
+
+/// The error entries the monitor of the container in `state_dir` kept, oldest first.
+pub fn read_errors(state_dir: &Path) -> Vec<Entry> {
+    let Ok(f) = File::open(state_dir.join(ERRORS_FILE)) else {
+        return Vec::new();
+    };
+    // The monitor writes no more (a message escaped at worst to six bytes a character); a
+    // file grown past that is read no further.
+    let most = (MAX_KEPT_ERRORS * (MAX_MESSAGE_BYTES * 6 + 128)) as u64;
+    BufReader::new(f.take(most))
+        .lines()
+        .map_while(Result::ok)
+        .filter_map(|l| serde_json::from_str(&l).ok())
+        .take(MAX_KEPT_ERRORS)
+        .collect()
+}
+
+/// logrus's name for a level.
+fn level_name(level: Level) -> &'static str {
+    match level {
+        Level::Error => "error",
+        Level::Warn => "warning",
+        Level::Info => "info",
+        Level::Debug => "debug",
+        Level::Trace => "trace",
+    }
+}
+
+fn open_append(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new().create(true).append(true).open(path)
+}
+
+/// A message being formatted, cut at [`MAX_MESSAGE_BYTES`] (a character is never split), so
+/// that even formatting a huge value costs no more than that.
+struct Capped(String);
+
+impl std::fmt::Write for Capped {
+    fn write_str(&mut self, s: &str) -> std::fmt::Result {
+        let room = MAX_MESSAGE_BYTES.saturating_sub(self.0.len());
+        if s.len() <= room {
+            self.0.push_str(s);
+            return Ok(());
+        }
+        let mut end = room;
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        self.0.push_str(&s[..end]);
+        // Formatting stops here: the rest would be cut anyway.
+        Err(std::fmt::Error)
+    }
+}
+
+#[cfg(test)]
+mod tests;
