@@ -7,6 +7,7 @@ use anyhow::Result;
 
 use super::containers::{follow, CreateOpts};
 use crate::lifecycle::{CheckpointOptions, Container, RestoreOptions};
+use crate::logging::{LogOptions, Logger};
 
 /// `husk checkpoint` (runc's flags; those about CRIU are accepted and ignored).
 #[derive(clap::Args, Debug, Clone)]
@@ -104,14 +105,14 @@ pub fn checkpoint(root: &Path, opts: &CheckpointOpts) -> Result<()> {
 }
 
 /// `husk restore`: returns once the container runs (with `--detach`), or waits for it like
-/// `run`.
-pub fn restore(root: &Path, opts: &RestoreOpts) -> Result<i32> {
+/// `run`. The new monitor logs as `log` says.
+pub fn restore(root: &Path, opts: &RestoreOpts, log: &LogOptions, logger: &Logger) -> Result<i32> {
     let c = Container::restore(
         root,
         &RestoreOptions {
             image_path: opts.image_path.clone(),
-            create: opts.create.options(),
+            create: opts.create.options(log),
         },
     )?;
-    Ok(follow(c, opts.detach))
+    Ok(follow(c, opts.detach, logger))
 }

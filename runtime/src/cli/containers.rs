@@ -8,7 +8,9 @@ use anyhow::Result;
 use clap::Args;
 
 use crate::container::signal;
-use crate::lifecycle::{Container, CreateOptions, ExecOptions};
+use crate::lifecycle::{Container, CreateOptions, ExecOptions, MonitorErrors};
+use crate::logging::monitor_log::MAX_KEPT_ERRORS;
+use crate::logging::{LogOptions, Logger};
 
 /// Options shared by `create` and `run`.
 #[derive(clap::Args, Debug, Clone)]
@@ -38,13 +40,15 @@ pub struct CreateOpts {
 }
 
 impl CreateOpts {
-    pub fn options(&self) -> CreateOptions {
+    /// The library's options; the monitor logs as `log` says.
+    pub fn options(&self, log: &LogOptions) -> CreateOptions {
         CreateOptions {
             id: self.id.clone(),
             bundle: self.bundle.clone(),
             console_socket: self.console_socket.clone(),
             pid_file: self.pid_file.clone(),
             no_template: self.no_template,
+            log: log.clone(),
         }
     }
 }
@@ -145,36 +149,81 @@ impl ExecOpts {
 }
 
 /// `husk create`.
-pub fn create(root: &Path, opts: &CreateOpts, debug: &dyn Fn(&str)) -> Result<()> {
-    Container::create(root, &opts.options(), debug).map(drop)
+pub fn create(root: &Path, opts: &CreateOpts, log: &LogOptions, logger: &Logger) -> Result<()> {
+    let debug = |msg: &str| logger.debug(msg);
+    Container::create(root, &opts.options(log), &debug).map(drop)
 }
 
 /// `husk run`: create, start, and (unless detached) wait and delete; exits with the status.
-pub fn run(root: &Path, opts: &RunOpts, debug: &dyn Fn(&str)) -> Result<i32> {
-    let c = Container::create(root, &opts.create.options(), debug)?;
+pub fn run(root: &Path, opts: &RunOpts, log: &LogOptions, logger: &Logger) -> Result<i32> {
+    let debug = |msg: &str| logger.debug(msg);
+    let c = Container::create(root, &opts.create.options(log), &debug)?;
     if let Err(e) = c.start() {
-        let _ = Container::load(root, c.id()).and_then(|c| c.delete(true));
+        if let Ok(Some(errors)) = Container::load(root, c.id()).and_then(|c| c.delete(true)) {
+            report_deleted(logger, c.id(), &errors);
+        }
         return Err(e);
     }
-    Ok(follow(c, opts.detach))
+    Ok(follow(c, opts.detach, logger))
 }
 
 /// The end of `run` and `restore`: in the foreground, waits for the container and deletes
 /// it, returning its exit code; detached, returns 0 at once.
-pub fn follow(c: Container, detach: bool) -> i32 {
+pub fn follow(c: Container, detach: bool, logger: &Logger) -> i32 {
     if detach {
         return 0;
     }
-    c.wait_and_delete()
+    let id = c.id().to_string();
+    let ended = c.wait_and_delete();
+    if let Some(errors) = &ended.monitor_errors {
+        report_deleted(logger, &id, errors);
+    }
+    ended.code
+}
+
+/// "The monitor logged errors, see its log": one warning, in the log (stderr without
+/// `--log`), never on stdout, which clients parse.
+fn note_monitor_errors(logger: &Logger, id: &str, errors: &MonitorErrors) {
+    logger.warn(&format!(
+        "container {id}: its monitor logged {}; see {}",
+        error_count(errors),
+        errors.log.display()
+    ));
+}
+
+/// After a delete: the note, and when the monitor's log went with the state directory, the
+/// error lines themselves (with their own times), so that they outlive it.
+fn report_deleted(logger: &Logger, id: &str, errors: &MonitorErrors) {
+    if !errors.in_state_dir {
+        return note_monitor_errors(logger, id, errors);
+    }
+    logger.warn(&format!(
+        "container {id}: its monitor logged {}, copied below: its log {} goes with it",
+        error_count(errors),
+        errors.log.display()
+    ));
+    errors.entries.iter().for_each(|e| logger.entry(e));
+}
+
+fn error_count(errors: &MonitorErrors) -> String {
+    match errors.entries.len() {
+        1 => "1 error".to_string(),
+        n if n >= MAX_KEPT_ERRORS => format!("{n} or more errors"),
+        n => format!("{n} errors"),
+    }
 }
 
 pub fn start(root: &Path, id: &str) -> Result<()> {
     Container::load(root, id)?.start()
 }
 
-pub fn state(root: &Path, id: &str) -> Result<()> {
+/// `husk state`: runc's JSON on stdout, exactly; a note on the log if the monitor logged errors.
+pub fn state(root: &Path, id: &str, logger: &Logger) -> Result<()> {
     let c = Container::load(root, id)?;
     println!("{}", serde_json::to_string_pretty(&c.state().oci_json())?);
+    if let Some(errors) = c.monitor_errors() {
+        note_monitor_errors(logger, id, &errors);
+    }
     Ok(())
 }
 
@@ -183,8 +232,12 @@ pub fn kill(root: &Path, id: &str, sig: &str, all: bool) -> Result<()> {
     Container::load(root, id)?.kill(signal, all)
 }
 
-pub fn delete(root: &Path, id: &str, force: bool) -> Result<()> {
-    Container::load(root, id)?.delete(force)
+/// `husk delete`: what the monitor logged at error level is reported (see `report_deleted`).
+pub fn delete(root: &Path, id: &str, force: bool, logger: &Logger) -> Result<()> {
+    if let Some(errors) = Container::load(root, id)?.delete(force)? {
+        report_deleted(logger, id, &errors);
+    }
+    Ok(())
 }
 
 pub fn pause(root: &Path, id: &str) -> Result<()> {

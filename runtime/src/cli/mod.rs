@@ -22,7 +22,7 @@ use clap::{Args, Parser, Subcommand};
 use self::checkpoints::{CheckpointOpts, RestoreOpts};
 use self::containers::{CreateOpts, ExecOpts, RunOpts};
 pub use self::deferred::Deferred;
-use crate::logging::{LogFormat, Logger};
+use crate::logging::{LogFormat, LogOptions, Logger};
 use crate::monitor::{self, MonitorArgs};
 
 #[derive(Parser, Debug)]
@@ -145,9 +145,10 @@ struct MonitorOpts {
 }
 
 impl MonitorOpts {
-    fn into_args(self, root: PathBuf) -> MonitorArgs {
+    fn into_args(self, root: PathBuf, log: LogOptions) -> MonitorArgs {
         MonitorArgs {
             root,
+            log,
             id: self.id,
             bundle: self.bundle,
             console_socket: self.console_socket,
@@ -186,19 +187,24 @@ type Failure = (&'static str, anyhow::Error);
 
 fn dispatch(cli: Cli, started: Instant, logger: &Logger) -> Result<i32, Failure> {
     let root = cli.root;
-    let debug = |msg: &str| logger.debug(msg);
+    // Absolute: the monitor hands it on to processes that may run elsewhere.
+    let log = LogOptions {
+        file: cli.log.map(|f| std::path::absolute(&f).unwrap_or(f)),
+        format: cli.log_format,
+        debug: cli.debug,
+    };
     let plain = |r: anyhow::Result<()>| r.map(|()| 0).map_err(|e| ("", e));
     match cli.command {
-        Command::Create(Deferred(opts)) => containers::create(&root, &opts, &debug)
+        Command::Create(Deferred(opts)) => containers::create(&root, &opts, &log, logger)
             .map(|()| 0)
             .map_err(|e| ("husk create failed: ", e)),
         Command::Run(Deferred(opts)) => {
-            containers::run(&root, &opts, &debug).map_err(|e| ("husk run failed: ", e))
+            containers::run(&root, &opts, &log, logger).map_err(|e| ("husk run failed: ", e))
         }
         Command::Start { id } => plain(containers::start(&root, &id)),
-        Command::State { id } => plain(containers::state(&root, &id)),
+        Command::State { id } => plain(containers::state(&root, &id, logger)),
         Command::Kill { all, id, signal } => plain(containers::kill(&root, &id, &signal, all)),
-        Command::Delete { force, id } => plain(containers::delete(&root, &id, force)),
+        Command::Delete { force, id } => plain(containers::delete(&root, &id, force, logger)),
         Command::Pause { id } => plain(containers::pause(&root, &id)),
         Command::Resume { id } => plain(containers::resume(&root, &id)),
         Command::Ps { format, id } => plain(containers::ps(&root, &id, format == "json")),
@@ -207,12 +213,11 @@ fn dispatch(cli: Cli, started: Instant, logger: &Logger) -> Result<i32, Failure>
         Command::Checkpoint(Deferred(opts)) => checkpoints::checkpoint(&root, &opts)
             .map(|()| 0)
             .map_err(|e| ("husk checkpoint failed: ", e)),
-        Command::Restore(Deferred(opts)) => {
-            checkpoints::restore(&root, &opts).map_err(|e| ("husk restore failed: ", e))
-        }
+        Command::Restore(Deferred(opts)) => checkpoints::restore(&root, &opts, &log, logger)
+            .map_err(|e| ("husk restore failed: ", e)),
         Command::Features => plain(oci_info::features()),
         Command::Spec { bundle } => plain(oci_info::spec(&bundle)),
-        Command::Monitor(Deferred(opts)) => Ok(monitor::run(opts.into_args(root))),
+        Command::Monitor(Deferred(opts)) => Ok(monitor::run(opts.into_args(root, log))),
         Command::Boot(Deferred(args)) => own_command(guest_tools::boot(&args, started)),
         Command::Vm(Deferred(args)) => own_command(guest_tools::vm(args)),
         Command::Bench(Deferred(cmd)) => own_command(benchmarks::run(cmd)),
@@ -265,6 +270,37 @@ mod tests {
         assert!(run.detach);
         assert_eq!(run.create.bundle, PathBuf::from("/b"));
         assert_eq!(run.create.id, "c1");
+    }
+
+    #[test]
+    fn an_execed_monitor_gets_the_log_flags_of_create() {
+        let args = MonitorArgs {
+            root: "/r".into(),
+            id: "c1".into(),
+            bundle: "/b".into(),
+            console_socket: None,
+            ready_fd: Some(101),
+            template: Some("default".into()),
+            restore: None,
+            log: LogOptions {
+                file: Some("/var/log/oci-log".into()),
+                format: LogFormat::Json,
+                debug: true,
+            },
+        };
+        let argv = std::iter::once("husk".into()).chain(monitor::launch::monitor_argv(&args));
+        let cli = Cli::try_parse_from(argv).unwrap();
+        assert_eq!(
+            cli.log.as_deref(),
+            Some(std::path::Path::new("/var/log/oci-log"))
+        );
+        assert_eq!(cli.log_format, LogFormat::Json);
+        assert!(cli.debug);
+        let Command::Monitor(Deferred(opts)) = cli.command else {
+            panic!("parsed as {:?}", cli.command)
+        };
+        assert_eq!((opts.id.as_str(), opts.ready_fd), ("c1", Some(101)));
+        assert_eq!(opts.template.as_deref(), Some("default"));
     }
 
     #[test]

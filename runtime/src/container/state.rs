@@ -56,6 +56,10 @@ pub struct ContainerState {
     /// under a new id keeps the one its agent knows it by.
     #[serde(default)]
     pub guest_id: Option<String>,
+    /// Where the monitor writes its log (the `--log` file `create` was given, or one in the
+    /// state directory); `None` for a container whose monitor predates it.
+    #[serde(default)]
+    pub monitor_log: Option<PathBuf>,
 }
 
 impl ContainerState {
@@ -196,6 +200,7 @@ mod tests {
             cgroup_dirs: Vec::new(),
             page_file: None,
             guest_id: None,
+            monitor_log: None,
         }
     }
 

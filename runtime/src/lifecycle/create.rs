@@ -12,6 +12,7 @@ use crate::container::bundle::Bundle;
 use crate::container::state::StateRoot;
 use crate::container::template_choice;
 use crate::container::trace::Trace;
+use crate::logging::LogOptions;
 use crate::monitor::{launch, MonitorArgs};
 
 /// What `create` (and `restore`) needs besides the state directory.
@@ -26,6 +27,8 @@ pub struct CreateOptions {
     pub pid_file: Option<PathBuf>,
     /// Cold-boot the micro-VM instead of cloning it from a template.
     pub no_template: bool,
+    /// Where and how the monitor logs: the caller's `--log`, `--log-format` and `--debug`.
+    pub log: LogOptions,
 }
 
 /// Where a monitor gets its VM from.
@@ -98,6 +101,7 @@ fn spawn_monitor(
         ready_fd: Some(write_fd),
         template,
         restore,
+        log: opts.log.clone(),
     };
     let pid = launch::start(args)?;
     // SAFETY: write_fd is ours; the child has its own copy now.

@@ -9,7 +9,7 @@ mod checkpointing;
 mod create;
 mod exec;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
@@ -20,6 +20,7 @@ pub use self::exec::ExecOptions;
 use crate::container::monitor_alive;
 use crate::container::state::{ContainerState, StateRoot, Status};
 use crate::container::trace::Trace;
+use crate::logging::{monitor_log, Entry};
 use crate::monitor::control::{self, Reply, Request};
 use crate::monitor::{cgroup, paging};
 
@@ -27,6 +28,24 @@ use crate::monitor::{cgroup, paging};
 pub struct Container {
     store: StateRoot,
     state: ContainerState,
+}
+
+/// The errors a container's monitor logged (see `logging::monitor_log`).
+pub struct MonitorErrors {
+    /// The monitor's whole log.
+    pub log: PathBuf,
+    /// The log is in the state directory, so `delete` removes it.
+    pub in_state_dir: bool,
+    /// The first error lines (at most [`monitor_log::MAX_KEPT_ERRORS`]), oldest first.
+    pub entries: Vec<Entry>,
+}
+
+/// How a container waited for by [`Container::wait_and_delete`] ended.
+pub struct Ended {
+    /// Its exit code (128 + signal if killed).
+    pub code: i32,
+    /// What its monitor logged at error level, read before its state directory went.
+    pub monitor_errors: Option<MonitorErrors>,
 }
 
 impl Container {
@@ -108,9 +127,26 @@ impl Container {
         Ok(pids)
     }
 
+    /// The errors its monitor logged, if it logged any.
+    pub fn monitor_errors(&self) -> Option<MonitorErrors> {
+        let dir = self.store.dir(&self.state.id);
+        let entries = monitor_log::read_errors(&dir);
+        if entries.is_empty() {
+            return None;
+        }
+        let log = self.state.monitor_log.clone();
+        let log = log.unwrap_or_else(|| dir.join(monitor_log::LOG_FILE));
+        Some(MonitorErrors {
+            in_state_dir: log.starts_with(&dir),
+            log,
+            entries,
+        })
+    }
+
     /// Deletes the container and everything it holds; a running or paused one only with
-    /// `force` (it is killed first).
-    pub fn delete(self, force: bool) -> Result<()> {
+    /// `force` (it is killed first). Returns the errors its monitor logged, read once the
+    /// monitor is gone and before they go with the state directory.
+    pub fn delete(self, force: bool) -> Result<Option<MonitorErrors>> {
         let st = &self.state;
         match st.status {
             // The monitor may still be tearing its VM down; it must be gone (and out of the
@@ -120,20 +156,25 @@ impl Container {
             _ if force => self.stop_monitor(),
             s => bail!("cannot delete container {} that is not stopped: {s}", st.id),
         }
+        let errors = self.monitor_errors();
         self.store.remove(&st.id)?;
         cgroup::remove(&st.cgroup_dirs);
         if let Some(f) = &st.page_file {
             paging::remove_page_file(f);
         }
-        Ok(())
+        Ok(errors)
     }
 
     /// Waits for the container's monitor, a child of this process (it made the container),
-    /// and deletes the container; returns its exit code (128 + signal if killed).
-    pub fn wait_and_delete(self) -> i32 {
+    /// and deletes the container.
+    pub fn wait_and_delete(self) -> Ended {
         let code = wait_pid(self.state.pid);
-        let _ = Container::load(self.store.root(), &self.state.id).and_then(|c| c.delete(true));
-        code
+        let deleted =
+            Container::load(self.store.root(), &self.state.id).and_then(|c| c.delete(true));
+        Ended {
+            code,
+            monitor_errors: deleted.ok().flatten(),
+        }
     }
 
     fn call(&self, req: &Request) -> Result<Reply> {

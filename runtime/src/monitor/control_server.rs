@@ -77,7 +77,7 @@ impl Control {
                 self.vm.pause()?;
                 self.set(Status::Paused)?;
                 if let Err(e) = self.pager.paused() {
-                    eprintln!("husk: {e:#}");
+                    log::error!("{e:#}");
                 }
             }
             // A page file that cannot be read back leaves the container paused.

@@ -6,6 +6,7 @@
 //! the monitor is a child of the caller in a session of its own, and holds exactly the fds an
 //! exec would have kept: close-on-exec ones are closed in the forked child too.
 
+use std::ffi::OsString;
 use std::os::unix::process::CommandExt;
 use std::process::Command;
 
@@ -67,21 +68,7 @@ fn close_cloexec_fds(keep: Option<i32>) {
 /// `husk monitor …` as a new process.
 fn exec_monitor(args: &MonitorArgs) -> Result<i32> {
     let mut cmd = Command::new(std::env::current_exe()?);
-    cmd.arg("--root").arg(&args.root).arg("monitor");
-    cmd.arg("--bundle").arg(&args.bundle);
-    if let Some(fd) = args.ready_fd {
-        cmd.arg("--ready-fd").arg(fd.to_string());
-    }
-    if let Some(s) = &args.console_socket {
-        cmd.arg("--console-socket").arg(s);
-    }
-    if let Some(t) = &args.template {
-        cmd.arg("--template").arg(t);
-    }
-    if let Some(dir) = &args.restore {
-        cmd.arg("--restore").arg(dir);
-    }
-    cmd.arg(&args.id);
+    cmd.args(monitor_argv(args));
     let ready_fd = args.ready_fd;
     // SAFETY: only async-signal-safe calls (setsid, fcntl) between fork and exec.
     unsafe {
@@ -96,4 +83,35 @@ fn exec_monitor(args: &MonitorArgs) -> Result<i32> {
     }
     let child = cmd.spawn().context("starting the monitor")?;
     Ok(child.id() as i32)
+}
+
+/// The command line (after the program's name) that runs the monitor for `args`.
+pub fn monitor_argv(args: &MonitorArgs) -> Vec<OsString> {
+    let mut argv: Vec<OsString> = vec!["--root".into(), args.root.clone().into()];
+    if let Some(log) = &args.log.file {
+        argv.extend(["--log".into(), log.clone().into()]);
+    }
+    argv.extend(["--log-format".into(), args.log.format.name().into()]);
+    if args.log.debug {
+        argv.push("--debug".into());
+    }
+    argv.extend([
+        "monitor".into(),
+        "--bundle".into(),
+        args.bundle.clone().into(),
+    ]);
+    if let Some(fd) = args.ready_fd {
+        argv.extend(["--ready-fd".into(), fd.to_string().into()]);
+    }
+    if let Some(s) = &args.console_socket {
+        argv.extend(["--console-socket".into(), s.clone().into()]);
+    }
+    if let Some(t) = &args.template {
+        argv.extend(["--template".into(), t.into()]);
+    }
+    if let Some(dir) = &args.restore {
+        argv.extend(["--restore".into(), dir.clone().into()]);
+    }
+    argv.push(args.id.clone().into());
+    argv
 }

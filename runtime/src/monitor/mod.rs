@@ -6,6 +6,7 @@
 //! Its parts: `launch` (how `create` starts it), `guest_setup` (the VM and the guest made
 //! ready), `control` (its socket's protocol) and `control_server` (the monitor's side of it),
 //! `stdio`, `paging` (a paused guest's memory on disk), `cgroup` (the container's host cgroup).
+//! What goes wrong in the VM or the monitor is logged through `logging::monitor_log`.
 
 pub mod cgroup;
 pub mod control;
@@ -40,6 +41,7 @@ use crate::container::guest_plan::GuestPlan;
 use crate::container::state::{ContainerState, StateRoot, Status};
 use crate::container::trace::Trace;
 use crate::guest_port;
+use crate::logging::{monitor_log, LogOptions};
 
 /// What `husk create` hands the monitor.
 pub struct MonitorArgs {
@@ -53,6 +55,8 @@ pub struct MonitorArgs {
     pub template: Option<String>,
     /// Restore the VM (and its running container) from this checkpoint instead.
     pub restore: Option<PathBuf>,
+    /// Where and how the monitor logs (`create`'s global flags).
+    pub log: LogOptions,
 }
 
 /// Runs the container to its end; returns the monitor's exit code.
@@ -62,17 +66,23 @@ pub fn run(args: MonitorArgs) -> i32 {
         unsafe { File::from_raw_fd(fd) }
     });
     let store = StateRoot::new(&args.root);
-    let started = match start(&args, &store) {
+    // First, so that the VMM's warnings from the very start are seen.
+    let log_path = monitor_log::install(&args.log, &store.dir(&args.id));
+    let started = match start(&args, &store, &log_path) {
         Ok(s) => s,
         Err(e) => {
             let hint = console_hint(&store.dir(&args.id).join("console.log"));
             report(&mut ready, &format!("{e:#}{hint}"));
+            log::logger().flush();
             return 1;
         }
     };
     report(&mut ready, "ok");
     drop(ready);
-    finish(started, &store)
+    let code = finish(started, &store);
+    // A line still being counted as a repeat is written now.
+    log::logger().flush();
+    code
 }
 
 /// The guest console lines that explain a failed start (a panic in the kernel or the agent),
@@ -119,8 +129,9 @@ struct Started {
     exit: std::sync::mpsc::Receiver<stdio::Outcome>,
 }
 
-/// Boots, creates the container, saves the "created" state and starts the control server.
-fn start(args: &MonitorArgs, store: &StateRoot) -> Result<Started> {
+/// Boots, creates the container, saves the "created" state (with `log`, where the monitor
+/// logs) and starts the control server.
+fn start(args: &MonitorArgs, store: &StateRoot, log: &Path) -> Result<Started> {
     let trace = Trace::start("monitor");
     let bundle = Bundle::load(&args.bundle)?;
     let plan = GuestPlan::new(&bundle)?;
@@ -171,6 +182,7 @@ fn start(args: &MonitorArgs, store: &StateRoot) -> Result<Started> {
     }
     initial.cgroup_dirs = cgroup.keep();
     initial.page_file = Some(pager.file().to_path_buf());
+    initial.monitor_log = Some(log.to_path_buf());
     let state = Arc::new(Mutex::new(initial));
     store.save(&state.lock().unwrap())?;
     trace.mark("state saved");
@@ -223,7 +235,7 @@ fn finish(mut s: Started, store: &StateRoot) -> i32 {
     // The container's status is recorded: a guest slow to power off must not keep the
     // monitor (and the caller waiting on it) alive; the VM ends with this process.
     if let Err(e) = s.vm.wait_timeout(POWEROFF_TIMEOUT) {
-        eprintln!("husk: {e:#}");
+        log::error!("the VM ended with an error: {e:#}");
     }
     s.pager.remove_file();
     stdio::exit_code(&status)
@@ -249,6 +261,7 @@ fn initial_state(args: &MonitorArgs, bundle: &Bundle) -> Result<ContainerState> 
         cgroup_dirs: Vec::new(),
         page_file: None,
         guest_id: None,
+        monitor_log: None,
     })
 }
 

@@ -137,7 +137,7 @@ impl PausePaging {
             .spawn(move || {
                 std::thread::sleep(Duration::from_millis(after as u64));
                 if let Err(e) = me.page_out(epoch) {
-                    eprintln!("husk: paging out: {e:#}");
+                    log::error!("paging out: {e:#}");
                 }
             })?;
         Ok(())
