@@ -37,8 +37,13 @@ fn logged(bundle: &Path) -> u64 {
 
 /// `husk restore --detach` of `image` as `id`; returns the pid in its pid file.
 fn restore(oci: &Oci, image: &Path, bundle: &Path, id: &str) -> i32 {
+    restore_with(oci, &[], image, bundle, id)
+}
+
+/// [`restore`] with the global flags `global` (`--log` …) before the command.
+fn restore_with(oci: &Oci, global: &[&str], image: &Path, bundle: &Path, id: &str) -> i32 {
     let pid_file = oci.dir.path().join(format!("{id}.restored.pid"));
-    let out = oci.husk_detached(&[
+    let args = [
         "restore",
         "--image-path",
         image.to_str().unwrap(),
@@ -52,7 +57,8 @@ fn restore(oci: &Oci, image: &Path, bundle: &Path, id: &str) -> i32 {
         "--no-pivot",
         "--tcp-established",
         id,
-    ]);
+    ];
+    let out = oci.husk_detached(&[global, &args[..]].concat());
     assert_eq!(out.code, 0, "restore: {}", out.stderr);
     std::fs::read_to_string(&pid_file).unwrap().parse().unwrap()
 }
@@ -240,4 +246,42 @@ fn a_foreign_or_truncated_checkpoint_is_refused_with_one_line_and_leaves_nothing
     refused(&oci, &image, &bundle, "c4-short", &[], "truncated");
     assert_eq!(oci.status("c4"), "running");
     assert_eq!(oci.husk(&["delete", "--force", "c4"]).code, 0);
+}
+
+/// A file the guest held open is gone from the bundle when the container is restored: the
+/// restored VM's 9p device cannot reopen it and says so in the `--log` file, as a JSON entry
+/// (`--log-format json`), and the container runs on. Warnings alone leave `state` silent.
+#[test]
+fn a_file_gone_before_restore_is_reported_by_the_9p_device_in_the_log_file() {
+    let oci = Oci::new();
+    let bundle = counter(&oci, "c5");
+    count(&oci, "c5");
+    let image = checkpoint(&oci, "c5", &[]);
+    assert_eq!(oci.husk(&["delete", "c5"]).code, 0);
+    std::fs::remove_file(bundle.join("rootfs/count.log")).unwrap();
+    let log = oci.dir.path().join("c5-log.json");
+    let global = ["--log", log.to_str().unwrap(), "--log-format", "json"];
+    restore_with(&oci, &global, &image, &bundle, "c5");
+    let before = count(&oci, "c5");
+    eventually("the restored container does not count", || {
+        count(&oci, "c5") > before
+    });
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let entries: Vec<serde_json::Value> = text
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:?}")))
+        .collect();
+    assert!(
+        entries.iter().any(|e| e["level"] == "warning"
+            && e["time"].is_string()
+            && e["msg"].as_str().is_some_and(|m| {
+                m.starts_with("virtio-9p: cannot reopen fid") && m.contains("(/count.log)")
+            })),
+        "log: {text:?}"
+    );
+    assert!(!oci.root().join("c5/monitor.log").exists());
+    let state = oci.husk(&["state", "c5"]);
+    assert_eq!(state.code, 0, "{}", state.stderr);
+    assert_eq!(state.stderr, "", "state spoke of errors: {text}");
+    assert_eq!(oci.husk(&["delete", "--force", "c5"]).code, 0);
 }

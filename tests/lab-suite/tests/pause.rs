@@ -50,6 +50,23 @@ fn counter_booted(oci: &Oci, id: &str, cold: bool) -> i32 {
     pid
 }
 
+/// Waits up to a minute for container `id` to be stopped; fails with `what` if it is not.
+fn wait_stopped(oci: &Oci, id: &str, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while oci.status(id) != "stopped" {
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A counter that has counted, then paused (and so paged out); returns the monitor's pid.
+fn paused_counter(oci: &Oci, id: &str) -> i32 {
+    let pid = counter(oci, id);
+    count(oci, id);
+    assert_eq!(oci.husk(&["pause", id]).code, 0);
+    pid
+}
+
 /// The counter's current value.
 fn count(oci: &Oci, id: &str) -> u64 {
     oci.number_in(id, "/dev/shm/n")
@@ -114,9 +131,7 @@ fn pause_and_resume(id: &str, cold: bool) {
 #[test]
 fn a_truncated_page_file_is_refused_and_the_container_stays_paused() {
     let oci = Oci::new();
-    let pid = counter(&oci, "p2");
-    count(&oci, "p2");
-    assert_eq!(oci.husk(&["pause", "p2"]).code, 0);
+    let pid = paused_counter(&oci, "p2");
     let file = page_file("p2", pid);
     let len = std::fs::metadata(&file).unwrap().len();
     std::fs::OpenOptions::new()
@@ -146,14 +161,7 @@ fn a_monitor_killed_while_paused_is_cleaned_up_by_delete() {
     assert!(file.exists());
     // SAFETY: kill(2) of the monitor this test started.
     unsafe { libc::kill(pid, libc::SIGKILL) };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while oci.status("p3") != "stopped" {
-        assert!(
-            Instant::now() < deadline,
-            "a dead monitor still counts as alive"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    wait_stopped(&oci, "p3", "a dead monitor still counts as alive");
     let delete = oci.husk(&["delete", "p3"]);
     assert_eq!(delete.code, 0, "{}", delete.stderr);
     assert!(!file.exists(), "page file left behind");
@@ -162,4 +170,70 @@ fn a_monitor_killed_while_paused_is_cleaned_up_by_delete() {
         !Path::new("/sys/fs/cgroup/husk/p3").exists(),
         "cgroup left behind"
     );
+}
+
+/// Overwrites every block of a page file (everything between the header and the index) with
+/// one byte value, keeping its size, header, index and trailer: the file opens, and every
+/// block then fails its checksum when a fault reads it.
+fn damage_blocks(file: &Path) {
+    use std::os::unix::fs::FileExt;
+    const HEADER_LEN: u64 = 20;
+    const TRAILER_LEN: u64 = 32;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(file)
+        .unwrap();
+    let len = f.metadata().unwrap().len();
+    let mut trailer = [0u8; TRAILER_LEN as usize];
+    f.read_exact_at(&mut trailer, len - TRAILER_LEN).unwrap();
+    // The trailer: magic (8), index offset (8), index length (8), two checksums.
+    let index_at = u64::from_le_bytes(trailer[8..16].try_into().unwrap());
+    assert!(index_at > HEADER_LEN, "a page file without blocks");
+    let junk = vec![0x5au8; (index_at - HEADER_LEN) as usize];
+    f.write_all_at(&junk, HEADER_LEN).unwrap();
+}
+
+/// A page file damaged while paused: the lazy page-in refuses the first bad block and stops
+/// the VM. The monitor's log (in the state directory: no `--log` here) says why, `state`
+/// points to it in one stderr line beside its unchanged JSON, and `delete` hands the error
+/// lines on before the state directory goes.
+#[test]
+fn a_damaged_page_is_logged_and_state_and_delete_point_to_the_log() {
+    let oci = Oci::new();
+    let pid = paused_counter(&oci, "p4");
+    damage_blocks(&page_file("p4", pid));
+    let resume = oci.husk(&["resume", "p4"]);
+    assert_eq!(resume.code, 0, "{}", resume.stderr);
+    wait_stopped(&oci, "p4", "a VM on damaged memory still runs");
+    let log = oci.root().join("p4/monitor.log");
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(
+        text.lines().any(|l| l.starts_with("time=\"")
+            && l.contains(" level=error msg=\"lazy page-in stopped the VM: ")),
+        "monitor log: {text:?}"
+    );
+
+    let state = oci.husk(&["state", "p4"]);
+    assert_eq!(state.code, 0, "{}", state.stderr);
+    let json: serde_json::Value = serde_json::from_str(&state.stdout).unwrap();
+    assert_eq!(json["status"], "stopped");
+    assert_eq!(state.stderr.lines().count(), 1, "{}", state.stderr);
+    assert!(
+        state.stderr.contains("level=warning") && state.stderr.contains(log.to_str().unwrap()),
+        "{}",
+        state.stderr
+    );
+
+    let delete = oci.husk(&["delete", "p4"]);
+    assert_eq!(delete.code, 0, "{}", delete.stderr);
+    assert!(
+        delete
+            .stderr
+            .lines()
+            .any(|l| l.contains("level=error msg=\"lazy page-in stopped the VM: ")),
+        "{}",
+        delete.stderr
+    );
+    assert!(!oci.root().join("p4").exists(), "state left behind");
 }
