@@ -227,6 +227,10 @@ fn a_damaged_page_is_logged_and_state_and_delete_point_to_the_log() {
 
     let delete = oci.husk(&["delete", "p4"]);
     assert_eq!(delete.code, 0, "{}", delete.stderr);
+    eprintln!(
+        "state's stderr: {}delete's stderr: {}",
+        state.stderr, delete.stderr
+    );
     assert!(
         delete
             .stderr
