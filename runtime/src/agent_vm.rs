@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
 use husk_agent::client::Client;
+use husk_vmm::confine::ThreadKind;
 use husk_vmm::snapshot::RestoreOverrides;
 use husk_vmm::{
     BlockConfig, Boot, SerialOutput, ShareConfig, Vm, VmConfig, VmControl, VmError, VsockConfig,
@@ -137,7 +138,10 @@ impl AgentVm {
         let (built_tx, built_rx) = mpsc::channel();
         let thread = std::thread::Builder::new()
             .name("vmm".into())
-            .spawn(move || run_vm(build, built_tx))?;
+            .spawn(move || {
+                husk_vmm::confine::thread_started(ThreadKind::VmmRunner);
+                run_vm(build, built_tx)
+            })?;
         match built_rx.recv() {
             Ok(Ok(control)) => Ok(AgentVm {
                 uds,

@@ -4,7 +4,7 @@
 //! for callers that add their own devices.
 //!
 //! Modules, from the bottom up (each imports only from those before it):
-//! - foundations: [`error`], [`stop`], [`bus`], [`memory`], `memory_file`, [`cpuid`], [`boot`],
+//! - foundations: [`confine`] (seccomp, capabilities and rlimits of a confined VMM), [`error`], [`stop`], [`bus`], [`memory`], `memory_file`, [`cpuid`], [`boot`],
 //!   [`mptable`], [`persist`] (device state for snapshots), [`config`];
 //! - devices: [`serial`], [`i8042`], [`devices`] (virtio);
 //! - [`pagefile`]: page files and the mappings of guest RAM they are written from and read into;
@@ -18,6 +18,7 @@
 pub mod boot;
 pub mod bus;
 pub mod config;
+pub mod confine;
 pub mod cpuid;
 pub mod devices;
 pub mod error;

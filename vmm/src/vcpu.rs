@@ -112,6 +112,7 @@ impl Vcpu {
 
     /// Runs the guest until the VM stops; reports this vCPU's outcome to the stop state.
     pub fn run(mut self) {
+        crate::confine::thread_started(crate::confine::ThreadKind::Vcpu);
         KVM_RUN_PTR.with(|p| p.set(self.fd.get_kvm_run()));
         self.shared.gate.register_current_thread();
         while !self.shared.stop.is_stopping() {

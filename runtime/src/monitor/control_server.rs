@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use husk_agent::client::Client;
 use husk_templates::Template;
+use husk_vmm::confine::ThreadKind;
 
 use super::agent_at;
 use super::control::{self, Reply, Request};
@@ -43,6 +44,7 @@ pub(super) fn serve_control(dir: &Path, ctx: Control) -> Result<()> {
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
+            husk_vmm::confine::thread_started(ThreadKind::Control);
             for conn in listener.incoming().flatten() {
                 let reply = match control::read_request(&conn) {
                     Ok(req) => ctx.handle(req).unwrap_or_else(|e| Reply::Error {

@@ -5,10 +5,12 @@
 //!
 //! Its parts: `launch` (how `create` starts it), `guest_setup` (the VM and the guest made
 //! ready), `control` (its socket's protocol) and `control_server` (the monitor's side of it),
-//! `stdio`, `paging` (a paused guest's memory on disk), `cgroup` (the container's host cgroup).
-//! What goes wrong in the VM or the monitor is logged through `logging::monitor_log`.
+//! `stdio`, `paging` (a paused guest's memory on disk), `cgroup` (the container's host cgroup),
+//! `confinement` (what the monitor may do once the VM is set up). What goes wrong in the VM or
+//! the monitor is logged through `logging::monitor_log`.
 
 pub mod cgroup;
+mod confinement;
 pub mod control;
 mod control_server;
 mod guest_setup;
@@ -61,6 +63,7 @@ pub struct MonitorArgs {
 
 /// Runs the container to its end; returns the monitor's exit code.
 pub fn run(args: MonitorArgs) -> i32 {
+    husk_vmm::confine::thread_started(husk_vmm::confine::ThreadKind::Monitor);
     let mut ready = args.ready_fd.map(|fd| {
         // SAFETY: `create` passed us this fd for our exclusive use.
         unsafe { File::from_raw_fd(fd) }
@@ -186,6 +189,10 @@ fn start(args: &MonitorArgs, store: &StateRoot, log: &Path) -> Result<Started> {
     let state = Arc::new(Mutex::new(initial));
     store.save(&state.lock().unwrap())?;
     trace.mark("state saved");
+    // A clone serves a directory in every share slot of its template, used or not.
+    let slots = template
+        .as_ref()
+        .map_or(0, |t| t.manifest.settings.share_slots.into());
     let ctx = Control {
         uds: vm.vsock_path().to_path_buf(),
         vm: vm.control().clone(),
@@ -197,6 +204,7 @@ fn start(args: &MonitorArgs, store: &StateRoot, log: &Path) -> Result<Started> {
     };
     let pager = ctx.pager.clone();
     serve_control(&dir, ctx)?;
+    confinement::confine(plan.shares.len().max(slots), &trace)?;
     Ok(Started {
         vm,
         _lease: lease,

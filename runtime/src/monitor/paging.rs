@@ -135,6 +135,7 @@ impl PausePaging {
         std::thread::Builder::new()
             .name("page-out".into())
             .spawn(move || {
+                husk_vmm::confine::thread_started(husk_vmm::confine::ThreadKind::PageOut);
                 std::thread::sleep(Duration::from_millis(after as u64));
                 if let Err(e) = me.page_out(epoch) {
                     log::error!("paging out: {e:#}");

@@ -93,7 +93,10 @@ pub fn bridge(stream: UnixStream, host: HostStdio) -> Result<mpsc::Receiver<Outc
 }
 
 fn spawn(name: &str, f: impl FnOnce() + Send + 'static) {
-    let _ = std::thread::Builder::new().name(name.into()).spawn(f);
+    let _ = std::thread::Builder::new().name(name.into()).spawn(|| {
+        husk_vmm::confine::thread_started(husk_vmm::confine::ThreadKind::Stdio);
+        f()
+    });
 }
 
 /// Host input → Stdin frames; EOF → CloseStdin (stdin EOF must reach the process).

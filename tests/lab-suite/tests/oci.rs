@@ -505,3 +505,83 @@ fn exec_variants_kill_all_and_list() {
     wait_status(&oci, "ev", "stopped");
     assert_eq!(oci.husk(&["delete", "ev"]).code, 0);
 }
+
+/// A field of a /proc status file.
+fn status_field(status: &str, name: &str) -> String {
+    let line = status.lines().find(|l| l.starts_with(name));
+    line.map(|l| l[name.len()..].trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Once created, every thread of the monitor has no_new_privs and a seccomp filter, and only
+/// its kind's capabilities (README.md, "Threat model"): none but in the 9p workers and the
+/// control thread. The container still works: exec, kill.
+#[test]
+fn the_monitor_is_confined_once_created() {
+    let oci = Oci::new();
+    let b = oci.bundle("b", &["sleep", "300"]);
+    let pid = oci.create(&b, "conf");
+    assert_eq!(oci.husk(&["start", "conf"]).code, 0);
+    let main = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert_eq!(status_field(&main, "Seccomp:"), "2", "{main}");
+    assert_eq!(status_field(&main, "NoNewPrivs:"), "1", "{main}");
+    assert_eq!(status_field(&main, "CapEff:"), "0000000000000000", "{main}");
+    assert_eq!(status_field(&main, "CapBnd:"), "0000000000000000", "{main}");
+    let fs9p = "000000000000001b"; // CHOWN, DAC_OVERRIDE, FOWNER, FSETID
+                                   // SYS_PTRACE, for userfaultfd(2), only without /dev/userfaultfd.
+    let control = match Path::new("/dev/userfaultfd").exists() {
+        true => "0000000000000000",
+        false => "0000000000080000",
+    };
+    let mut seen = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let status = std::fs::read_to_string(task.unwrap().path().join("status")).unwrap();
+        let name = status_field(&status, "Name:");
+        let want = match name.as_str() {
+            "virtio-9p" => fs9p,
+            "control" => control,
+            _ => "0000000000000000",
+        };
+        assert_eq!(status_field(&status, "Seccomp:"), "2", "{name}: {status}");
+        assert_eq!(
+            status_field(&status, "NoNewPrivs:"),
+            "1",
+            "{name}: {status}"
+        );
+        assert_eq!(status_field(&status, "CapEff:"), want, "{name}: {status}");
+        assert_eq!(status_field(&status, "CapPrm:"), want, "{name}: {status}");
+        assert_eq!(
+            status_field(&status, "CapInh:"),
+            "0000000000000000",
+            "{name}"
+        );
+        seen.push(name);
+    }
+    for kind in [
+        "husk-vcpu0",
+        "virtio-9p",
+        "virtio-vsock",
+        "control",
+        "stdout",
+    ] {
+        assert!(
+            seen.iter().any(|n| n == kind),
+            "no {kind} thread in {seen:?}"
+        );
+    }
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let core = limits.lines().find(|l| l.starts_with("Max core file size"));
+    assert!(
+        core.is_some_and(|l| l.split_whitespace().nth(4) == Some("0")),
+        "{limits}"
+    );
+    let out = oci.husk(&["exec", "conf", "echo", "still here"]);
+    assert_eq!(out.stdout.trim(), "still here", "{out:?}");
+    assert_eq!(oci.husk(&["kill", "conf", "KILL"]).code, 0);
+    wait_status(&oci, "conf", "stopped");
+    assert!(
+        wait_gone(pid.into(), Duration::from_secs(40)),
+        "monitor still alive"
+    );
+    assert_eq!(oci.husk(&["delete", "conf"]).code, 0);
+}

@@ -77,7 +77,10 @@ impl Pager {
         );
         let thread = std::thread::Builder::new()
             .name("husk-pager".into())
-            .spawn(move || served.run(&thread_wake, &thread_cmd, &stop))
+            .spawn(move || {
+                crate::confine::thread_started(crate::confine::ThreadKind::Pager);
+                served.run(&thread_wake, &thread_cmd, &stop)
+            })
             .map_err(|e| host_err("spawning the pager thread", &e))?;
         Ok(Pager {
             wake,

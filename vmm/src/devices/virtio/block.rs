@@ -5,6 +5,7 @@
 //! guest; a worker polling the queue's eventfd also keeps working unchanged once the VMM turns
 //! QueueNotify into a KVM ioeventfd.
 
+use crate::confine::ThreadKind;
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::os::unix::fs::{FileExt, MetadataExt};
@@ -179,7 +180,9 @@ impl VirtioDevice for Block {
             id: self.id,
             interrupt,
         };
-        let spawned = Worker::spawn("virtio-blk", move |ctl| worker.run(&ctl, &notify));
+        let spawned = Worker::spawn("virtio-blk", ThreadKind::DeviceWorker, move |ctl| {
+            worker.run(&ctl, &notify)
+        });
         self.worker = Some(spawned.map_err(ActivateError::Worker)?);
         Ok(())
     }

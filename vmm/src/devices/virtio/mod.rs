@@ -14,6 +14,7 @@ pub mod vsock;
 #[cfg(any(test, feature = "fuzzing"))]
 pub(crate) mod testutil;
 
+use crate::confine::{self, ThreadKind};
 use std::io;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -258,11 +259,18 @@ pub(crate) struct Worker<T> {
 }
 
 impl<T: Send + 'static> Worker<T> {
-    /// Spawns `body`, which receives its own handles on the stop and hold requests.
-    pub(crate) fn spawn<F>(name: &str, body: F) -> io::Result<Self>
+    /// Spawns `body`, which receives its own handles on the stop and hold requests, on a
+    /// thread of confinement `kind`. Refused once the VMM is confined (see [`crate::confine`]).
+    pub(crate) fn spawn<F>(name: &str, kind: ThreadKind, body: F) -> io::Result<Self>
     where
         F: FnOnce(WorkerCtl) -> T + Send + 'static,
     {
+        if confine::is_confined() {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "a device worker cannot start once the VMM is confined",
+            ));
+        }
         let stop = EventFd::new(EFD_NONBLOCK)?;
         let hold = Arc::new(Hold::new()?);
         let ctl = WorkerCtl {
@@ -271,7 +279,10 @@ impl<T: Send + 'static> Worker<T> {
         };
         let handle = std::thread::Builder::new()
             .name(name.to_string())
-            .spawn(move || body(ctl))?;
+            .spawn(move || {
+                confine::thread_started(kind);
+                body(ctl)
+            })?;
         Ok(Self {
             stop,
             hold,

@@ -14,6 +14,7 @@ mod fids;
 mod wire;
 mod worker;
 
+use crate::confine::ThreadKind;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::fs::OpenOptionsExt;
@@ -38,6 +39,9 @@ pub const MAX_TAG_LEN: usize = 255;
 /// The largest msize the p9 server agrees to (64 KiB of payload plus headers); a guest asking
 /// for more is answered with this in Rversion.
 pub const MAX_MSIZE: u32 = 64 * 1024 + 24;
+
+/// Host fds one share's server may hold: each fid costs up to two (its path and its open file).
+pub const HOST_FDS_PER_SHARE: u64 = 2 * fids::MAX_FIDS as u64;
 
 /// Feature bit: the config space carries a mount tag.
 const VIRTIO_9P_MOUNT_TAG: u32 = 0;
@@ -110,7 +114,7 @@ impl Fs9p {
         let root = self.root.try_clone().map_err(ActivateError::Worker)?;
         let fids = self.fids.clone();
         let (ready_tx, ready_rx) = mpsc::sync_channel(1);
-        let spawned = Worker::spawn("virtio-9p", move |ctl| {
+        let spawned = Worker::spawn("virtio-9p", ThreadKind::Fs9p, move |ctl| {
             let mut server = match confined_server(&root) {
                 Ok(server) => server,
                 Err(e) => {

@@ -11,6 +11,7 @@
 mod connection;
 mod muxer;
 
+use crate::confine::ThreadKind;
 use std::io;
 use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
@@ -183,7 +184,9 @@ impl VirtioDevice for Vsock {
             reset,
         })
         .map_err(ActivateError::Worker)?;
-        let worker = Worker::spawn("virtio-vsock", move |ctl| muxer.run(&ctl));
+        let worker = Worker::spawn("virtio-vsock", ThreadKind::DeviceWorker, move |ctl| {
+            muxer.run(&ctl)
+        });
         self.worker = Some(worker.map_err(ActivateError::Worker)?);
         Ok(())
     }

@@ -1,0 +1,38 @@
+//! The monitor confines itself once the VM is set up and the container created: from then on
+//! it only runs the guest, serves its devices and answers control requests, so each of its
+//! threads keeps only the capabilities and system calls that takes (see `husk_vmm::confine`
+//! for the lists, and README.md for the kept capabilities). `HUSK_NO_CONFINE=1` leaves the
+//! monitor unconfined, for debugging (gdb); `HUSK_NO_CONFINE=log` confines it but lets
+//! forbidden system calls through, logged by the kernel (SECCOMP_RET_LOG), to find what an
+//! allow-list lacks (under strace, each thread's calls after its seccomp(2) call).
+
+use anyhow::{Context, Result};
+use husk_vmm::confine::{confine_process, Limits};
+use husk_vmm::devices::virtio::fs9p::HOST_FDS_PER_SHARE;
+
+use crate::container::trace::Trace;
+
+/// Set to 1 to leave the monitor unconfined.
+pub const NO_CONFINE_ENV: &str = "HUSK_NO_CONFINE";
+
+/// Fds the monitor holds besides its shares': vsock connections (256), the VM, its devices,
+/// eventfds, the control socket and stdio, with room to spare.
+const OTHER_FDS: u64 = 1024;
+
+/// Confines every thread of the monitor, unless `HUSK_NO_CONFINE=1`. `shares` is the number of
+/// 9p shares the guest has (each may hold `HOST_FDS_PER_SHARE` fds).
+pub(super) fn confine(shares: usize, trace: &Trace) -> Result<()> {
+    let setting = std::env::var_os(NO_CONFINE_ENV);
+    if setting.as_ref().is_some_and(|v| v == "1") {
+        trace.mark("not confined (HUSK_NO_CONFINE=1)");
+        return Ok(());
+    }
+    let limits = Limits {
+        open_files: HOST_FDS_PER_SHARE * shares as u64 + OTHER_FDS,
+        report_fd: libc::STDERR_FILENO,
+        log_only: setting.is_some_and(|v| v == "log"),
+    };
+    confine_process(&limits).context("confining the monitor")?;
+    trace.mark("confined");
+    Ok(())
+}

@@ -1,0 +1,139 @@
+use std::io::Read;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+
+use super::*;
+
+/// Runs `child` in a forked child (confinement cannot be undone, and the test harness has
+/// threads that never named a kind); returns its exit status and what it wrote on the pipe.
+fn in_child(child: impl FnOnce(i32) -> i32) -> (i32, String) {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills the two fds.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // SAFETY: both fds are new and ours.
+    let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    // SAFETY: the child only runs `child` and exits; glibc's fork handlers keep malloc usable.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0);
+    if pid == 0 {
+        drop(read);
+        let code = child(write.as_raw_fd());
+        // SAFETY: leave the child without running the harness's exit handlers.
+        unsafe { libc::_exit(code) };
+    }
+    drop(write);
+    let mut out = String::new();
+    std::fs::File::from(read).read_to_string(&mut out).unwrap();
+    let mut status = 0;
+    // SAFETY: waits for our own child.
+    assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+    assert!(libc::WIFEXITED(status), "child status {status:#x}");
+    (libc::WEXITSTATUS(status), out)
+}
+
+/// Confines the (forked) process as a thread of `kind`; a failure ends it with status 1.
+fn confine_as(kind: ThreadKind, report_fd: i32) {
+    thread_started(kind);
+    let limits = Limits {
+        open_files: 64,
+        report_fd,
+        log_only: false,
+    };
+    if let Err(e) = confine_process(&limits) {
+        eprintln!("{e}");
+        // SAFETY: leave the forked child at once.
+        unsafe { libc::_exit(1) };
+    }
+}
+
+/// The lines of /proc/self/status that confinement sets.
+fn status_field(name: &str) -> String {
+    let status = std::fs::read_to_string("/proc/thread-self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with(name)).unwrap();
+    line[name.len()..].trim().to_string()
+}
+
+#[test]
+fn a_forbidden_call_ends_the_process_with_one_line() {
+    let (code, out) = in_child(|fd| {
+        confine_as(ThreadKind::Vcpu, fd);
+        // SAFETY: a plain socket(2); the filter should trap it.
+        unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+        2
+    });
+    assert_eq!(code, sigsys::EXIT_STATUS, "{out}");
+    assert_eq!(
+        out,
+        format!(
+            "seccomp: forbidden syscall {} (socket) in thread vcpu\n",
+            libc::SYS_socket
+        )
+    );
+}
+
+#[test]
+fn a_confined_thread_has_no_new_privs_a_filter_and_its_kind_s_capabilities() {
+    let (code, out) = in_child(|fd| {
+        confine_as(ThreadKind::Fs9p, fd);
+        let fields = [
+            "NoNewPrivs:",
+            "Seccomp:",
+            "CapEff:",
+            "CapBnd:",
+            "CapInh:",
+            "CapAmb:",
+        ]
+        .map(status_field);
+        let mut f = unsafe { std::fs::File::from_raw_fd(fd) };
+        std::io::Write::write_all(&mut f, fields.join(" ").as_bytes()).unwrap();
+        std::mem::forget(f);
+        0
+    });
+    assert_eq!(code, 0, "{out}");
+    let fields: Vec<&str> = out.split(' ').collect();
+    assert_eq!(&fields[..2], ["1", "2"], "{out}");
+    let root = unsafe { libc::geteuid() } == 0;
+    let want = match root {
+        true => capability_mask(kept_capabilities(ThreadKind::Fs9p)),
+        false => 0,
+    };
+    let eff = u64::from_str_radix(fields[2], 16).unwrap();
+    assert_eq!(eff, want, "{out}");
+    if root {
+        assert_eq!(u64::from_str_radix(fields[3], 16).unwrap(), want, "{out}");
+    }
+    assert_eq!(
+        fields[4..],
+        ["0000000000000000", "0000000000000000"],
+        "{out}"
+    );
+}
+
+#[test]
+fn a_thread_started_after_confinement_narrows_to_its_kind() {
+    let (code, out) = in_child(|fd| {
+        confine_as(ThreadKind::Control, fd);
+        let pager = std::thread::spawn(|| {
+            thread_started(ThreadKind::Pager);
+            // SAFETY: openat(2) of a path; a pager may not open files.
+            unsafe { libc::openat(libc::AT_FDCWD, c"/".as_ptr(), libc::O_RDONLY) };
+        });
+        let _ = pager.join();
+        3
+    });
+    assert_eq!(code, sigsys::EXIT_STATUS, "{out}");
+    assert_eq!(
+        out,
+        format!(
+            "seccomp: forbidden syscall {} (openat) in thread pager\n",
+            libc::SYS_openat
+        )
+    );
+}
+
+#[test]
+fn every_kind_s_allow_list_compiles() {
+    for kind in ALL_KINDS {
+        let programs = allow_lists::programs(kind, seccompiler::SeccompAction::Trap).unwrap();
+        assert!(!programs.is_empty(), "{kind:?}");
+    }
+}
