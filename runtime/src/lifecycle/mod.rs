@@ -36,7 +36,8 @@ pub struct MonitorErrors {
     pub log: PathBuf,
     /// The log is in the state directory, so `delete` removes it.
     pub in_state_dir: bool,
-    /// The first error lines (at most [`monitor_log::MAX_KEPT_ERRORS`]), oldest first.
+    /// The first error lines (at most [`monitor_log::MAX_KEPT_ERRORS`], and the one a seccomp
+    /// kill writes), oldest first.
     pub entries: Vec<Entry>,
 }
 

@@ -12,9 +12,13 @@
 //!   and drops every line after it;
 //! - [`ERRORS_FILE`] keeps the first [`MAX_KEPT_ERRORS`] error lines.
 //!
-//! So however long its guest keeps at it, a monitor adds at most 4 MiB and one line to its log,
-//! and 30 kept errors to the state directory (tmpfs, i.e. host RAM): under 28 KiB each even
-//! when every character of a message needs escaping, about 200 bytes for a real one.
+//! A monitor killed by its seccomp confinement cannot use the logger (its handler may not lock
+//! or allocate): the handler writes its own error entry, in the log's format, on the files
+//! [`MonitorLog::last_words_logs`] opened beforehand, past both bounds.
+//!
+//! So however long its guest keeps at it, a monitor adds at most 4 MiB and two lines to its
+//! log, and 31 kept errors to the state directory (tmpfs, i.e. host RAM): under 28 KiB each
+//! even when every character of a message needs escaping, about 200 bytes for a real one.
 
 use std::fmt::Write as _;
 use std::fs::{File, OpenOptions};
@@ -38,6 +42,8 @@ pub const MAX_MESSAGE_BYTES: usize = 4608;
 /// Error lines kept for `state` and `delete` (the first ones: what went wrong first explains
 /// what follows), each at most a message and its level and time.
 pub const MAX_KEPT_ERRORS: usize = 30;
+/// Error entries [`read_errors`] reads past the kept ones: the one a seccomp kill writes.
+const MAX_LAST_WORDS: usize = 1;
 
 /// The logger of one monitor process.
 pub struct MonitorLog {
@@ -47,17 +53,15 @@ pub struct MonitorLog {
     sink: Mutex<Sink>,
 }
 
-/// Installs the monitor's logger for this process; returns the log file's path. Logging
-/// never fails the container: a log that cannot be opened drops its lines.
-pub fn install(opts: &LogOptions, state_dir: &Path) -> PathBuf {
-    let logger = MonitorLog::open(opts, state_dir);
-    let path = logger.path();
-    let level = logger.level;
+/// Installs the monitor's logger for this process and returns it. Logging never fails the
+/// container: a log that cannot be opened drops its lines.
+pub fn install(opts: &LogOptions, state_dir: &Path) -> &'static MonitorLog {
+    let logger: &'static MonitorLog = Box::leak(Box::new(MonitorLog::open(opts, state_dir)));
     // Fails only if this process already has a logger (then that one keeps the lines).
-    if log::set_logger(Box::leak(Box::new(logger))).is_ok() {
-        log::set_max_level(level);
+    if log::set_logger(logger).is_ok() {
+        log::set_max_level(logger.level);
     }
-    path
+    logger
 }
 
 impl MonitorLog {
@@ -99,6 +103,23 @@ impl MonitorLog {
     /// Where the log goes.
     pub fn path(&self) -> PathBuf {
         self.lock().path.clone()
+    }
+
+    /// The files, each with its format, that a dying monitor's last line goes to when it cannot
+    /// use the logger (the seccomp handler): the log, and [`ERRORS_FILE`] (opened now).
+    /// Appending, as the logger's own writes do, so that lines are never torn.
+    pub fn last_words_logs(&self) -> Vec<(File, LogFormat)> {
+        let mut sink = self.lock();
+        if sink.errors.is_none() {
+            sink.errors = open_append(&self.errors_path).ok();
+        }
+        let log = sink.file.as_ref().map(|f| (f, self.format));
+        let errors = sink.errors.as_ref().map(|f| (f, LogFormat::Json));
+        [log, errors]
+            .into_iter()
+            .flatten()
+            .filter_map(|(f, format)| Some((f.try_clone().ok()?, format)))
+            .collect()
     }
 
     fn lock(&self) -> MutexGuard<'_, Sink> {
@@ -206,19 +227,21 @@ impl Sink {
     }
 }
 
-/// The error entries the monitor of the container in `state_dir` kept, oldest first.
+/// The error entries the monitor of the container in `state_dir` kept, oldest first, and the
+/// one its seccomp kill wrote after them.
 pub fn read_errors(state_dir: &Path) -> Vec<Entry> {
     let Ok(f) = File::open(state_dir.join(ERRORS_FILE)) else {
         return Vec::new();
     };
+    let entries = MAX_KEPT_ERRORS + MAX_LAST_WORDS;
     // The monitor writes no more (a message escaped at worst to six bytes a character); a
     // file grown past that is read no further.
-    let most = (MAX_KEPT_ERRORS * (MAX_MESSAGE_BYTES * 6 + 128)) as u64;
+    let most = (entries * (MAX_MESSAGE_BYTES * 6 + 128)) as u64;
     BufReader::new(f.take(most))
         .lines()
         .map_while(Result::ok)
         .filter_map(|l| serde_json::from_str(&l).ok())
-        .take(MAX_KEPT_ERRORS)
+        .take(entries)
         .collect()
 }
 

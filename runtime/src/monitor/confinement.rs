@@ -5,12 +5,20 @@
 //! monitor unconfined, for debugging (gdb); `HUSK_NO_CONFINE=log` confines it but lets
 //! forbidden system calls through, logged by the kernel (SECCOMP_RET_LOG), to find what an
 //! allow-list lacks (under strace, each thread's calls after its seccomp(2) call).
+//!
+//! A forbidden call kills the monitor after one line on its stderr, the same as an error entry
+//! in its log and its kept errors, where `state` and `delete` find it.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
 
 use anyhow::{Context, Result};
-use husk_vmm::confine::{confine_process, Limits};
+use husk_vmm::confine::{self, confine_process, Limits, LogTarget};
 use husk_vmm::devices::virtio::fs9p::HOST_FDS_PER_SHARE;
 
 use crate::container::trace::Trace;
+use crate::logging::monitor_log::MonitorLog;
+use crate::logging::LogFormat;
 
 /// Set to 1 to leave the monitor unconfined.
 pub const NO_CONFINE_ENV: &str = "HUSK_NO_CONFINE";
@@ -20,19 +28,39 @@ pub const NO_CONFINE_ENV: &str = "HUSK_NO_CONFINE";
 const OTHER_FDS: u64 = 1024;
 
 /// Confines every thread of the monitor, unless `HUSK_NO_CONFINE=1`. `shares` is the number of
-/// 9p shares the guest has (each may hold `HOST_FDS_PER_SHARE` fds).
-pub(super) fn confine(shares: usize, trace: &Trace) -> Result<()> {
+/// 9p shares the guest has (each may hold `HOST_FDS_PER_SHARE` fds); a forbidden call's line
+/// goes to `log` too.
+pub(super) fn confine(shares: usize, log: &MonitorLog, trace: &Trace) -> Result<()> {
     let setting = std::env::var_os(NO_CONFINE_ENV);
     if setting.as_ref().is_some_and(|v| v == "1") {
         trace.mark("not confined (HUSK_NO_CONFINE=1)");
         return Ok(());
     }
+    // Kept open until the handler has its own duplicates.
+    let logs = log.last_words_logs();
     let limits = Limits {
         open_files: HOST_FDS_PER_SHARE * shares as u64 + OTHER_FDS,
         report_fd: libc::STDERR_FILENO,
+        logs: log_targets(&logs),
         log_only: setting.is_some_and(|v| v == "log"),
     };
     confine_process(&limits).context("confining the monitor")?;
     trace.mark("confined");
     Ok(())
 }
+
+/// The confinement's view of the monitor's log files.
+fn log_targets(logs: &[(File, LogFormat)]) -> Vec<LogTarget> {
+    logs.iter()
+        .map(|(f, format)| LogTarget {
+            fd: f.as_raw_fd(),
+            format: match format {
+                LogFormat::Text => confine::LogFormat::Text,
+                LogFormat::Json => confine::LogFormat::Json,
+            },
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests;

@@ -43,7 +43,8 @@ use crate::container::guest_plan::GuestPlan;
 use crate::container::state::{ContainerState, StateRoot, Status};
 use crate::container::trace::Trace;
 use crate::guest_port;
-use crate::logging::{monitor_log, LogOptions};
+use crate::logging::monitor_log::{self, MonitorLog};
+use crate::logging::LogOptions;
 
 /// What `husk create` hands the monitor.
 pub struct MonitorArgs {
@@ -70,8 +71,8 @@ pub fn run(args: MonitorArgs) -> i32 {
     });
     let store = StateRoot::new(&args.root);
     // First, so that the VMM's warnings from the very start are seen.
-    let log_path = monitor_log::install(&args.log, &store.dir(&args.id));
-    let started = match start(&args, &store, &log_path) {
+    let log = monitor_log::install(&args.log, &store.dir(&args.id));
+    let started = match start(&args, &store, log) {
         Ok(s) => s,
         Err(e) => {
             let hint = console_hint(&store.dir(&args.id).join("console.log"));
@@ -134,7 +135,7 @@ struct Started {
 
 /// Boots, creates the container, saves the "created" state (with `log`, where the monitor
 /// logs) and starts the control server.
-fn start(args: &MonitorArgs, store: &StateRoot, log: &Path) -> Result<Started> {
+fn start(args: &MonitorArgs, store: &StateRoot, log: &MonitorLog) -> Result<Started> {
     let trace = Trace::start("monitor");
     let bundle = Bundle::load(&args.bundle)?;
     let plan = GuestPlan::new(&bundle)?;
@@ -185,7 +186,7 @@ fn start(args: &MonitorArgs, store: &StateRoot, log: &Path) -> Result<Started> {
     }
     initial.cgroup_dirs = cgroup.keep();
     initial.page_file = Some(pager.file().to_path_buf());
-    initial.monitor_log = Some(log.to_path_buf());
+    initial.monitor_log = Some(log.path());
     let state = Arc::new(Mutex::new(initial));
     store.save(&state.lock().unwrap())?;
     trace.mark("state saved");
@@ -204,7 +205,7 @@ fn start(args: &MonitorArgs, store: &StateRoot, log: &Path) -> Result<Started> {
     };
     let pager = ctx.pager.clone();
     serve_control(&dir, ctx)?;
-    confinement::confine(plan.shares.len().max(slots), &trace)?;
+    confinement::confine(plan.shares.len().max(slots), log, &trace)?;
     Ok(Started {
         vm,
         _lease: lease,

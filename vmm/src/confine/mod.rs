@@ -12,13 +12,16 @@
 //!
 //! A system call outside a thread's allow-list traps: the SIGSYS handler writes one line,
 //! `seccomp: forbidden syscall NR (NAME) in thread KIND`, on the report fd (the monitor's
-//! stderr unless told otherwise) and ends the process with status 128 + SIGSYS.
+//! stderr unless told otherwise), the same as an error entry in logrus's format to each log
+//! it was given (the monitor's log and its kept errors), and ends the process with status
+//! 128 + SIGSYS.
 //!
 //! Device workers start when the guest driver activates a device; once confined a VMM refuses
 //! that (a guest resetting a device after setup loses it) rather than give every vCPU thread the
 //! right to start threads with a device worker's system calls.
 
 mod allow_lists;
+mod fatal_line;
 mod privileges;
 mod sigsys;
 
@@ -31,7 +34,9 @@ use std::time::{Duration, Instant};
 
 use seccompiler::BpfProgram;
 
+pub use fatal_line::LogFormat;
 pub use privileges::{capability_mask, kept_capabilities};
+pub use sigsys::MAX_LOGS;
 
 /// The kinds of thread of a VMM process; each has its own allow-list and capabilities.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -124,9 +129,18 @@ pub struct Limits {
     pub open_files: u64,
     /// Where the SIGSYS handler writes its line (duplicated, so the caller may close it).
     pub report_fd: RawFd,
+    /// Logs (at most [`MAX_LOGS`]) that get the line too, as an error entry (duplicated too).
+    pub logs: Vec<LogTarget>,
     /// Let forbidden calls through and have the kernel log them (SECCOMP_RET_LOG, seen in the
     /// audit log or under strace), to find what an allow-list lacks. Never for production.
     pub log_only: bool,
+}
+
+/// A log open for appending, and the format of its lines.
+#[derive(Debug, Clone, Copy)]
+pub struct LogTarget {
+    pub fd: RawFd,
+    pub format: LogFormat,
 }
 
 /// What each thread applies to itself: built before any thread is asked, never changed.
@@ -199,7 +213,7 @@ pub fn confine_process(limits: &Limits) -> Result<(), ConfineError> {
         what: "setting rlimits",
         source,
     })?;
-    sigsys::install(limits.report_fd).map_err(|source| ConfineError::Host {
+    sigsys::install(limits.report_fd, &limits.logs).map_err(|source| ConfineError::Host {
         what: "installing the SIGSYS handler",
         source,
     })?;

@@ -1,15 +1,26 @@
 //! What happens on a forbidden system call: the filters answer SECCOMP_RET_TRAP, and this
-//! SIGSYS handler writes `seccomp: forbidden syscall NR (NAME) in thread KIND` on the report fd
-//! and ends the process. Everything here is async-signal-safe: a stack buffer, write(2),
+//! SIGSYS handler writes `seccomp: forbidden syscall NR (NAME) in thread KIND` on the report fd,
+//! the same as an error entry to each log it was given, and ends the process. Everything here
+//! is async-signal-safe: fds duplicated at `install`, stack buffers, clock_gettime, write(2),
 //! _exit(2).
 
 use std::io;
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::OnceLock;
 
-use super::current_kind;
+use super::fatal_line::{now_secs, Line, LogFormat};
+use super::{current_kind, LogTarget};
 
-/// The fd the line goes to; -1 until `install`.
-static REPORT_FD: AtomicI32 = AtomicI32::new(-1);
+/// Logs the line goes to at most, besides the report fd.
+pub const MAX_LOGS: usize = 2;
+
+/// Where the line goes: set once by `install`, read by the handler.
+struct Targets {
+    report: OwnedFd,
+    logs: [Option<(OwnedFd, LogFormat)>; MAX_LOGS],
+}
+
+static TARGETS: OnceLock<Targets> = OnceLock::new();
 
 /// The process's exit status after a forbidden call, as if SIGSYS had killed it.
 pub(super) const EXIT_STATUS: i32 = 128 + libc::SIGSYS;
@@ -18,14 +29,28 @@ pub(super) const EXIT_STATUS: i32 = 128 + libc::SIGSYS;
 /// code and padding, then the `_sigsys` member: `_call_addr`, `_syscall`, `_arch`).
 const SI_SYSCALL_OFFSET: usize = 24;
 
-/// Duplicates `fd` (so that the caller may close or reuse it) and installs the handler.
-pub(super) fn install(fd: i32) -> io::Result<()> {
-    // SAFETY: F_DUPFD_CLOEXEC makes a new fd; a failure is reported.
-    let dup = unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) };
-    if dup < 0 {
-        return Err(io::Error::last_os_error());
+/// Duplicates `report_fd` and the logs' fds (so that the caller may close or reuse them) and
+/// installs the handler.
+pub(super) fn install(report_fd: i32, logs: &[LogTarget]) -> io::Result<()> {
+    if logs.len() > MAX_LOGS {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} logs given, at most {MAX_LOGS} taken", logs.len()),
+        ));
     }
-    REPORT_FD.store(dup, Ordering::SeqCst);
+    let mut targets = Targets {
+        report: duplicate(report_fd)?,
+        logs: Default::default(),
+    };
+    for (slot, log) in targets.logs.iter_mut().zip(logs) {
+        *slot = Some((duplicate(log.fd)?, log.format));
+    }
+    if TARGETS.set(targets).is_err() {
+        return Err(io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            "the SIGSYS handler is installed already",
+        ));
+    }
     // SAFETY: a zeroed sigaction is valid; the handler is async-signal-safe.
     let rc = unsafe {
         let mut act: libc::sigaction = std::mem::zeroed();
@@ -40,6 +65,15 @@ pub(super) fn install(fd: i32) -> io::Result<()> {
     }
 }
 
+fn duplicate(fd: i32) -> io::Result<OwnedFd> {
+    // SAFETY: F_DUPFD_CLOEXEC makes a new fd; a failure is reported.
+    match unsafe { libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 3) } {
+        // SAFETY: the new fd is ours alone.
+        dup if dup >= 0 => Ok(unsafe { OwnedFd::from_raw_fd(dup) }),
+        _ => Err(io::Error::last_os_error()),
+    }
+}
+
 extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc::c_void) {
     // SAFETY: the kernel passes a full siginfo_t for SIGSYS; the field is an int at this offset.
     let nr = unsafe {
@@ -48,18 +82,17 @@ extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc
             .cast::<i32>()
             .read()
     };
-    let mut line = Line::default();
-    line.push(b"seccomp: forbidden syscall ");
-    line.push_number(i64::from(nr));
+    let mut msg = Line::default();
+    msg.push(b"seccomp: forbidden syscall ");
+    msg.push_number(i64::from(nr));
     if let Some(name) = syscall_name(nr.into()) {
-        line.push(b" (");
-        line.push(name.as_bytes());
-        line.push(b")");
+        msg.push(b" (");
+        msg.push(name.as_bytes());
+        msg.push(b")");
     }
-    line.push(b" in thread ");
-    line.push(current_kind().map_or("unknown", |k| k.name()).as_bytes());
-    line.push(b"\n");
-    line.write_out();
+    msg.push(b" in thread ");
+    msg.push(current_kind().map_or("unknown", |k| k.name()).as_bytes());
+    write_out(msg.as_bytes());
     // SAFETY: _exit ends the process without running anything else.
     unsafe { libc::_exit(EXIT_STATUS) }
 }
@@ -67,65 +100,35 @@ extern "C" fn on_sigsys(_: libc::c_int, info: *mut libc::siginfo_t, _: *mut libc
 /// Reports a thread that could not confine itself, then ends the process: running on
 /// unconfined would be worse.
 pub(super) fn fatal(what: &str, errno: i32) -> ! {
-    let mut line = Line::default();
-    line.push(b"confinement: ");
-    line.push(what.as_bytes());
-    line.push(b": errno ");
-    line.push_number(errno.into());
-    line.push(b"\n");
-    line.write_out();
+    let mut msg = Line::default();
+    msg.push(b"confinement: ");
+    msg.push(what.as_bytes());
+    msg.push(b": errno ");
+    msg.push_number(errno.into());
+    write_out(msg.as_bytes());
     // SAFETY: as in `on_sigsys`.
     unsafe { libc::_exit(EXIT_STATUS) }
 }
 
-/// A line built on the stack.
-struct Line {
-    buf: [u8; 160],
-    len: usize,
-}
-
-impl Default for Line {
-    fn default() -> Self {
-        Line {
-            buf: [0; 160],
-            len: 0,
-        }
+/// Writes `msg` on the report fd (stderr before `install`) and as an error entry to each log.
+fn write_out(msg: &[u8]) {
+    let Some(targets) = TARGETS.get() else {
+        write_line(libc::STDERR_FILENO, &Line::plain(msg));
+        return;
+    };
+    write_line(targets.report.as_raw_fd(), &Line::plain(msg));
+    let secs = now_secs();
+    for (fd, format) in targets.logs.iter().flatten() {
+        write_line(fd.as_raw_fd(), &Line::error_entry(*format, msg, secs));
     }
 }
 
-impl Line {
-    fn push(&mut self, bytes: &[u8]) {
-        let n = bytes.len().min(self.buf.len() - self.len);
-        self.buf[self.len..self.len + n].copy_from_slice(&bytes[..n]);
-        self.len += n;
-    }
-
-    fn push_number(&mut self, n: i64) {
-        let mut digits = [0u8; 20];
-        let mut i = digits.len();
-        let mut v = n.unsigned_abs();
-        loop {
-            i -= 1;
-            digits[i] = b'0' + (v % 10) as u8;
-            v /= 10;
-            if v == 0 {
-                break;
-            }
-        }
-        if n < 0 {
-            self.push(b"-");
-        }
-        self.push(&digits[i..]);
-    }
-
-    fn write_out(&self) {
-        let fd = match REPORT_FD.load(Ordering::SeqCst) {
-            -1 => libc::STDERR_FILENO,
-            fd => fd,
-        };
-        // SAFETY: write(2) of our own buffer; a short or failed write is all we can accept.
-        unsafe { libc::write(fd, self.buf.as_ptr().cast(), self.len) };
-    }
+/// One write(2) per line: a log opened O_APPEND and shared with the logger (or other processes)
+/// gets it whole.
+fn write_line(fd: i32, line: &Line) {
+    let bytes = line.as_bytes();
+    // SAFETY: write(2) of our own buffer; a short or failed write is all we can accept.
+    unsafe { libc::write(fd, bytes.as_ptr().cast(), bytes.len()) };
 }
 
 /// Names of the system calls a compromised VMM would reach for, and of those the allow-lists

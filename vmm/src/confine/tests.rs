@@ -6,11 +6,7 @@ use super::*;
 /// Runs `child` in a forked child (confinement cannot be undone, and the test harness has
 /// threads that never named a kind); returns its exit status and what it wrote on the pipe.
 fn in_child(child: impl FnOnce(i32) -> i32) -> (i32, String) {
-    let mut fds = [0; 2];
-    // SAFETY: pipe2 fills the two fds.
-    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
-    // SAFETY: both fds are new and ours.
-    let (read, write) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let (read, write) = pipe();
     // SAFETY: the child only runs `child` and exits; glibc's fork handlers keep malloc usable.
     let pid = unsafe { libc::fork() };
     assert!(pid >= 0);
@@ -21,8 +17,7 @@ fn in_child(child: impl FnOnce(i32) -> i32) -> (i32, String) {
         unsafe { libc::_exit(code) };
     }
     drop(write);
-    let mut out = String::new();
-    std::fs::File::from(read).read_to_string(&mut out).unwrap();
+    let out = read_all(read);
     let mut status = 0;
     // SAFETY: waits for our own child.
     assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
@@ -30,12 +25,34 @@ fn in_child(child: impl FnOnce(i32) -> i32) -> (i32, String) {
     (libc::WEXITSTATUS(status), out)
 }
 
+/// A pipe's read and write ends.
+fn pipe() -> (OwnedFd, OwnedFd) {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 fills the two fds.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // SAFETY: both fds are new and ours.
+    unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) }
+}
+
+/// What was written on a pipe until every write end closed.
+fn read_all(read: OwnedFd) -> String {
+    let mut out = String::new();
+    std::fs::File::from(read).read_to_string(&mut out).unwrap();
+    out
+}
+
 /// Confines the (forked) process as a thread of `kind`; a failure ends it with status 1.
 fn confine_as(kind: ThreadKind, report_fd: i32) {
+    confine_with_logs(kind, report_fd, Vec::new());
+}
+
+/// As `confine_as`, with logs that get the SIGSYS handler's line as an error entry.
+fn confine_with_logs(kind: ThreadKind, report_fd: i32, logs: Vec<LogTarget>) {
     thread_started(kind);
     let limits = Limits {
         open_files: 64,
         report_fd,
+        logs,
         log_only: false,
     };
     if let Err(e) = confine_process(&limits) {
@@ -53,21 +70,100 @@ fn status_field(name: &str) -> String {
 }
 
 #[test]
-fn a_forbidden_call_ends_the_process_with_one_line() {
+fn a_forbidden_call_ends_the_process_with_one_line_on_stderr_and_in_each_log() {
+    let (text_read, text_write) = pipe();
+    let (json_read, json_write) = pipe();
+    let before = fatal_line::now_secs();
     let (code, out) = in_child(|fd| {
-        confine_as(ThreadKind::Vcpu, fd);
+        let logs = vec![
+            LogTarget {
+                fd: text_write.as_raw_fd(),
+                format: LogFormat::Text,
+            },
+            LogTarget {
+                fd: json_write.as_raw_fd(),
+                format: LogFormat::Json,
+            },
+        ];
+        confine_with_logs(ThreadKind::Vcpu, fd, logs);
         // SAFETY: a plain socket(2); the filter should trap it.
         unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
         2
     });
-    assert_eq!(code, sigsys::EXIT_STATUS, "{out}");
-    assert_eq!(
-        out,
-        format!(
-            "seccomp: forbidden syscall {} (socket) in thread vcpu\n",
-            libc::SYS_socket
-        )
+    let after = fatal_line::now_secs();
+    drop((text_write, json_write));
+    let msg = format!(
+        "seccomp: forbidden syscall {} (socket) in thread vcpu",
+        libc::SYS_socket
     );
+    assert_eq!(code, sigsys::EXIT_STATUS, "{out}");
+    assert_eq!(out, format!("{msg}\n"));
+    let text = read_all(text_read);
+    let json = read_all(json_read);
+    let stamped = |format, line: &str| {
+        (before..=after).any(|secs| {
+            fatal_line::Line::error_entry(format, msg.as_bytes(), secs).as_bytes()
+                == line.as_bytes()
+        })
+    };
+    assert!(text.starts_with("time=\""), "{text}");
+    assert!(
+        text.ends_with(&format!("Z\" level=error msg=\"{msg}\"\n")),
+        "{text}"
+    );
+    assert!(stamped(LogFormat::Text, &text), "{text}");
+    assert!(
+        json.starts_with(&format!(
+            "{{\"level\":\"error\",\"msg\":\"{msg}\",\"time\":\""
+        )),
+        "{json}"
+    );
+    assert!(json.ends_with("Z\"}\n"), "{json}");
+    assert!(stamped(LogFormat::Json, &json), "{json}");
+}
+
+#[test]
+fn an_entry_has_runc_s_time_stamp_and_an_escaped_message() {
+    let cases = [
+        (
+            LogFormat::Text,
+            "a",
+            0,
+            r#"time="1970-01-01T00:00:00Z" level=error msg="a""#,
+        ),
+        // A leap day, the last second of a day, and a century that is not a leap year.
+        (
+            LogFormat::Json,
+            "a",
+            951_868_799,
+            r#"{"level":"error","msg":"a","time":"2000-02-29T23:59:59Z"}"#,
+        ),
+        (
+            LogFormat::Json,
+            "a",
+            4_107_542_400,
+            r#"{"level":"error","msg":"a","time":"2100-03-01T00:00:00Z"}"#,
+        ),
+        (
+            LogFormat::Text,
+            "b",
+            1_709_294_706,
+            r#"time="2024-03-01T12:05:06Z" level=error msg="b""#,
+        ),
+        (
+            LogFormat::Json,
+            "say \"hi\"\\\n\u{1}",
+            0,
+            r#"{"level":"error","msg":"say \"hi\"\\\n\u0001","time":"1970-01-01T00:00:00Z"}"#,
+        ),
+    ];
+    for (format, msg, secs, want) in cases {
+        let line = fatal_line::Line::error_entry(format, msg.as_bytes(), secs);
+        assert_eq!(
+            String::from_utf8(line.as_bytes().to_vec()).unwrap(),
+            format!("{want}\n")
+        );
+    }
 }
 
 #[test]
