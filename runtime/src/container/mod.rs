@@ -1,11 +1,12 @@
 //! What a container is made of, as both the lifecycle and the monitor see it: its bundle, what
 //! the guest gets from it, its state directory, the template choice, signal names, and
-//! whether its monitor still lives.
+//! whether its monitor still lives (and, when it is stuck, where).
 pub mod bundle;
 pub mod guest_plan;
 pub mod rootfs_lookup;
 pub mod signal;
 pub mod state;
+pub mod stuck_process;
 pub mod template_choice;
 pub mod trace;
 

@@ -1,15 +1,19 @@
 //! Creating a container: claim the id, choose where its VM comes from, start its monitor and
 //! wait for the monitor to say the container is created (or why not).
 
-use std::io::{BufRead, BufReader};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::io::Read;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use nix::poll::{PollFd, PollFlags};
 
 use super::{load_state, Container};
+use crate::agent_vm::AGENT_TIMEOUT;
 use crate::container::bundle::Bundle;
 use crate::container::state::StateRoot;
+use crate::container::stuck_process::thread_states;
 use crate::container::template_choice;
 use crate::container::trace::Trace;
 use crate::logging::LogOptions;
@@ -106,18 +110,71 @@ fn spawn_monitor(
     let pid = launch::start(args)?;
     // SAFETY: write_fd is ours; the child has its own copy now.
     unsafe { libc::close(write_fd) };
-    let mut line = String::new();
-    BufReader::new(std::fs::File::from(read)).read_line(&mut line)?;
-    match line.trim_end() {
-        "ok" => Ok(pid),
-        msg => {
-            let _ =
-                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::SIGKILL);
-            let _ = nix::sys::wait::waitpid(nix::unistd::Pid::from_raw(pid), None);
-            if msg.is_empty() {
-                bail!("the monitor died before the container was created");
+    let answer = read_answer(read, pid);
+    match answer.as_deref() {
+        Ok("ok") => Ok(pid),
+        _ => {
+            end_monitor(pid);
+            match answer {
+                Ok(msg) if msg.is_empty() => {
+                    bail!("the monitor died before the container was created")
+                }
+                Ok(msg) => bail!("{msg}"),
+                Err(e) => Err(e),
             }
-            bail!("{msg}")
+        }
+    }
+}
+
+/// How long `create` waits for the monitor's answer. Every step the monitor waits on the guest
+/// for is bounded by the agent's timeout; this is longer, so that a monitor stuck where nothing
+/// times out is reported (with where its threads are) instead of hanging its caller.
+const MONITOR_ANSWER_TIMEOUT: Duration = Duration::from_secs(AGENT_TIMEOUT.as_secs() + 30);
+
+/// The monitor's readiness line ("ok" or why not; empty if it died first), or an error naming
+/// where its threads were when it did not answer in time.
+fn read_answer(read: OwnedFd, pid: i32) -> Result<String> {
+    let deadline = Instant::now() + MONITOR_ANSWER_TIMEOUT;
+    let mut pipe = std::fs::File::from(read);
+    let mut answer = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            bail!(
+                "the monitor (pid {pid}) did not answer within {} s; its threads: {}",
+                MONITOR_ANSWER_TIMEOUT.as_secs(),
+                thread_states(pid)
+            );
+        }
+        let ms = left.as_millis().min(1000) as u16;
+        let mut fds = [PollFd::new(pipe.as_fd(), PollFlags::POLLIN)];
+        match nix::poll::poll(&mut fds, ms) {
+            Ok(0) | Err(nix::errno::Errno::EINTR) => continue,
+            Ok(_) => {}
+            Err(e) => bail!("waiting for the monitor: {e}"),
+        }
+        let mut buf = [0u8; 4096];
+        let n = pipe.read(&mut buf)?;
+        answer.extend_from_slice(&buf[..n]);
+        if n == 0 || answer.contains(&b'\n') {
+            let line = String::from_utf8_lossy(&answer);
+            return Ok(line.lines().next().unwrap_or("").to_owned());
+        }
+    }
+}
+
+/// Kills a monitor that failed or got stuck, and reaps it unless it cannot die at once (a
+/// thread stuck in the kernel): the caller's error matters more than the zombie.
+fn end_monitor(pid: i32) {
+    let pid = nix::unistd::Pid::from_raw(pid);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::SIGKILL);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while Instant::now() < deadline {
+        match nix::sys::wait::waitpid(pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
+            Ok(nix::sys::wait::WaitStatus::StillAlive) => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            _ => return,
         }
     }
 }
