@@ -188,9 +188,28 @@ pub fn thread_started(kind: ThreadKind) {
         .get_or_insert_with(HashMap::new)
         .insert(tid, kind);
     if CONFINED.load(Ordering::SeqCst) {
-        if let Err(e) = confine_current_thread() {
+        // The confinement signal may be on its way too (`confine_process` lists every thread
+        // with a kind). Run inside this confinement half-way, its handler would apply it again,
+        // with system calls the new filter forbids; blocked until then, it finds it done.
+        if let Err(e) = with_confine_signal_blocked(confine_current_thread) {
             sigsys::fatal("cannot confine a new thread", e.raw_os_error().unwrap_or(0));
         }
+    }
+}
+
+/// Runs `f` with the confinement signal blocked in the calling thread.
+fn with_confine_signal_blocked<T>(f: impl FnOnce() -> T) -> T {
+    // SAFETY: sigset_t is plain data, initialised by sigemptyset; pthread_sigmask changes
+    // only this thread's mask, and the old mask is put back.
+    unsafe {
+        let mut block: libc::sigset_t = std::mem::zeroed();
+        let mut old: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut block);
+        libc::sigaddset(&mut block, confine_signal());
+        libc::pthread_sigmask(libc::SIG_BLOCK, &block, &mut old);
+        let result = f();
+        libc::pthread_sigmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+        result
     }
 }
 
