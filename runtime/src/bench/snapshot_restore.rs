@@ -60,9 +60,6 @@ pub fn run(b: &RestoreBench) -> Result<()> {
     let snap = first_snapshot.expect("at least one vCPU count");
     memory_sharing(&snap, b.fill)?;
     println!(
-        "reference: Firecracker snapshot restore < 8 ms p50 (2 vCPU / 512 MiB, published figure, not measured here)"
-    );
-    println!(
         "restore ms: {:.2}",
         first_median.expect("at least one vCPU count")
     );
