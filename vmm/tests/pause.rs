@@ -13,7 +13,9 @@ use std::sync::Mutex;
 
 use husk_vmm::pagefile::{on_disk, PageFile};
 use husk_vmm::snapshot::{AfterSnapshot, RestoreOverrides, SnapshotPaths};
-use husk_vmm::testing::guests::{self, Running, COUNTER, FILLED, FILL_QWORDS, FILL_START, LOAD};
+use husk_vmm::testing::guests::{
+    self, Running, COUNTER, FILLED, FILL_QWORDS, FILL_START, LOAD, TOUCHED, TOUCH_REQUEST,
+};
 use husk_vmm::{PageInMode, PageState, Vm, VmError};
 
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -141,6 +143,31 @@ fn lazy_page_in_brings_every_byte_back_and_the_count_goes_on() {
         .page_in(&dir.join("pages2"), PageInMode::Lazy)
         .unwrap();
     check_memory_and_counting(&vm, at_pause);
+    vm.quit().unwrap();
+    fs::remove_dir_all(dir).unwrap();
+}
+
+#[test]
+fn a_lazily_resumed_guest_touching_its_fill_faults_all_of_it_back() {
+    let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let dir = scratch_dir("touch");
+    let path = dir.join("pages");
+    let vm = filled_guest();
+    page_out_and_check_rss(&vm, &path);
+    let ranges = guests::host_ranges(&vm.mem);
+    vm.control.page_in(&path, PageInMode::Lazy).unwrap();
+    let request = vm.read(TOUCHED) + 1;
+    vm.write(TOUCH_REQUEST, request);
+    vm.control.resume();
+    vm.wait_for("the guest to touch its fill", guests::COUNT_LIMIT, |m| {
+        guests::read_u32(m, TOUCHED) == request
+    })
+    .unwrap();
+    vm.control.pause().unwrap();
+    // The guest's own reads brought every filled page back (the host read only the counter).
+    let (_, mapped) = rss(&ranges);
+    assert!(mapped >= FILL_MIB * 1024, "guest RAM Rss {mapped} KiB");
+    check_memory_and_counting(&vm, vm.read(COUNTER));
     vm.quit().unwrap();
     fs::remove_dir_all(dir).unwrap();
 }

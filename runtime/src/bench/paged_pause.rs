@@ -8,9 +8,12 @@
 //! monitor here), and the time an eager page-in takes to bring every page back. Then
 //! `--runs` lazy resumes with the default codec, each timed from the `page_in` call until the
 //! guest's counter moved (its first instructions after the resume, observed through guest
-//! memory, which faults through the pager too). Last, both codecs on 64 KiB blocks of two
-//! inputs, the guest's pages and this executable's bytes (code and data, closer to a real
-//! guest's page cache than the fill pattern): compression throughput, ratio and the
+//! memory, which faults through the pager too) and until the guest has read every filled page
+//! again (each of those reads faults its page back in). Beside each, the same guest unpaused,
+//! all of it in RAM, reads the same pages, timed from the request: the ratio of the two is what
+//! lazy page-in costs a guest that needs its whole working set. Last, both codecs on 64 KiB
+//! blocks of two inputs, the guest's pages and this executable's bytes (code and data, closer
+//! to a real guest's page cache than the fill pattern): compression throughput, ratio and the
 //! decompression time per block, which is what a lazily resumed guest waits for per fault.
 
 use std::path::Path;
@@ -19,7 +22,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use husk_vmm::pagefile::{Codec, PageFile};
 use husk_vmm::testing::guests::{
-    self as testguest, Running, COUNTER, FILLED, FILL_QWORDS, FILL_START,
+    self as testguest, Running, COUNTER, FILLED, FILL_QWORDS, FILL_START, TOUCHED, TOUCH_REQUEST,
 };
 use husk_vmm::{PageInMode, Vm};
 
@@ -59,20 +62,63 @@ fn one_size(dir: &Path, fill: u32, runs: usize) -> Result<(f64, f64)> {
     for codec in CODECS {
         released = page_out_in(&vm, dir, fill, codec)?;
     }
-    let (mut calls, mut lazy) = (Vec::with_capacity(runs), Vec::with_capacity(runs));
+    let mut runs_of = LazyRuns::default();
     for i in 0..runs {
-        let (call, resumed) = lazy_resume(&vm, dir).with_context(|| format!("lazy resume #{i}"))?;
-        calls.push(call);
-        lazy.push(resumed);
+        let r = lazy_resume(&vm, dir).with_context(|| format!("lazy resume #{i}"))?;
+        runs_of.push(
+            r,
+            resident_touch(&vm).with_context(|| format!("unpaused touch #{i}"))?,
+        );
     }
     testguest::check_marked_fill(&vm.mem, u64::from(fill) * MIB).map_err(anyhow::Error::msg)?;
-    let p = Percentiles::of(&lazy);
-    println!(
-        "{fill} MiB: lazy page-in + resume -> guest counting: {p} (page_in call alone: {}; {runs} runs; every byte checked afterwards)",
-        Percentiles::of(&calls)
-    );
+    let p = runs_of.print(fill);
     vm.quit().map_err(anyhow::Error::msg)?;
-    Ok((p.p50, released))
+    Ok((p, released))
+}
+
+/// One lazy resume, each figure from the `page_in` call.
+struct LazyResume {
+    /// The `page_in` call alone.
+    call: Duration,
+    /// Until the guest's counter moved.
+    first: Duration,
+    /// Until the guest had read every filled page.
+    touched: Duration,
+}
+
+/// The lazy resumes of one fill size, and the unpaused touches beside them.
+#[derive(Default)]
+struct LazyRuns {
+    calls: Vec<Duration>,
+    first: Vec<Duration>,
+    touched: Vec<Duration>,
+    resident: Vec<Duration>,
+}
+
+impl LazyRuns {
+    fn push(&mut self, r: LazyResume, resident: Duration) {
+        self.calls.push(r.call);
+        self.first.push(r.first);
+        self.touched.push(r.touched);
+        self.resident.push(resident);
+    }
+
+    /// Prints the figures; returns the p50 until the guest counted.
+    fn print(&self, fill: u32) -> f64 {
+        let first = Percentiles::of(&self.first);
+        let touched = Percentiles::of(&self.touched);
+        let resident = Percentiles::of(&self.resident);
+        let runs = self.first.len();
+        println!(
+            "{fill} MiB: lazy page-in + resume -> guest counting: {first} (page_in call alone: {}; {runs} runs; every byte checked afterwards)",
+            Percentiles::of(&self.calls)
+        );
+        println!(
+            "{fill} MiB: lazy page-in + resume -> guest has read all {fill} MiB again: {touched}; unpaused guest reading the same {fill} MiB: {resident}; ratio (p50) {:.2}",
+            touched.p50 / resident.p50
+        );
+        first.p50
+    }
 }
 
 fn boot(fill: u32) -> Result<Running> {
@@ -135,20 +181,42 @@ fn page_out_in(vm: &Running, dir: &Path, fill: u32, codec: Codec) -> Result<f64>
     Ok(released)
 }
 
-/// One pause, page-out (default codec) and lazy resume; returns (the `page_in` call alone,
-/// the time from `page_in` to the guest's counter moving).
-fn lazy_resume(vm: &Running, dir: &Path) -> Result<(Duration, Duration)> {
+/// One pause, page-out (default codec) and lazy resume, the guest asked before the resume to
+/// read its fill again.
+fn lazy_resume(vm: &Running, dir: &Path) -> Result<LazyResume> {
     let path = dir.join("lazy");
     vm.control.pause()?;
     let at = vm.read(COUNTER);
+    let request = vm.read(TOUCHED) + 1;
     vm.control.page_out(&path, None)?;
     let t = Instant::now();
     let call = vm.control.page_in(&path, PageInMode::Lazy)?.took;
+    // Its page faults in through the pager as the guest's first store would.
+    vm.write(TOUCH_REQUEST, request);
     vm.control.resume();
     wait(vm, "the resumed guest to count", |m| {
         testguest::read_u32(m, COUNTER) != at
     })?;
-    Ok((call, t.elapsed()))
+    let first = t.elapsed();
+    wait(vm, "the resumed guest to read its fill", |m| {
+        testguest::read_u32(m, TOUCHED) == request
+    })?;
+    Ok(LazyResume {
+        call,
+        first,
+        touched: t.elapsed(),
+    })
+}
+
+/// The time the running guest, its memory all resident, takes to read its fill once.
+fn resident_touch(vm: &Running) -> Result<Duration> {
+    let request = vm.read(TOUCHED) + 1;
+    let t = Instant::now();
+    vm.write(TOUCH_REQUEST, request);
+    wait(vm, "the guest to read its fill", |m| {
+        testguest::read_u32(m, TOUCHED) == request
+    })?;
+    Ok(t.elapsed())
 }
 
 fn resume_and_count(vm: &Running) -> Result<()> {

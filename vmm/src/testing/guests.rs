@@ -11,11 +11,16 @@
 //! | [`STARTED`] | dword the guest sets to 1 as its first store (first-instruction marker) |
 //! | [`FILL_QWORDS`] | qword the host sets before the run: how many qwords vCPU 0 fills |
 //! | [`FILLED`] | dword vCPU 0 sets to 1 once the fill is done |
+//! | [`TOUCH_REQUEST`] | dword the host changes to ask the marked guest to re-read its fill |
+//! | [`TOUCHED`] | dword the marked guest sets to the request it has served |
 //!
 //! Each vCPU stores `STARTED`, prints "go\n" on COM1, and vCPU 0 fills `FILL_QWORDS` qwords of
 //! [`FILL_PATTERN`] from [`FILL_START`] up (`rep stosq`; nothing when zero, as in fresh RAM)
 //! before it counts, so that a guest can dirty a chosen part of its memory. The marked variant
-//! ([`marked_counting_guest`]) then stamps each filled page with its own address.
+//! ([`marked_counting_guest`]) then stamps each filled page with its own address, and while it
+//! counts, whenever [`TOUCH_REQUEST`] differs from [`TOUCHED`], reads one qword of every filled
+//! page and then copies the request into [`TOUCHED`]: the time until it has is how long the
+//! guest takes to touch its whole working set (after a lazy resume, every page faults back in).
 
 use std::ops::Range;
 use std::sync::Arc;
@@ -39,6 +44,10 @@ pub const STARTED: u64 = COUNTER + 8;
 pub const FILL_QWORDS: u64 = COUNTER + 16;
 /// Set to 1 by vCPU 0 after the fill.
 pub const FILLED: u64 = COUNTER + 24;
+/// Changed by the host to ask the marked guest to read every filled page again.
+pub const TOUCH_REQUEST: u64 = COUNTER + 28;
+/// Set by the marked guest to the [`TOUCH_REQUEST`] value it has served.
+pub const TOUCHED: u64 = COUNTER + 32;
 /// Where the fill starts (above the image and the variables).
 pub const FILL_START: u64 = 0x100_0000;
 /// The qword the fill writes.
@@ -114,7 +123,8 @@ pub fn counting_guest() -> Vec<u8> {
 
 /// The counting guest, but after the fill vCPU 0 also writes each filled page's own guest
 /// address into the page's first qword, so that every page is unique and a page restored to
-/// the wrong place shows ([`check_marked_fill`]).
+/// the wrong place shows ([`check_marked_fill`]); and it re-reads the fill on request
+/// ([`TOUCH_REQUEST`]).
 pub fn marked_counting_guest() -> Vec<u8> {
     counting_guest_with(true)
 }
@@ -133,6 +143,57 @@ fn page_marks() -> Vec<u8> {
         .bytes(&[0x48, 0x81, 0xc7, 0x00, 0x10, 0x00, 0x00]) // add rdi, 4096
         .bytes(&[0xeb, 0xef]) // jmp loop
         .finish()
+}
+
+/// `mov rdx, [FILL_QWORDS]; shl rdx, 3; mov rdi, FILL_START; add rdx, rdi; loop: cmp rdi,
+/// rdx; jae done; mov rcx, [rdi]; add rdi, 4096; jmp loop; done: mov [TOUCHED], eax` — one
+/// read per filled page, then the request (in eax) marked served. Expects rbx = COUNTER.
+fn touch_fill() -> Vec<u8> {
+    Asm::new(false)
+        .bytes(&[0x48, 0x8b, 0x53, (FILL_QWORDS - COUNTER) as u8]) // mov rdx, [rbx+16]
+        .bytes(&[0x48, 0xc1, 0xe2, 0x03]) // shl rdx, 3
+        .bytes(&[0x48, 0xbf])
+        .bytes(&FILL_START.to_le_bytes()) // mov rdi, FILL_START
+        .bytes(&[0x48, 0x01, 0xfa]) // add rdx, rdi
+        .bytes(&[0x48, 0x39, 0xd7]) // loop: cmp rdi, rdx
+        .bytes(&[0x73, 0x0c]) // jae done
+        .bytes(&[0x48, 0x8b, 0x0f]) // mov rcx, [rdi]
+        .bytes(&[0x48, 0x81, 0xc7, 0x00, 0x10, 0x00, 0x00]) // add rdi, 4096
+        .bytes(&[0xeb, 0xef]) // jmp loop
+        .bytes(&[0x89, 0x43, (TOUCHED - COUNTER) as u8]) // done: mov [rbx+32], eax
+        .finish()
+}
+
+/// The counting loop: `count: lock inc dword [rbx]`, then with `touch` (a block that ends
+/// served) `mov eax, [TOUCH_REQUEST]; cmp eax, [TOUCHED]; jne touch`, then `cmp [QUIT], 0;
+/// je count`, reset; `touch` sits after the reset and jumps back to `count`.
+fn count_loop(touch: Option<Vec<u8>>) -> Vec<u8> {
+    let mut head = Asm::new(false);
+    head.bytes(&[0xf0, 0xff, 0x03]); // count: lock inc dword [rbx]
+    let tail = Asm::new(false)
+        .bytes(&[0x83, 0x7b, (QUIT - COUNTER) as u8, 0x00]) // cmp dword [rbx+4], 0
+        .finish();
+    let exit = Asm::new(false).reset().spin().finish();
+    if touch.is_some() {
+        head.bytes(&[0x8b, 0x43, (TOUCH_REQUEST - COUNTER) as u8]) // mov eax, [rbx+28]
+            .bytes(&[0x3b, 0x43, (TOUCHED - COUNTER) as u8]) // cmp eax, [rbx+32]
+            .bytes(&[0x75, (tail.len() + 2 + exit.len()) as u8]); // jne touch
+    }
+    let mut code = head.finish();
+    code.extend_from_slice(&tail);
+    code.extend_from_slice(&[0x74, rel8_back(code.len() + 2)]); // je count
+    code.extend_from_slice(&exit);
+    if let Some(touch) = touch {
+        code.extend_from_slice(&touch);
+        code.extend_from_slice(&[0xeb, rel8_back(code.len() + 2)]); // jmp count
+    }
+    code
+}
+
+/// The rel8 of a jump back to the start of the code from `end`, the offset just after it.
+fn rel8_back(end: usize) -> u8 {
+    let back = i8::try_from(-(end as isize)).expect("a short jump back");
+    back as u8
 }
 
 fn counting_guest_with(mark_pages: bool) -> Vec<u8> {
@@ -154,11 +215,7 @@ fn counting_guest_with(mark_pages: bool) -> Vec<u8> {
         .print("go\n")
         .bytes(&[0x85, 0xff, 0x75, fill.len() as u8]) // test edi, edi; jnz count
         .bytes(&fill)
-        .bytes(&[0xf0, 0xff, 0x03]) // count: lock inc dword [rbx]
-        .bytes(&[0x83, 0x7b, (QUIT - COUNTER) as u8, 0x00]) // cmp dword [rbx+4], 0
-        .bytes(&[0x74, 0xf7]) // je count
-        .reset()
-        .spin()
+        .bytes(&count_loop(mark_pages.then(touch_fill)))
         .finish()
 }
 
