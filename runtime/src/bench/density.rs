@@ -8,8 +8,12 @@
 //!   `--pid-file`). PSS splits a shared page among the processes mapping it, so clones sharing
 //!   the template's memory file through the page cache pay only their share of it.
 //! - host memory: the drop of `MemAvailable` in /proc/meminfo from before the first create to
-//!   the reading, divided by the count; it also sees what PSS does not (page tables, KVM's
-//!   own memory, the page cache the template's file occupies).
+//!   the reading, divided by the count. It sees the memory the kernel cannot reclaim: the
+//!   guests' written (anonymous) pages and the monitors' heaps, and what PSS does not (page
+//!   tables, KVM's own memory, other kernel allocations). It does not see the page cache that
+//!   holds the template's memory file: the kernel counts clean page cache as available (and the
+//!   warm-up has read in what a clone touches of it before the first reading). The clones' PSS
+//!   does hold their shares of it.
 //!
 //! An unmeasured warm-up clone comes first, so the template (built on first use) and its memory
 //! file are in place before the first `MemAvailable` reading.
