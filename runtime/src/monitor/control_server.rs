@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use husk_agent::client::Client;
+use husk_agent::client::{Client, ClientError};
 use husk_templates::Template;
 use husk_vmm::confine::ThreadKind;
 
@@ -68,10 +68,10 @@ impl Control {
         let id = self.state.lock().unwrap().guest_id().to_string();
         match req {
             Request::Start => {
-                self.agent()?.start_container(&id)?;
+                self.ask(|a| a.start_container(&id))?;
                 self.set(Status::Running)?;
             }
-            Request::Kill { signal, all } => self.agent()?.signal_container(&id, signal, all)?,
+            Request::Kill { signal, all } => self.ask(|a| a.signal_container(&id, signal, all))?,
             // Pausing freezes the whole VM: no guest code runs until resume.
             // `paused` may page the memory out (see paging.rs). The container is paused
             // either way: a failed page-out leaves its memory in RAM, and says why.
@@ -97,7 +97,7 @@ impl Control {
             }
             Request::Ps => {
                 return Ok(Reply::Pids {
-                    pids: self.agent()?.list_processes(&id)?,
+                    pids: self.ask(|a| a.list_processes(&id))?,
                 })
             }
         }
@@ -134,10 +134,26 @@ impl Control {
         Ok(())
     }
 
-    /// The agent for one request of a CLI command: a guest that stopped answering becomes
-    /// an error well within the CLI's own wait ([`control::CALL_TIMEOUT`]).
-    fn agent(&self) -> Result<Client<UnixStream>> {
-        agent_at(&self.uds, CONTROL_AGENT_TIMEOUT)
+    /// One request of a CLI command to the agent, on a fresh connection: a guest that stopped
+    /// answering becomes an error well within the CLI's own wait ([`control::CALL_TIMEOUT`])
+    /// that says where its vCPUs are. What the agent itself reports is passed on as it is.
+    fn ask<T>(
+        &self,
+        request: impl FnOnce(&mut Client<UnixStream>) -> Result<T, ClientError>,
+    ) -> Result<T> {
+        let mut agent =
+            agent_at(&self.uds, CONTROL_AGENT_TIMEOUT).map_err(|e| self.with_vcpu_report(e))?;
+        request(&mut agent).map_err(|e| match e {
+            ClientError::Io(_) | ClientError::Protocol(_) => self.with_vcpu_report(e.into()),
+            other => other.into(),
+        })
+    }
+
+    fn with_vcpu_report(&self, e: anyhow::Error) -> anyhow::Error {
+        match self.vm.vcpu_report() {
+            Ok(lines) => anyhow::anyhow!("{e:#} (the guest did not answer; {})", lines.join("; ")),
+            Err(r) => anyhow::anyhow!("{e:#} (no vCPU report: {r})"),
+        }
     }
 
     fn set(&self, status: Status) -> Result<()> {
