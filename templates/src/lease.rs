@@ -51,6 +51,18 @@ pub(crate) fn holders(dir: &Path) -> Vec<i32> {
     pids
 }
 
+/// Removes the lease file of clone `pid` from each of `dirs` if that process has ended (one
+/// killed before it could drop its lease leaves the file behind). A pid that is alive again,
+/// reused by another process, keeps its file.
+pub(crate) fn remove_ended(dirs: impl Iterator<Item = PathBuf>, pid: i32) {
+    if alive(pid) {
+        return;
+    }
+    for dir in dirs {
+        let _ = std::fs::remove_file(dir.join(pid.to_string()));
+    }
+}
+
 fn alive(pid: i32) -> bool {
     // SAFETY: signal 0 only checks that the process exists; nothing is delivered.
     let r = unsafe { libc::kill(pid, 0) };

@@ -160,6 +160,8 @@ impl Container {
         let errors = self.monitor_errors();
         self.store.remove(&st.id)?;
         cgroup::remove(&st.cgroup_dirs);
+        // A monitor killed above (or before) could not drop its template lease itself.
+        husk_templates::Store::from_env().release_ended(st.pid);
         if let Some(f) = &st.page_file {
             paging::remove_page_file(f);
         }

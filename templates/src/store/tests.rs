@@ -49,6 +49,24 @@ fn a_leased_template_is_not_removed_without_force() {
 }
 
 #[test]
+fn the_lease_of_an_ended_clone_is_released_and_a_live_one_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Store::new(&dir.path().join("store"));
+    let t = store.build("t1", &settings(dir.path()), &fake).unwrap();
+    let live = store.lease(&t).unwrap();
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    child.wait().unwrap();
+    let ended = child.id() as i32;
+    let leases = store.leases_dir("t1");
+    std::fs::write(leases.join(ended.to_string()), b"").unwrap();
+    store.release_ended(ended);
+    assert!(!leases.join(ended.to_string()).exists());
+    store.release_ended(std::process::id() as i32);
+    assert_eq!(store.clones("t1"), [std::process::id() as i32]);
+    drop(live);
+}
+
+#[test]
 fn a_failed_build_leaves_nothing_and_keeps_the_old_template() {
     let dir = tempfile::tempdir().unwrap();
     let store = Store::new(&dir.path().join("store"));
