@@ -72,11 +72,30 @@ impl Runtime {
         })
     }
 
-    fn root(&self) -> PathBuf {
+    /// Its `--root`.
+    pub fn root(&self) -> PathBuf {
         self.dir.join("root")
     }
 
-    fn pid_file(&self, id: &str) -> PathBuf {
+    /// Where the monitor of `id` writes its stderr (its last words if it dies).
+    pub fn monitor_stderr(&self, id: &str) -> PathBuf {
+        self.dir.join(format!("{id}.create-stderr"))
+    }
+
+    /// A new, empty [`Self::monitor_stderr`] file for the `create` (or `restore`) of `id`;
+    /// readable too, so that a failed create's error message can be read back from it.
+    pub fn open_monitor_stderr(&self, id: &str) -> Result<std::fs::File> {
+        let path = self.monitor_stderr(id);
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&path)
+            .with_context(|| format!("creating {}", path.display()))
+    }
+
+    pub fn pid_file(&self, id: &str) -> PathBuf {
         self.dir.join(format!("{id}.pid"))
     }
 
@@ -91,7 +110,7 @@ impl Runtime {
     }
 
     /// `exe --root ROOT` with this kind's environment; the caller adds the subcommand.
-    fn command(&self) -> Command {
+    pub fn command(&self) -> Command {
         let mut cmd = Command::new(&self.exe);
         cmd.arg("--root").arg(self.root());
         match self.no_template {
@@ -111,15 +130,8 @@ impl Runtime {
         start.args(["start", id]);
         // Kept in the work directory: if the container dies before `start`, the monitor's
         // last words are there.
-        let stderr_path = self.dir.join(format!("{id}.create-stderr"));
-        // Readable too: a failed create's error message is read back from it.
-        let stderr = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .open(&stderr_path)
-            .with_context(|| format!("creating {}", stderr_path.display()))?;
+        let stderr_path = self.monitor_stderr(id);
+        let stderr = self.open_monitor_stderr(id)?;
         let began = Instant::now();
         run_with_stderr(&mut create, stderr)?;
         time(&mut start).map_err(|e| {
@@ -135,7 +147,7 @@ impl Runtime {
     }
 
     /// The status `state` reports (`created`, `running`, `stopped`, …).
-    fn status(&self, id: &str) -> Result<String> {
+    pub fn status(&self, id: &str) -> Result<String> {
         let (_, out) = run_to_files(self.command().args(["state", id]))?;
         status_of(&out).with_context(|| format!("{} state {id}: no status in {out:?}", self.name))
     }

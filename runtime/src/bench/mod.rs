@@ -4,7 +4,8 @@
 //! This module holds each benchmark's parameters and entry point; each benchmark has a file
 //! of its own, and what they share is in `stats` (figures), `timing` (timed commands),
 //! `setup` (the installed husk, the bundle, scratch directories) and `fleet` (containers of
-//! one runtime driven through its command line). Nothing outside `bench` uses it.
+//! one runtime driven through its command line); `leaks` is the soak's leak census. Nothing
+//! outside `bench` uses it.
 
 use std::path::PathBuf;
 
@@ -13,6 +14,7 @@ use anyhow::Result;
 mod boot_vs_qemu;
 mod density;
 mod fleet;
+mod leaks;
 #[cfg(feature = "test-guest-benches")]
 mod paged_pause;
 mod pause_container;
@@ -22,6 +24,7 @@ mod run_vs_runc;
 mod setup;
 #[cfg(feature = "test-guest-benches")]
 mod snapshot_restore;
+mod soak;
 mod start_latency;
 mod stats;
 mod timing;
@@ -80,6 +83,14 @@ pub struct DensityBench {
     pub count: usize,
 }
 
+/// `husk bench soak`.
+pub struct SoakBench {
+    /// Container lifecycles in all.
+    pub cycles: usize,
+    /// Cycles running at once (one thread each); leaks are checked after each such batch.
+    pub parallel: usize,
+}
+
 /// Process start → agent ready, Husk against QEMU microvm booting the same kernel+initramfs.
 pub fn boot(b: &BootBench) -> Result<()> {
     boot_vs_qemu::run(b)
@@ -103,6 +114,12 @@ pub fn start(b: &StartBench) -> Result<()> {
 /// Memory of idle containers: the monitors' PSS and host memory, template clones vs cold.
 pub fn density(b: &DensityBench) -> Result<()> {
     density::run(b)
+}
+
+/// Checked create/start/exec/pause/checkpoint/kill/delete cycles with leak checks (in the
+/// lab); whether it found no failure and no leak.
+pub fn soak(b: &SoakBench) -> Result<bool> {
+    soak::run(b)
 }
 
 /// Snapshot restore to a running guest against a cold boot of the same raw test guest.

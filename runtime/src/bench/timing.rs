@@ -1,12 +1,14 @@
 //! Running one measured command to its end: its time, its output, and its stderr in the error.
 
-use std::process::{Command, Stdio};
+use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-/// How long one measured command may take before the benchmark gives up on it.
-const COMMAND_TIMEOUT: Duration = Duration::from_secs(180);
+/// How long one measured command may take before the benchmark gives up on it: longer than
+/// husk's own waits for a guest (its agent timeout), so that husk reports a wedged guest itself.
+pub(crate) const COMMAND_TIMEOUT: Duration = Duration::from_secs(180);
+const _: () = assert!(COMMAND_TIMEOUT.as_secs() > crate::agent_vm::AGENT_TIMEOUT.as_secs());
 
 /// Times one command to its exit. Output goes to files, not pipes: a container's monitor
 /// inherits them, and waiting for a pipe's EOF would time the monitor instead of the command.
@@ -23,6 +25,28 @@ pub(crate) fn run_to_files(cmd: &mut Command) -> Result<(Duration, String)> {
 /// [`run_to_files`] with stderr going to `err` (which outlives the command: a husk monitor
 /// forked by `create` keeps writing there after create has exited).
 pub(crate) fn run_with_stderr(cmd: &mut Command, err: std::fs::File) -> Result<(Duration, String)> {
+    let done = run_within(cmd, err, COMMAND_TIMEOUT)?;
+    if !done.status.success() {
+        bail!("{cmd:?} failed ({}): {}", done.status, done.stderr.trim());
+    }
+    Ok((done.took, done.stdout))
+}
+
+/// A command that ran to its exit.
+pub(crate) struct Finished {
+    pub took: Duration,
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Runs one command to its exit within `limit`, stderr going to `err`, whatever its status;
+/// an error (naming the command, with its stderr) only if it cannot start or overruns `limit`.
+pub(crate) fn run_within(
+    cmd: &mut Command,
+    err: std::fs::File,
+    limit: Duration,
+) -> Result<Finished> {
     let out = tempfile::tempfile()?;
     let start = Instant::now();
     let mut child = cmd
@@ -35,21 +59,22 @@ pub(crate) fn run_with_stderr(cmd: &mut Command, err: std::fs::File) -> Result<(
         if let Some(status) = child.try_wait()? {
             break status;
         }
-        if start.elapsed() > COMMAND_TIMEOUT {
+        if start.elapsed() > limit {
             let _ = child.kill();
             let _ = child.wait();
             bail!(
-                "{cmd:?} did not finish within {COMMAND_TIMEOUT:?}: {}",
+                "{cmd:?} did not finish within {limit:?}: {}",
                 read_all(err)?.trim()
             );
         }
         std::thread::sleep(Duration::from_millis(2));
     };
-    let took = start.elapsed();
-    if !status.success() {
-        bail!("{cmd:?} failed ({status}): {}", read_all(err)?.trim());
-    }
-    Ok((took, read_all(out)?))
+    Ok(Finished {
+        took: start.elapsed(),
+        status,
+        stdout: read_all(out)?,
+        stderr: read_all(err)?,
+    })
 }
 
 fn read_all(mut file: std::fs::File) -> Result<String> {

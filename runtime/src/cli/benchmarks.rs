@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::{Args, Subcommand};
 
-use crate::bench::{self, BootBench, DensityBench, PauseBench, RestoreBench, RunBench, StartBench};
+use crate::bench::{
+    self, BootBench, DensityBench, PauseBench, RestoreBench, RunBench, SoakBench, StartBench,
+};
 
 #[derive(Subcommand, Debug)]
 pub enum BenchCmd {
@@ -21,6 +23,9 @@ pub enum BenchCmd {
     Start(StartBenchArgs),
     /// Memory of idle containers: the monitors' PSS and host memory, template clones vs cold.
     Density(DensityBenchArgs),
+    /// Checked create/start/exec/pause/checkpoint/kill/delete cycles with leak checks; exits
+    /// non-zero on any failure or leak.
+    Soak(SoakBenchArgs),
 }
 
 #[derive(Args, Debug)]
@@ -96,9 +101,20 @@ pub struct DensityBenchArgs {
     pub count: usize,
 }
 
-/// `husk bench …`.
-pub fn run(cmd: BenchCmd) -> Result<()> {
-    match cmd {
+#[derive(Args, Debug)]
+pub struct SoakBenchArgs {
+    /// Container lifecycles in all.
+    #[arg(long, default_value_t = 500)]
+    pub cycles: usize,
+    /// Cycles running at once (one thread each); leaks are checked after each such batch.
+    #[arg(long, default_value_t = 4)]
+    pub parallel: usize,
+}
+
+/// `husk bench …`: its exit code (the benchmarks that only measure fail only when they
+/// cannot; the soak also when it finds a failure or a leak).
+pub fn run(cmd: BenchCmd) -> Result<i32> {
+    let measured = match cmd {
         BenchCmd::Boot(b) => bench::boot(&BootBench {
             runs: b.runs,
             memory: b.memory,
@@ -125,5 +141,13 @@ pub fn run(cmd: BenchCmd) -> Result<()> {
             concurrent: b.concurrent,
         }),
         BenchCmd::Density(b) => bench::density(&DensityBench { count: b.count }),
-    }
+        BenchCmd::Soak(b) => {
+            let clean = bench::soak(&SoakBench {
+                cycles: b.cycles,
+                parallel: b.parallel,
+            })?;
+            return Ok(if clean { 0 } else { 1 });
+        }
+    };
+    measured.map(|()| 0)
 }

@@ -218,17 +218,17 @@ fn dispatch(cli: Cli, started: Instant, logger: &Logger) -> Result<i32, Failure>
         Command::Features => plain(oci_info::features()),
         Command::Spec { bundle } => plain(oci_info::spec(&bundle)),
         Command::Monitor(Deferred(opts)) => Ok(monitor::run(opts.into_args(root, log))),
-        Command::Boot(Deferred(args)) => own_command(guest_tools::boot(&args, started)),
-        Command::Vm(Deferred(args)) => own_command(guest_tools::vm(args)),
+        Command::Boot(Deferred(args)) => own_command(guest_tools::boot(&args, started).map(|()| 0)),
+        Command::Vm(Deferred(args)) => own_command(guest_tools::vm(args).map(|()| 0)),
         Command::Bench(Deferred(cmd)) => own_command(benchmarks::run(cmd)),
-        Command::Template(Deferred(cmd)) => own_command(template_cmd::run(cmd)),
+        Command::Template(Deferred(cmd)) => own_command(template_cmd::run(cmd).map(|()| 0)),
     }
 }
 
-/// Husk's own commands report errors as `husk: <message>` on one line.
-fn own_command(r: anyhow::Result<()>) -> Result<i32, Failure> {
+/// Husk's own commands report errors as `husk: <message>` on one line; `Ok` holds the exit code.
+fn own_command(r: anyhow::Result<i32>) -> Result<i32, Failure> {
     match r {
-        Ok(()) => Ok(0),
+        Ok(code) => Ok(code),
         Err(e) => {
             eprintln!("husk: {e:#}");
             Ok(1)

@@ -16,6 +16,8 @@ const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 const VMM_OVERHEAD_MIB: u64 = 64;
 /// v1 hierarchies the limits go to (cpu may be co-mounted with cpuacct; the link works).
 const V1_CONTROLLERS: [&str; 2] = ["memory", "cpu"];
+/// The cgroup, below each hierarchy's root, that holds the containers' own by default.
+const DEFAULT_PARENT: &str = "husk";
 
 /// Limits taken from `linux.resources`.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -53,7 +55,7 @@ pub fn relative_path(spec: &serde_json::Value, id: &str) -> Result<PathBuf> {
         bail!("cgroupsPath {given:?}: systemd cgroup paths are not supported (use cgroupfs)");
     }
     let path = if given.is_empty() {
-        PathBuf::from("husk").join(id)
+        PathBuf::from(DEFAULT_PARENT).join(id)
     } else {
         PathBuf::from(given.trim_start_matches('/'))
     };
@@ -64,6 +66,17 @@ pub fn relative_path(spec: &serde_json::Value, id: &str) -> Result<PathBuf> {
         bail!("cgroupsPath {given:?} must be a plain path without '..'");
     }
     Ok(path)
+}
+
+/// Where the containers' cgroups go by default: the [`DEFAULT_PARENT`] of the v2 hierarchy
+/// and of each v1 one Husk uses (those that do not exist included).
+pub fn default_parents() -> Vec<PathBuf> {
+    let root = Path::new(CGROUP_ROOT);
+    let v1 = V1_CONTROLLERS.iter().map(|c| root.join(c));
+    std::iter::once(root.to_path_buf())
+        .chain(v1)
+        .map(|h| h.join(DEFAULT_PARENT))
+        .collect()
 }
 
 /// Creates the cgroup, applies `limits` and moves `pid` into it. Returns the directories made
