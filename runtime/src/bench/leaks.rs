@@ -50,7 +50,7 @@ impl Census {
         c.add_all("husk process", husk_processes());
         c.add_all("mount", mounts()?);
         for parent in cgroup::default_parents() {
-            c.add_all("cgroup", tree(&parent));
+            c.add_all("cgroup", cgroups(&parent));
         }
         c.add_all("state root entry", tree(&w.state_root));
         c.add_all("page file", entries(&w.page_dir));
@@ -196,6 +196,26 @@ fn walk(base: &Path, dir: &Path, out: &mut Vec<String>) {
     }
 }
 
+/// The cgroups below `parent` (its directories; the files in them are the kernel's), each
+/// with the pids still in it, if any.
+fn cgroups(parent: &Path) -> Vec<String> {
+    tree(parent)
+        .into_iter()
+        .filter(|p| p.ends_with('/'))
+        .map(|rel| {
+            let procs = std::fs::read_to_string(parent.join(&rel).join("cgroup.procs"));
+            match procs
+                .unwrap_or_default()
+                .split_whitespace()
+                .collect::<Vec<_>>()
+            {
+                pids if pids.is_empty() => format!("{}/{rel}", parent.display()),
+                pids => format!("{}/{rel} (pids {})", parent.display(), pids.join(" ")),
+            }
+        })
+        .collect()
+}
+
 /// The names in `dir`; empty when it does not exist.
 fn entries(dir: &Path) -> Vec<String> {
     std::fs::read_dir(dir)
@@ -292,6 +312,19 @@ mod tests {
             Some("/run tmpfs tmpfs")
         );
         assert_eq!(mount_item("garbage"), None);
+    }
+
+    #[test]
+    fn cgroups_are_directories_with_the_pids_left_in_them() {
+        let dir = tempfile::tempdir().unwrap();
+        for (cgroup, procs) in [("c1", "12\n13\n"), ("c2", "")] {
+            std::fs::create_dir(dir.path().join(cgroup)).unwrap();
+            std::fs::write(dir.path().join(cgroup).join("cgroup.procs"), procs).unwrap();
+        }
+        let mut found = cgroups(dir.path());
+        found.sort();
+        let d = dir.path().display();
+        assert_eq!(found, [format!("{d}/c1/ (pids 12 13)"), format!("{d}/c2/")]);
     }
 
     #[test]

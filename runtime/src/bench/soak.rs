@@ -342,17 +342,31 @@ impl<'a> Cycle<'a> {
         self.soak.images.join(&self.id)
     }
 
-    /// One line: the container, the step, the error, the end of its monitor's stderr.
+    /// One line: the container, the step, the error, the end of its monitor's stderr, and
+    /// what `ps` finds in the guest now.
     fn report(&self, failed: &Failed) {
         let monitor =
             std::fs::read_to_string(self.soak.rt.monitor_stderr(&self.id)).unwrap_or_default();
         let monitor = one_line(tail(monitor.trim(), MONITOR_STDERR_TAIL));
         println!(
-            "soak failure: {} {}: {}; monitor stderr: {monitor:?}",
+            "soak failure: {} {}: {}; monitor stderr: {monitor:?}; then {}",
             self.id,
             failed.step,
-            one_line(&format!("{:#}", failed.error))
+            one_line(&format!("{:#}", failed.error)),
+            self.probe()
         );
+    }
+
+    /// Whether the guest still answers after a failure, and what runs in it: `husk ps`, which
+    /// asks the agent through the monitor (and reports the vCPUs if the agent does not answer).
+    fn probe(&self) -> String {
+        if !self.state_dir().exists() {
+            return "no state directory".into();
+        }
+        match self.husk(&["ps", "--format", "json", &self.id]) {
+            Ok(pids) => format!("ps: guest pids {}", pids.trim()),
+            Err(e) => format!("ps: {}", one_line(&format!("{e:#}"))),
+        }
     }
 }
 

@@ -63,8 +63,9 @@ pub(crate) fn run_within(
             let _ = child.kill();
             let _ = child.wait();
             bail!(
-                "{cmd:?} did not finish within {limit:?}: {}",
-                read_all(err)?.trim()
+                "{cmd:?} did not finish within {limit:?}: stderr {:?}, stdout {:?}",
+                read_all(err)?.trim(),
+                read_all(out)?.trim()
             );
         }
         std::thread::sleep(Duration::from_millis(2));
