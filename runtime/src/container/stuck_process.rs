@@ -20,9 +20,9 @@ pub fn thread_states(pid: i32) -> String {
 fn thread_state(task: &std::path::Path) -> String {
     let read = |f: &str| fs::read_to_string(task.join(f)).unwrap_or_default();
     let comm = read("comm");
-    let state = read("stat")
-        .rsplit_once(')')
-        .and_then(|(_, rest)| rest.split_whitespace().next().map(str::to_owned))
+    let stat = read("stat");
+    let state = super::stat_after_comm(&stat)
+        .and_then(|rest| rest.split_whitespace().next())
         .unwrap_or_default();
     let wchan = read("wchan");
     // The first field of `syscall` is the number (or "running"); the rest are raw registers.

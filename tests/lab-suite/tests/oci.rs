@@ -520,18 +520,7 @@ fn status_field(status: &str, name: &str) -> String {
 fn the_monitor_is_confined_once_created() {
     let oci = Oci::new();
     let b = oci.bundle("b", &["sleep", "300"]);
-    let pid_file = oci.dir.path().join("conf.pid");
-    let create = [
-        "create",
-        "--bundle",
-        b.to_str().unwrap(),
-        "--pid-file",
-        pid_file.to_str().unwrap(),
-        "conf",
-    ];
-    let out = oci.husk_detached_env(&create, &[("HUSK_CONFINE", Path::new("1"))]);
-    assert_eq!(out.code, 0, "{}", out.stderr);
-    let pid: i32 = std::fs::read_to_string(&pid_file).unwrap().parse().unwrap();
+    let pid = oci.create_env(&b, "conf", &[("HUSK_CONFINE", Path::new("1"))]);
     assert_eq!(oci.husk(&["start", "conf"]).code, 0);
     let main = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     assert_eq!(status_field(&main, "Seccomp:"), "2", "{main}");
