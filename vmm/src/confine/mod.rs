@@ -228,6 +228,7 @@ pub fn confine_process(limits: &Limits) -> Result<(), ConfineError> {
     if PLAN.set(plan).is_err() {
         return Err(ConfineError::Again);
     }
+    privileges::settle_malloc();
     privileges::set_rlimits(limits.open_files).map_err(|source| ConfineError::Host {
         what: "setting rlimits",
         source,

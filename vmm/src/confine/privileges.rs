@@ -195,3 +195,22 @@ pub(super) fn set_rlimits(open_files: u64) -> io::Result<()> {
     }
     set(libc::RLIMIT_NOFILE, open_files.min(cur.rlim_max))
 }
+
+/// Settles what glibc's malloc would otherwise look up on the host later, from whatever
+/// thread happens to need it, by opening a file: a confined thread (a vCPU) is killed for
+/// that. It counts the CPUs (`/sys/devices/system/cpu/online`) when a thread first needs a
+/// new arena, so the arena limit is set here, to glibc's own default of 8 per CPU; and it
+/// reads `/proc/sys/vm/overcommit_memory` when it first shrinks a thread arena's heap, so
+/// heaps are never shrunk (the trim threshold is above a heap's 64 MiB): their free pages
+/// stay with the monitor, whose large buffers are mmap'ed and unmapped on their own anyway.
+pub(super) fn settle_malloc() {
+    #[cfg(target_env = "gnu")]
+    {
+        // SAFETY: sysconf reads a system value; mallopt sets malloc tunables.
+        unsafe {
+            let cpus = libc::sysconf(libc::_SC_NPROCESSORS_ONLN).clamp(1, 1 << 16) as i32;
+            libc::mallopt(libc::M_ARENA_MAX, 8 * cpus);
+            libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        }
+    }
+}
