@@ -51,20 +51,56 @@ pub(crate) fn holders(dir: &Path) -> Vec<i32> {
     pids
 }
 
-/// Removes the lease file of clone `pid` from each of `dirs` if that process has ended (one
-/// killed before it could drop its lease leaves the file behind). A pid that is alive again,
-/// reused by another process, keeps its file.
-pub(crate) fn remove_ended(dirs: impl Iterator<Item = PathBuf>, pid: i32) {
+/// Removes the lease files of `pid` from every template's directory under `all` (the
+/// directory of the templates' lease directories), unless a process with that pid runs.
+pub(crate) fn remove_ended(all: &Path, pid: i32) {
     if alive(pid) {
         return;
     }
-    for dir in dirs {
-        let _ = std::fs::remove_file(dir.join(pid.to_string()));
+    let Ok(entries) = std::fs::read_dir(all) else {
+        return;
+    };
+    for dir in entries.flatten() {
+        let _ = std::fs::remove_file(dir.path().join(pid.to_string()));
     }
 }
 
+/// Whether `pid` runs. A zombie does not: a killed clone stays one until its parent (or
+/// init) reaps it, and holds nothing of the template meanwhile.
 fn alive(pid: i32) -> bool {
-    // SAFETY: signal 0 only checks that the process exists; nothing is delivered.
-    let r = unsafe { libc::kill(pid, 0) };
-    r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // The state (field 3) follows the command name, which may itself hold ')'.
+    stat.rfind(')')
+        .and_then(|i| stat[i + 1..].split_whitespace().next())
+        .is_some_and(|state| state != "Z")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_an_ended_clones_leases_are_removed() {
+        let all = tempfile::tempdir().unwrap();
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let ended = child.id() as i32;
+        child.wait().unwrap();
+        let me = std::process::id() as i32;
+        for template in ["a", "b"] {
+            let dir = all.path().join(template);
+            std::fs::create_dir_all(&dir).unwrap();
+            for pid in [ended, me] {
+                std::fs::write(dir.join(pid.to_string()), b"").unwrap();
+            }
+        }
+        remove_ended(all.path(), ended);
+        remove_ended(all.path(), me);
+        for template in ["a", "b"] {
+            let dir = all.path().join(template);
+            assert!(!dir.join(ended.to_string()).exists());
+            assert!(dir.join(me.to_string()).exists());
+        }
+    }
 }

@@ -248,13 +248,10 @@ impl Store {
         Lease::take(&self.leases_dir(&template.manifest.name))
     }
 
-    /// Drops the lease clone `pid` left on any template if it has ended without dropping it
-    /// (for `delete` of a container whose monitor was killed).
-    pub fn release_ended(&self, pid: i32) {
-        let Ok(dirs) = std::fs::read_dir(self.root.join(LEASES_DIR)) else {
-            return;
-        };
-        lease::remove_ended(dirs.flatten().map(|d| d.path()), pid);
+    /// Removes the leases of clone `pid`, which has ended without dropping them (it was
+    /// killed). Nothing is removed while a process with that pid runs.
+    pub fn release_ended_clone(&self, pid: i32) {
+        lease::remove_ended(&self.root.join(LEASES_DIR), pid);
     }
 
     fn leases_dir(&self, name: &str) -> PathBuf {

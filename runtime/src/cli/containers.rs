@@ -233,15 +233,34 @@ pub fn kill(root: &Path, id: &str, sig: &str, all: bool) -> Result<()> {
 }
 
 /// `husk delete`: what the monitor logged at error level is reported (see `report_deleted`).
+/// With `force`, a container whose state cannot be read is still removed (see
+/// [`Container::recover`]), with a warning that says why its state was unreadable.
 pub fn delete(root: &Path, id: &str, force: bool, logger: &Logger) -> Result<()> {
-    if let Some(errors) = Container::load(root, id)?.delete(force)? {
+    let c = match Container::load(root, id) {
+        Ok(c) => c,
+        Err(e) if force => match Container::recover(root, id) {
+            Ok(c) => {
+                logger.warn(&format!(
+                    "container {id}: {e:#}; removing what is found of it"
+                ));
+                c
+            }
+            Err(_) => return Err(e),
+        },
+        Err(e) => return Err(e),
+    };
+    if let Some(errors) = c.delete(force)? {
         report_deleted(logger, id, &errors);
     }
     Ok(())
 }
 
-pub fn pause(root: &Path, id: &str) -> Result<()> {
-    Container::load(root, id)?.pause()
+/// `husk pause`: a container paused with its memory left in RAM gets a warning saying why.
+pub fn pause(root: &Path, id: &str, logger: &Logger) -> Result<()> {
+    if let Some(warning) = Container::load(root, id)?.pause()? {
+        logger.warn(&format!("container {id}: {warning}"));
+    }
+    Ok(())
 }
 
 pub fn resume(root: &Path, id: &str) -> Result<()> {

@@ -205,7 +205,7 @@ fn dispatch(cli: Cli, started: Instant, logger: &Logger) -> Result<i32, Failure>
         Command::State { id } => plain(containers::state(&root, &id, logger)),
         Command::Kill { all, id, signal } => plain(containers::kill(&root, &id, &signal, all)),
         Command::Delete { force, id } => plain(containers::delete(&root, &id, force, logger)),
-        Command::Pause { id } => plain(containers::pause(&root, &id)),
+        Command::Pause { id } => plain(containers::pause(&root, &id, logger)),
         Command::Resume { id } => plain(containers::resume(&root, &id)),
         Command::Ps { format, id } => plain(containers::ps(&root, &id, format == "json")),
         Command::List { format, quiet } => plain(containers::list(&root, format == "json", quiet)),

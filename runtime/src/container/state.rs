@@ -9,6 +9,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
+use super::bundle::Bundle;
+use super::{monitor_alive, process_start_time};
+
 /// The OCI version Husk reports, as runc does.
 pub const OCI_VERSION: &str = "1.0.2-dev";
 const STATE_FILE: &str = "state.json";
@@ -60,9 +63,66 @@ pub struct ContainerState {
     /// state directory); `None` for a container whose monitor predates it.
     #[serde(default)]
     pub monitor_log: Option<PathBuf>,
+    /// While the container is being created and no monitor has recorded itself yet (`pid`
+    /// 0): the `create` that claimed the id, which tells a creation under way from one
+    /// abandoned by a killed `create`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub creator: Option<Creator>,
+}
+
+/// The `create` process that claimed a container's id.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Creator {
+    pub pid: i32,
+    /// As [`ContainerState::pid_start_time`].
+    pub start_time: u64,
 }
 
 impl ContainerState {
+    /// The state `create` records as it claims the id: being created by this process, no
+    /// monitor yet.
+    pub fn creating(id: &str, bundle: &Bundle) -> ContainerState {
+        let pid = std::process::id() as i32;
+        let annotations = bundle.spec.annotations().clone().unwrap_or_default();
+        ContainerState {
+            bundle: bundle.dir.clone(),
+            rootfs: bundle.rootfs.clone(),
+            created: humantime::format_rfc3339_nanos(std::time::SystemTime::now()).to_string(),
+            status: Status::Creating,
+            annotations: annotations.into_iter().collect(),
+            creator: process_start_time(pid).map(|start_time| Creator { pid, start_time }),
+            ..ContainerState::unknown(id)
+        }
+    }
+
+    /// A stopped container `id` of which nothing is known (its state file is lost).
+    pub fn unknown(id: &str) -> ContainerState {
+        ContainerState {
+            id: id.to_string(),
+            bundle: PathBuf::new(),
+            rootfs: PathBuf::new(),
+            created: String::new(),
+            status: Status::Stopped,
+            pid: 0,
+            pid_start_time: 0,
+            annotations: BTreeMap::new(),
+            cgroup_dirs: Vec::new(),
+            page_file: None,
+            guest_id: None,
+            monitor_log: None,
+            creator: None,
+        }
+    }
+
+    /// Whether the process the container depends on still runs: its monitor, or while no
+    /// monitor has recorded itself, the `create` that claimed it.
+    pub fn owner_alive(&self) -> bool {
+        match (self.pid, self.creator) {
+            (0, Some(c)) => process_start_time(c.pid) == Some(c.start_time),
+            _ => monitor_alive(self),
+        }
+    }
+
     /// The id the guest agent knows the container by.
     pub fn guest_id(&self) -> &str {
         self.guest_id.as_deref().unwrap_or(&self.id)
@@ -112,29 +172,39 @@ impl StateRoot {
         self.root.join(id)
     }
 
-    /// Claims `id`: fails the way runc does if it is taken.
-    pub fn create(&self, id: &str) -> Result<PathBuf> {
-        validate_id(id)?;
+    /// Claims the id of `state` and records it there, atomically: the state directory
+    /// appears with its state file in it, so that no reader (nor a `create` killed midway)
+    /// ever leaves one without the other. Fails the way runc does if the id is taken.
+    pub fn claim(&self, state: &ContainerState) -> Result<PathBuf> {
+        let taken = || anyhow::anyhow!("container with given ID already exists");
+        validate_id(&state.id)?;
+        let dir = self.dir(&state.id);
+        if dir.exists() {
+            return Err(taken());
+        }
         fs::create_dir_all(&self.root)
             .with_context(|| format!("creating root {}", self.root.display()))?;
-        let dir = self.dir(id);
-        match fs::create_dir(&dir) {
-            Ok(()) => Ok(dir),
-            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
-                bail!("container with given ID already exists")
-            }
-            Err(e) => Err(e).with_context(|| format!("creating {}", dir.display())),
+        // '@' is never in an id: `list` and `load` pass this directory by.
+        let tmp = self.root.join(format!("claim@{}", std::process::id()));
+        let _ = fs::remove_dir_all(&tmp);
+        let claimed = fs::create_dir(&tmp)
+            .and_then(|()| write_state(&tmp, state))
+            .with_context(|| format!("creating {}", tmp.display()))
+            .and_then(|()| match fs::rename(&tmp, &dir) {
+                Ok(()) => Ok(dir),
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ENOTEMPTY | libc::EEXIST)) => {
+                    Err(taken())
+                }
+                Err(e) => Err(e).with_context(|| format!("creating {}", dir.display())),
+            });
+        if claimed.is_err() {
+            let _ = fs::remove_dir_all(&tmp);
         }
+        claimed
     }
 
     pub fn save(&self, state: &ContainerState) -> Result<()> {
-        let dir = self.dir(&state.id);
-        let tmp = dir.join(format!(".{STATE_FILE}.tmp"));
-        let mut f = fs::File::create(&tmp)?;
-        f.write_all(&serde_json::to_vec_pretty(state)?)?;
-        f.sync_all()?;
-        fs::rename(&tmp, dir.join(STATE_FILE))?;
-        Ok(())
+        Ok(write_state(&self.dir(&state.id), state)?)
     }
 
     pub fn load(&self, id: &str) -> Result<ContainerState> {
@@ -147,7 +217,8 @@ impl StateRoot {
             }
             Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
         };
-        serde_json::from_slice(&data).with_context(|| format!("corrupt {}", path.display()))
+        serde_json::from_slice(&data)
+            .with_context(|| format!("the state file {} is damaged", path.display()))
     }
 
     /// Every container with a readable state, sorted by id.
@@ -174,6 +245,15 @@ impl StateRoot {
     }
 }
 
+/// Writes `state` into `dir` atomically (a temp file renamed over the old one).
+fn write_state(dir: &Path, state: &ContainerState) -> std::io::Result<()> {
+    let tmp = dir.join(format!(".{STATE_FILE}.tmp"));
+    let mut f = fs::File::create(&tmp)?;
+    f.write_all(&serde_json::to_vec_pretty(state)?)?;
+    f.sync_all()?;
+    fs::rename(&tmp, dir.join(STATE_FILE))
+}
+
 /// runc's rule: ids are non-empty, at most 1024 chars of `[A-Za-z0-9_+.-]`, and not `.`/`..`.
 pub fn validate_id(id: &str) -> Result<()> {
     let ok_char = |c: char| c.is_ascii_alphanumeric() || "_+-.".contains(c);
@@ -189,18 +269,13 @@ mod tests {
 
     fn state(id: &str) -> ContainerState {
         ContainerState {
-            id: id.into(),
             bundle: "/b".into(),
             rootfs: "/b/rootfs".into(),
             created: "2026-01-01T00:00:00.000000001Z".into(),
             status: Status::Created,
             pid: 42,
             pid_start_time: 7,
-            annotations: BTreeMap::new(),
-            cgroup_dirs: Vec::new(),
-            page_file: None,
-            guest_id: None,
-            monitor_log: None,
+            ..ContainerState::unknown(id)
         }
     }
 
@@ -208,18 +283,44 @@ mod tests {
     fn create_save_load_list_remove() {
         let root = tempfile::tempdir().unwrap();
         let store = StateRoot::new(root.path());
-        store.create("b").unwrap();
-        store.save(&state("b")).unwrap();
-        store.create("a").unwrap();
-        store.save(&state("a")).unwrap();
-        let err = store.create("a").unwrap_err().to_string();
+        store.claim(&state("b")).unwrap();
+        store.claim(&state("a")).unwrap();
+        let err = store.claim(&state("a")).unwrap_err().to_string();
         assert_eq!(err, "container with given ID already exists");
+        let entries = fs::read_dir(root.path()).unwrap().count();
+        assert_eq!(entries, 2, "a claim left its temporary directory");
         assert_eq!(store.load("a").unwrap().pid, 42);
         let ids: Vec<String> = store.list().into_iter().map(|s| s.id).collect();
         assert_eq!(ids, ["a", "b"]);
         store.remove("a").unwrap();
         let err = store.load("a").unwrap_err().to_string();
         assert_eq!(err, "container does not exist");
+    }
+
+    #[test]
+    fn a_creation_lives_while_its_creator_and_then_its_monitor_runs() {
+        let me = std::process::id() as i32;
+        let start_time = process_start_time(me).unwrap();
+        let mut s = state("x");
+        s.status = Status::Creating;
+        s.pid = 0;
+        s.creator = Some(Creator {
+            pid: me,
+            start_time,
+        });
+        assert!(s.owner_alive());
+        // A later process with the creator's pid is not the creator.
+        s.creator = Some(Creator {
+            pid: me,
+            start_time: start_time + 1,
+        });
+        assert!(!s.owner_alive());
+        // Once a monitor has recorded itself, it is what counts.
+        s.pid = me;
+        s.pid_start_time = start_time;
+        assert!(s.owner_alive());
+        s.pid_start_time = start_time + 1;
+        assert!(!s.owner_alive());
     }
 
     #[test]

@@ -12,7 +12,7 @@ use nix::poll::{PollFd, PollFlags};
 use super::{load_state, Container};
 use crate::agent_vm::AGENT_TIMEOUT;
 use crate::container::bundle::Bundle;
-use crate::container::state::StateRoot;
+use crate::container::state::{ContainerState, StateRoot};
 use crate::container::stuck_process::thread_states;
 use crate::container::template_choice;
 use crate::container::trace::Trace;
@@ -61,7 +61,9 @@ impl Container {
     ) -> Result<Container> {
         let bundle = Bundle::load(&opts.bundle)?;
         let store = StateRoot::new(root);
-        store.create(&opts.id)?;
+        // A `create` killed from here on leaves a container that `state` reports and
+        // `delete` removes.
+        store.claim(&ContainerState::creating(&opts.id, &bundle))?;
         let trace = Trace::start("create");
         let spawned = source(&bundle).and_then(|source| {
             trace.mark("VM source chosen");

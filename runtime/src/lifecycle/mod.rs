@@ -17,12 +17,13 @@ use anyhow::{bail, Result};
 pub use self::checkpointing::{CheckpointOptions, RestoreOptions};
 pub use self::create::{CreateOptions, VmSource};
 pub use self::exec::ExecOptions;
-use crate::container::monitor_alive;
-use crate::container::state::{ContainerState, StateRoot, Status};
+use crate::container::state::{validate_id, ContainerState, StateRoot, Status};
 use crate::container::trace::Trace;
+use crate::container::{monitor_alive, process_start_time};
 use crate::logging::{monitor_log, Entry};
+use crate::monitor::cgroup;
 use crate::monitor::control::{self, Reply, Request};
-use crate::monitor::{cgroup, paging};
+use crate::monitor::paging::{self, PauseConfig};
 
 /// One container: its state directory and the state it held when the handle was made.
 pub struct Container {
@@ -57,6 +58,29 @@ impl Container {
         Ok(Container { store, state })
     }
 
+    /// A container whose state file is damaged or missing, rebuilt from what the host shows
+    /// of it: its monitor is the process serving its control socket, with that process's
+    /// cgroup and page file. Enough for [`Container::delete`] with `force`.
+    pub fn recover(root: &Path, id: &str) -> Result<Container> {
+        validate_id(id)?;
+        let store = StateRoot::new(root);
+        let dir = store.dir(id);
+        if !dir.is_dir() {
+            bail!("container does not exist");
+        }
+        let mut state = ContainerState::unknown(id);
+        if let Some(pid) = control::monitor_pid(&dir) {
+            state.status = Status::Running;
+            state.pid = pid;
+            state.pid_start_time = process_start_time(pid).unwrap_or(0);
+            state.cgroup_dirs = cgroup::of_process(pid);
+            state.page_file = PauseConfig::load()
+                .ok()
+                .map(|c| paging::page_file(&c.page_dir, id, pid));
+        }
+        Ok(Container { store, state })
+    }
+
     /// Every container under `root` whose state can be read.
     pub fn list(root: &Path) -> Vec<Container> {
         StateRoot::new(root)
@@ -81,6 +105,7 @@ impl Container {
         match self.state.status {
             Status::Created => {}
             Status::Stopped => bail!("cannot start a container that has stopped"),
+            Status::Creating => bail!("cannot start a container in the creating state"),
             _ => bail!("cannot start an already running container"),
         }
         trace.mark("state read");
@@ -98,14 +123,18 @@ impl Container {
         Ok(())
     }
 
-    /// Suspends every process of a running container.
-    pub fn pause(&self) -> Result<()> {
-        match self.state.status {
+    /// Suspends every process of a running container. Returns a warning when the container
+    /// is paused but not as configured (its memory could not be paged out).
+    pub fn pause(&self) -> Result<Option<String>> {
+        let reply = match self.state.status {
             Status::Running => self.call(&Request::Pause)?,
             Status::Paused => bail!("container already paused"),
             _ => bail!("container not running"),
         };
-        Ok(())
+        Ok(match reply {
+            Reply::Warning { message } => Some(message),
+            _ => None,
+        })
     }
 
     /// Resumes a paused container.
@@ -154,17 +183,18 @@ impl Container {
             // container's cgroup) before the cgroup can be removed.
             Status::Stopped => finish_monitor(st),
             Status::Created => self.stop_monitor(),
+            // No control socket yet: the monitor (if one has recorded itself) is killed. A
+            // `create` still at work finds the id gone and fails.
+            Status::Creating if force => kill_monitor(st),
             _ if force => self.stop_monitor(),
             s => bail!("cannot delete container {} that is not stopped: {s}", st.id),
         }
+        // The monitor is gone: what it recorded last is everything it held (a monitor
+        // killed while creating may have recorded more since this handle was made).
+        let st = self.store.load(&st.id).unwrap_or_else(|_| st.clone());
         let errors = self.monitor_errors();
         self.store.remove(&st.id)?;
-        cgroup::remove(&st.cgroup_dirs);
-        // A monitor killed above (or before) could not drop its template lease itself.
-        husk_templates::Store::from_env().release_ended(st.pid);
-        if let Some(f) = &st.page_file {
-            paging::remove_page_file(f);
-        }
+        release_monitor_remains(&st);
         Ok(errors)
     }
 
@@ -199,10 +229,11 @@ impl Container {
     }
 }
 
-/// Loads a container's state, correcting it if its monitor has died.
+/// Loads a container's state, correcting it if its monitor (or, before there is one, the
+/// `create` making it) has died: nothing of it runs any more, so it is stopped.
 fn load_state(store: &StateRoot, id: &str) -> Result<ContainerState> {
     let mut st = store.load(id)?;
-    if st.status != Status::Stopped && !monitor_alive(&st) {
+    if st.status != Status::Stopped && !st.owner_alive() {
         st.status = Status::Stopped;
     }
     Ok(st)
@@ -214,12 +245,29 @@ fn finish_monitor(st: &ContainerState) {
     while monitor_alive(st) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
+    kill_monitor(st);
+}
+
+/// Kills the monitor (if it still runs) and waits until it is gone.
+fn kill_monitor(st: &ContainerState) {
     if monitor_alive(st) {
         // SAFETY: plain kill(2) of the monitor whose identity monitor_alive just checked.
         unsafe { libc::kill(st.pid, libc::SIGKILL) };
         while monitor_alive(st) {
             std::thread::sleep(Duration::from_millis(10));
         }
+    }
+}
+
+/// Removes what a monitor that is gone may have left outside the state directory: its
+/// cgroup, its page file and, when it was killed, its template lease.
+fn release_monitor_remains(st: &ContainerState) {
+    cgroup::remove(&st.cgroup_dirs);
+    if let Some(f) = &st.page_file {
+        paging::remove_page_file(f);
+    }
+    if st.pid > 0 {
+        husk_templates::Store::from_env().release_ended_clone(st.pid);
     }
 }
 

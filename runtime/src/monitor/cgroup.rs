@@ -79,6 +79,20 @@ pub fn default_parents() -> Vec<PathBuf> {
         .collect()
 }
 
+/// The directories `setup` makes for `rel` on this host: one on v2, one per v1 hierarchy.
+pub fn dirs_for(rel: &Path) -> Vec<PathBuf> {
+    let root = Path::new(CGROUP_ROOT);
+    if root.join("cgroup.controllers").exists() {
+        return vec![root.join(rel)];
+    }
+    V1_CONTROLLERS
+        .iter()
+        .map(|ctrl| root.join(ctrl))
+        .filter(|hierarchy| hierarchy.is_dir())
+        .map(|hierarchy| hierarchy.join(rel))
+        .collect()
+}
+
 /// Creates the cgroup, applies `limits` and moves `pid` into it. Returns the directories made
 /// (one per v1 hierarchy, one on v2), for `remove`. On error nothing is left behind.
 pub fn setup(rel: &Path, limits: &Limits, pid: u32) -> Result<Vec<PathBuf>> {
@@ -210,6 +224,38 @@ pub fn leave(dirs: &[PathBuf], rel: &Path, pid: u32) {
             let _ = fs::write(root.join("cgroup.procs"), pid.to_string());
         }
     }
+}
+
+/// The cgroup directories process `pid` is in that `setup` could have made (its v2 cgroup,
+/// or its v1 memory and cpu ones), leaving out hierarchy roots: where a monitor whose state
+/// is lost lives.
+pub fn of_process(pid: i32) -> Vec<PathBuf> {
+    let text = fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap_or_default();
+    let root = Path::new(CGROUP_ROOT);
+    let v2 = root.join("cgroup.controllers").exists();
+    let mut dirs = Vec::new();
+    for line in text.lines() {
+        let mut fields = line.splitn(3, ':');
+        let (Some(_), Some(controllers), Some(path)) =
+            (fields.next(), fields.next(), fields.next())
+        else {
+            continue;
+        };
+        let rel = path.trim_start_matches('/');
+        if rel.is_empty() || rel.split('/').any(|c| c == "..") {
+            continue;
+        }
+        if v2 && controllers.is_empty() {
+            dirs.push(root.join(rel));
+        }
+        for ctrl in V1_CONTROLLERS {
+            if !v2 && controllers.split(',').any(|c| c == ctrl) {
+                dirs.push(root.join(ctrl).join(rel));
+            }
+        }
+    }
+    dirs.retain(|d| d.is_dir());
+    dirs
 }
 
 /// Removes the cgroup directories (empty once the monitor is gone). A cgroup lingers for a

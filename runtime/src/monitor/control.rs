@@ -34,8 +34,16 @@ pub enum Request {
 #[serde(tag = "result", rename_all = "snake_case")]
 pub enum Reply {
     Ok,
-    Pids { pids: Vec<i32> },
-    Error { message: String },
+    /// Done, with something the caller should hear (a pause whose page-out failed).
+    Warning {
+        message: String,
+    },
+    Pids {
+        pids: Vec<i32>,
+    },
+    Error {
+        message: String,
+    },
 }
 
 /// Sends `req` to the monitor of the container whose state directory is `dir`.
@@ -66,6 +74,15 @@ pub fn call_timeout(dir: &Path, req: &Request, timeout: Duration) -> Result<Repl
         Reply::Error { message } => bail!("{message}"),
         r => Ok(r),
     }
+}
+
+/// The pid of the monitor serving the control socket in `dir` (the peer's credentials,
+/// which the kernel took when the monitor listened), if one answers there.
+pub fn monitor_pid(dir: &Path) -> Option<i32> {
+    use nix::sys::socket::{getsockopt, sockopt::PeerCredentials};
+    let stream = UnixStream::connect(dir.join(SOCKET)).ok()?;
+    let pid = getsockopt(&stream, PeerCredentials).ok()?.pid();
+    (pid > 0).then_some(pid)
 }
 
 /// Reads one request from a monitor-side connection.

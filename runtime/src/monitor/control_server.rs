@@ -80,6 +80,8 @@ impl Control {
                 self.set(Status::Paused)?;
                 if let Err(e) = self.pager.paused() {
                     log::error!("{e:#}");
+                    let message = format!("paused, but its memory stays in RAM: {e:#}");
+                    return Ok(Reply::Warning { message });
                 }
             }
             // A page file that cannot be read back leaves the container paused.

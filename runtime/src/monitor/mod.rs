@@ -27,7 +27,7 @@ use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use husk_agent::client::Client;
 use husk_templates::Lease;
 
@@ -72,7 +72,7 @@ pub fn run(args: MonitorArgs) -> i32 {
     let store = StateRoot::new(&args.root);
     // First, so that the VMM's warnings from the very start are seen.
     let log = monitor_log::install(&args.log, &store.dir(&args.id));
-    let started = match start(&args, &store, log) {
+    let started = match record_self(&store, &args.id).and_then(|()| start(&args, &store, log)) {
         Ok(s) => s,
         Err(e) => {
             let hint = console_hint(&store.dir(&args.id).join("console.log"));
@@ -142,6 +142,9 @@ fn start(args: &MonitorArgs, store: &StateRoot, log: &MonitorLog) -> Result<Star
     let dir = store.dir(&args.id);
     // Before the VM exists, so that guest RAM and every VMM thread are charged to it.
     trace.mark("bundle loaded");
+    // Recorded before they are made: a monitor killed at any point leaves none unknown.
+    let cgroup_dirs = cgroup::dirs_for(&cgroup::relative_path(&bundle.raw, &args.id)?);
+    record_creating(store, &args.id, |st| st.cgroup_dirs = cgroup_dirs)?;
     let cgroup = HostCgroup::join(&bundle, &args.id)?;
     trace.mark("cgroup joined");
     let pause_config = PauseConfig::load()?;
@@ -177,7 +180,7 @@ fn start(args: &MonitorArgs, store: &StateRoot, log: &MonitorLog) -> Result<Star
     trace.mark("stdio attached");
     let base = template.as_ref().map(checkpoint_image::template_memory);
     let pager = PausePaging::new(pause_config, vm.control().clone(), base, &args.id);
-    let mut initial = initial_state(args, &bundle)?;
+    let mut initial = initial_state(args, &bundle);
     if restored {
         initial.status = Status::Running;
     }
@@ -213,6 +216,32 @@ fn start(args: &MonitorArgs, store: &StateRoot, log: &MonitorLog) -> Result<Star
         state,
         exit,
     })
+}
+
+/// Records this process as the monitor of the container `create` claimed, before anything
+/// else: from here on `state` knows it runs and `delete` can kill it. Fails if the container
+/// was deleted meanwhile (a killed `create`'s, removed by `delete --force`).
+fn record_self(store: &StateRoot, id: &str) -> Result<()> {
+    let pid = std::process::id() as i32;
+    record_creating(store, id, |st| {
+        st.pid = pid;
+        st.pid_start_time = crate::container::process_start_time(pid).unwrap_or(0);
+        st.creator = None;
+    })
+}
+
+/// Updates the state of the container being created, so that what the monitor holds is
+/// known to `delete` should the monitor be killed before the container is created.
+fn record_creating(
+    store: &StateRoot,
+    id: &str,
+    update: impl FnOnce(&mut ContainerState),
+) -> Result<()> {
+    let mut st = store
+        .load(id)
+        .with_context(|| format!("container {id} is no longer being created"))?;
+    update(&mut st);
+    store.save(&st)
 }
 
 fn terminal(bundle: &Bundle) -> bool {
@@ -255,23 +284,15 @@ fn vm_agent(vm: &AgentVm) -> Result<Client<UnixStream>> {
     agent_at(vm.vsock_path(), Duration::from_secs(10))
 }
 
-fn initial_state(args: &MonitorArgs, bundle: &Bundle) -> Result<ContainerState> {
+fn initial_state(args: &MonitorArgs, bundle: &Bundle) -> ContainerState {
     let pid = std::process::id() as i32;
-    let annotations = bundle.spec.annotations().clone().unwrap_or_default();
-    Ok(ContainerState {
-        id: args.id.clone(),
-        bundle: bundle.dir.clone(),
-        rootfs: bundle.rootfs.clone(),
-        created: humantime::format_rfc3339_nanos(std::time::SystemTime::now()).to_string(),
+    ContainerState {
         status: Status::Created,
         pid,
         pid_start_time: crate::container::process_start_time(pid).unwrap_or(0),
-        annotations: annotations.into_iter().collect(),
-        cgroup_dirs: Vec::new(),
-        page_file: None,
-        guest_id: None,
-        monitor_log: None,
-    })
+        creator: None,
+        ..ContainerState::creating(&args.id, bundle)
+    }
 }
 
 /// A connection to the guest agent whose replies are awaited for at most `timeout`.

@@ -98,9 +98,7 @@ impl PausePaging {
         base: Option<PathBuf>,
         id: &str,
     ) -> PausePaging {
-        let file = config
-            .page_dir
-            .join(format!("{id}-{}.pages", std::process::id()));
+        let file = page_file(&config.page_dir, id, std::process::id() as i32);
         PausePaging {
             config,
             vm,
@@ -180,6 +178,11 @@ impl PausePaging {
     pub fn remove_file(&self) {
         remove_page_file(&self.file);
     }
+}
+
+/// The page file of container `id` whose monitor is `pid`, in `page_dir`.
+pub fn page_file(page_dir: &Path, id: &str, pid: i32) -> PathBuf {
+    page_dir.join(format!("{id}-{pid}.pages"))
 }
 
 /// Removes a page file and the temporary file of a page-out that never finished.

@@ -59,9 +59,9 @@ fn the_lease_of_an_ended_clone_is_released_and_a_live_one_kept() {
     let ended = child.id() as i32;
     let leases = store.leases_dir("t1");
     std::fs::write(leases.join(ended.to_string()), b"").unwrap();
-    store.release_ended(ended);
+    store.release_ended_clone(ended);
     assert!(!leases.join(ended.to_string()).exists());
-    store.release_ended(std::process::id() as i32);
+    store.release_ended_clone(std::process::id() as i32);
     assert_eq!(store.clones("t1"), [std::process::id() as i32]);
     drop(live);
 }

@@ -202,6 +202,8 @@ pub fn exec_request(argv: &[&str]) -> husk_agent::ExecRequest {
 /// A state root and bundles for OCI tests; everything under one temp dir.
 pub struct Oci {
     pub dir: tempfile::TempDir,
+    /// Added to the environment of every husk command (see [`Oci::set_env`]).
+    env: Vec<(String, PathBuf)>,
 }
 
 /// What a command printed and how it ended.
@@ -217,7 +219,14 @@ impl Oci {
         require_lab();
         Oci {
             dir: tempfile::tempdir().expect("tempdir"),
+            env: Vec::new(),
         }
+    }
+
+    /// Sets `key` to `value` in the environment of every husk command run from here on
+    /// (a host's configuration, as `HUSK_CONFIG`, is the same for every command).
+    pub fn set_env(&mut self, key: &str, value: &Path) {
+        self.env.push((key.to_string(), value.to_path_buf()));
     }
 
     pub fn root(&self) -> PathBuf {
@@ -254,6 +263,7 @@ impl Oci {
     pub fn husk_with_input(&self, args: &[&str], input: &[u8]) -> Out {
         let mut cmd = Command::new(husk_bin());
         cmd.arg("--root").arg(self.root()).args(args);
+        cmd.envs(self.env.iter().map(|(k, v)| (k, v)));
         run_with_input(cmd, input)
     }
 
@@ -271,6 +281,7 @@ impl Oci {
             .arg("--root")
             .arg(self.root())
             .args(args)
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_path())))
             .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&out_path).unwrap())
@@ -355,6 +366,7 @@ impl Drop for Oci {
                 .arg("--root")
                 .arg(self.root())
                 .args(args)
+                .envs(self.env.iter().map(|(k, v)| (k, v)))
                 .stdin(Stdio::null())
                 .stderr(Stdio::inherit())
                 .output()
