@@ -49,7 +49,6 @@ const MAX_LAST_WORDS: usize = 1;
 pub struct MonitorLog {
     level: LevelFilter,
     format: LogFormat,
-    errors_path: PathBuf,
     sink: Mutex<Sink>,
 }
 
@@ -86,13 +85,14 @@ impl MonitorLog {
                 false => LevelFilter::Warn,
             },
             format: opts.format,
-            errors_path: state_dir.join(ERRORS_FILE),
             sink: Mutex::new(Sink {
                 path,
                 file,
                 written: 0,
                 truncated: false,
-                errors: None,
+                // Opened now: the first error may come from a thread confined to its own
+                // files (a vCPU, the pager), which would be killed for opening one.
+                errors: open_append(&state_dir.join(ERRORS_FILE)).ok(),
                 kept_errors: 0,
                 last: None,
                 repeats: 0,
@@ -156,7 +156,7 @@ struct Sink {
     written: u64,
     /// Set once [`MAX_LOG_BYTES`] is reached: nothing more is written.
     truncated: bool,
-    /// [`ERRORS_FILE`], opened at the first error.
+    /// [`ERRORS_FILE`], opened with the log.
     errors: Option<File>,
     kept_errors: usize,
     /// The last line written, and how often it came again since.
@@ -191,7 +191,7 @@ impl Sink {
     fn write(&mut self, log: &MonitorLog, level: Level, msg: &str) {
         let entry = Entry::now(level_name(level), msg);
         if level == Level::Error {
-            self.keep_error(&log.errors_path, &entry);
+            self.keep_error(&entry);
         }
         if self.truncated {
             return;
@@ -213,14 +213,11 @@ impl Sink {
         }
     }
 
-    fn keep_error(&mut self, path: &Path, entry: &Entry) {
+    fn keep_error(&mut self, entry: &Entry) {
         if self.kept_errors >= MAX_KEPT_ERRORS {
             return;
         }
         self.kept_errors += 1;
-        if self.errors.is_none() {
-            self.errors = open_append(path).ok();
-        }
         if let Some(f) = &mut self.errors {
             let _ = f.write_all(entry.line(LogFormat::Json).as_bytes());
         }
