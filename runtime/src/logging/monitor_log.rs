@@ -106,13 +106,10 @@ impl MonitorLog {
     }
 
     /// The files, each with its format, that a dying monitor's last line goes to when it cannot
-    /// use the logger (the seccomp handler): the log, and [`ERRORS_FILE`] (opened now).
+    /// use the logger (the seccomp handler): the log, and [`ERRORS_FILE`].
     /// Appending, as the logger's own writes do, so that lines are never torn.
     pub fn last_words_logs(&self) -> Vec<(File, LogFormat)> {
-        let mut sink = self.lock();
-        if sink.errors.is_none() {
-            sink.errors = open_append(&self.errors_path).ok();
-        }
+        let sink = self.lock();
         let log = sink.file.as_ref().map(|f| (f, self.format));
         let errors = sink.errors.as_ref().map(|f| (f, LogFormat::Json));
         [log, errors]
