@@ -1,5 +1,6 @@
-//! Faults that must lose nothing: a monitor killed while its container is created, running or
-//! paused (in RAM or paged out), a `create` killed midway. After each, `husk state` tells the
+//! Faults that must lose nothing: a monitor killed while its container is created, running,
+//! paused (in RAM or paged out) or checkpointing, a `create` killed midway, a guest that dies,
+//! a damaged state file or template, a full page directory or template store. After each, `husk state` tells the
 //! truth (runc's: a container whose monitor is gone is stopped), `delete` removes everything
 //! the container held (state directory, monitor, cgroup, page file, template lease), the id
 //! works again, and what the container wrote to its volume before the fault is still there.
@@ -287,6 +288,59 @@ fn a_monitor_killed_while_paused_in_ram_loses_nothing() {
 #[test]
 fn a_monitor_killed_while_paged_out_loses_nothing() {
     monitor_killed("k-paged-out", Stage::Paused, 0);
+}
+
+/// The monitor killed while it writes a checkpoint: `checkpoint` fails naming the monitor's
+/// end, the half-written image is refused by `restore` (its manifest, written last, is
+/// missing) without leaving a container behind, and the rest is as for any killed monitor.
+#[test]
+fn a_monitor_killed_mid_checkpoint_loses_nothing() {
+    let f = Faults::new(-1);
+    let id = "k-checkpoint";
+    let pid = f.writer(id);
+    let image = f.oci.dir.path().join("image");
+    let checkpoint = Command::new(husk_bin())
+        .arg("--root")
+        .arg(f.oci.root())
+        .args(["checkpoint", "--image-path", image.to_str().unwrap(), id])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn husk checkpoint");
+    // The monitor makes the image directory first and writes the manifest last.
+    wait_for("the checkpoint to begin", || image.exists());
+    kill9(pid);
+    let out = checkpoint.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("checkpoint failed"),
+        "checkpoint {}: {stderr}",
+        out.status
+    );
+    assert!(
+        !image.join("manifest.json").exists(),
+        "the checkpoint finished before its monitor was killed"
+    );
+    f.assert_stopped(id);
+    let restore = f.oci.husk(&[
+        "restore",
+        "--detach",
+        "--image-path",
+        image.to_str().unwrap(),
+        "from-half-image",
+    ]);
+    assert!(
+        restore.code != 0 && restore.stderr.lines().count() == 1,
+        "restore of a half-written image: {}",
+        restore.stderr
+    );
+    assert!(!f.oci.root().join("from-half-image").exists());
+    let delete = f.oci.husk(&["delete", id]);
+    assert_eq!(delete.code, 0, "{}", delete.stderr);
+    f.assert_nothing_left(id, Some(pid));
+    assert_eq!(f.volume_data(), KEPT);
+    f.assert_id_works_again(id, KEPT);
 }
 
 /// Starts `husk create` of a sleeping container `id` and kills it with SIGKILL once `when`
@@ -629,4 +683,45 @@ fn a_damaged_template_is_named_rebuilt_and_leaves_nothing() {
         assert_eq!(leases, 0, "leases left after {what}");
         assert_eq!(f.volume_data(), KEPT);
     }
+}
+
+/// The disk full while the default template is built (its store on a tmpfs too small for a
+/// snapshot): `run` fails with one line naming the cause, the half-built template and the
+/// container are gone, and once there is room the same id runs and builds the template.
+#[test]
+fn a_full_disk_during_a_template_build_fails_clearly_and_leaves_nothing() {
+    let mut f = Faults::new(0);
+    let store = f.oci.dir.path().join("small-store");
+    let tmpfs = SmallTmpfs::mount(&store, "4m");
+    f.oci.set_env("HUSK_TEMPLATES", &store);
+    let id = "disk-full";
+    let b = f.bundle(id, &format!("printf '{KEPT}' > /vol/data; echo ran"));
+    let out = f.oci.husk(&["run", "--bundle", b.to_str().unwrap(), id]);
+    eprintln!("run with a full template store: {}", out.stderr);
+    assert!(
+        out.code != 0 && out.stderr.contains("No space left on device"),
+        "exit {}: {}",
+        out.code,
+        out.stderr
+    );
+    let errors: Vec<&str> = out
+        .stderr
+        .lines()
+        .filter(|l| l.contains("level=error"))
+        .collect();
+    assert_eq!(errors.len(), 1, "{}", out.stderr);
+    assert!(
+        store_leftovers(&store).is_empty(),
+        "{:?}",
+        store_leftovers(&store)
+    );
+    assert!(!store.join("default").exists(), "a half-built template");
+    f.assert_nothing_left(id, None);
+    assert_eq!(f.volume_data(), "");
+    drop(tmpfs);
+    f.assert_id_works_again(id, "");
+    assert!(
+        store.join("default").is_dir(),
+        "no template after the second run"
+    );
 }
