@@ -1,14 +1,13 @@
 //! The monitor confines itself once the VM is set up and the container created: from then on
 //! it only runs the guest, serves its devices and answers control requests, so each of its
 //! threads keeps only the capabilities and system calls that takes (see `husk_vmm::confine`
-//! for the lists, and README.md for the kept capabilities). Off unless `HUSK_CONFINE=1`: full
-//! lab runs with it on met more lab-kernel panics in the podman suite than without, not yet
-//! explained, and one system call an allow-list lacked.
+//! for the lists, and README.md for the kept capabilities). `HUSK_CONFINE=0` turns it off, for
+//! finding out whether confinement is what breaks a container.
 //!
-//! A system call outside its thread's list is let through and logged by the kernel
-//! (SECCOMP_RET_LOG) unless `HUSK_SECCOMP=kill`: then it kills the monitor after one line on
-//! its stderr, the same as an error entry in its log and its kept errors, where `state` and
-//! `delete` find it.
+//! A system call outside its thread's list kills the monitor after one line on its stderr,
+//! the same as an error entry in its log and its kept errors, where `state` and `delete` find
+//! it. `HUSK_SECCOMP=log` lets such calls through instead, logged by the host kernel
+//! (SECCOMP_RET_LOG), for finding what a list lacks without losing the container.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -21,22 +20,22 @@ use crate::container::trace::Trace;
 use crate::logging::monitor_log::MonitorLog;
 use crate::logging::LogFormat;
 
-/// Set to 1 to confine the monitor.
+/// Set to 0 to leave the monitor unconfined.
 pub const CONFINE_ENV: &str = "HUSK_CONFINE";
 
-/// Set to `kill` to make a system call outside the allow-lists fatal.
+/// Set to `log` to let system calls outside the allow-lists through, logged.
 pub const SECCOMP_ENV: &str = "HUSK_SECCOMP";
 
 /// Fds the monitor holds besides its shares': vsock connections (256), the VM, its devices,
 /// eventfds, the control socket and stdio, with room to spare.
 const OTHER_FDS: u64 = 1024;
 
-/// Confines every thread of the monitor when `HUSK_CONFINE=1`. `shares` is the number of
+/// Confines every thread of the monitor unless `HUSK_CONFINE=0`. `shares` is the number of
 /// 9p shares the guest has (each may hold `HOST_FDS_PER_SHARE` fds); a forbidden call's line
 /// goes to `log` too.
 pub(super) fn confine(shares: usize, log: &MonitorLog, trace: &Trace) -> Result<()> {
-    if std::env::var_os(CONFINE_ENV).is_none_or(|v| v != "1") {
-        trace.mark("not confined (no HUSK_CONFINE=1)");
+    if std::env::var_os(CONFINE_ENV).is_some_and(|v| v == "0") {
+        trace.mark("not confined (HUSK_CONFINE=0)");
         return Ok(());
     }
     // Kept open until the handler has its own duplicates.
@@ -45,7 +44,7 @@ pub(super) fn confine(shares: usize, log: &MonitorLog, trace: &Trace) -> Result<
         open_files: HOST_FDS_PER_SHARE * shares as u64 + OTHER_FDS,
         report_fd: libc::STDERR_FILENO,
         logs: log_targets(&logs),
-        log_only: std::env::var_os(SECCOMP_ENV).is_none_or(|v| v != "kill"),
+        log_only: std::env::var_os(SECCOMP_ENV).is_some_and(|v| v == "log"),
     };
     confine_process(&limits).context("confining the monitor")?;
     trace.mark("confined");

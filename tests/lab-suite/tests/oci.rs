@@ -520,7 +520,7 @@ fn status_field(status: &str, name: &str) -> String {
 fn the_monitor_is_confined_once_created() {
     let oci = Oci::new();
     let b = oci.bundle("b", &["sleep", "300"]);
-    let pid = oci.create_env(&b, "conf", &[("HUSK_CONFINE", Path::new("1"))]);
+    let pid = oci.create(&b, "conf");
     assert_eq!(oci.husk(&["start", "conf"]).code, 0);
     let main = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     assert_eq!(status_field(&main, "Seccomp:"), "2", "{main}");
