@@ -91,6 +91,10 @@ fn exec(c: &Container, opts: &ExecOptions) -> Result<i32> {
         (Some(sock), Some(true)) => stdio::terminal(sock)?,
         _ => HostStdio::Inherited,
     };
+    // A detached exec's monitor reports through the readiness pipe, not the caller's stdio.
+    if matches!(host, HostStdio::Terminal(_)) && opts.ready_fd.is_some() {
+        stdio::release_caller_stdio()?;
+    }
     if let Some(fd) = opts.ready_fd {
         crate::monitor::notify(fd, "ok");
     }

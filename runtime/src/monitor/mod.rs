@@ -172,7 +172,12 @@ fn start(args: &MonitorArgs, store: &StateRoot, log: &MonitorLog) -> Result<Star
     let guest_id = manifest.map_or_else(|| args.id.clone(), |m| m.id);
     let attach = prepare_guest(&mut vm, args, &plan, lease.is_some(), &trace)?;
     let host = match (&args.console_socket, terminal(&bundle)) {
-        (Some(sock), true) => stdio::terminal(sock)?,
+        (Some(sock), true) => {
+            let pty = stdio::terminal(sock)?;
+            // From here on, failures reach `create` over the readiness pipe or go to the log.
+            stdio::release_caller_stdio()?;
+            pty
+        }
         _ => HostStdio::Inherited,
     };
     let attach = attach?.attach_stdio(&guest_id)?;

@@ -59,6 +59,26 @@ fn send_master(console_socket: &Path, master: &OwnedFd) -> Result<()> {
     Ok(())
 }
 
+/// Points fds 0, 1 and 2 at /dev/null. A detached process (the monitor, a detached exec's
+/// monitor) whose stdio is a terminal must not hold the caller's pipes: a caller that reads
+/// them to EOF (`out=$(husk create …)`) would wait for the container to exit, where runc
+/// returns at once.
+pub fn release_caller_stdio() -> Result<()> {
+    let null = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+        .context("opening /dev/null")?;
+    for fd in 0..=2 {
+        // SAFETY: dup2 onto a standard fd; nothing in this process owns fds 0-2 as Rust
+        // objects (std's handles only borrow them), so none is closed behind its owner's back.
+        if unsafe { libc::dup2(null.as_raw_fd(), fd) } < 0 {
+            return Err(std::io::Error::last_os_error()).context("pointing stdio at /dev/null");
+        }
+    }
+    Ok(())
+}
+
 /// How the process ended, or the agent's reason it could not run.
 pub type Outcome = std::result::Result<ExitStatus, String>;
 

@@ -1,9 +1,10 @@
 //! Helpers for the tests that run inside the lab (`tests/lab/run`): a guest booted by the real
 //! `husk vm` process, reached through its vsock socket like any client would.
 
-use std::os::unix::net::UnixStream;
+use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -275,20 +276,32 @@ impl Oci {
 
     /// [`Oci::husk_detached`] with `env` added to husk's environment.
     pub fn husk_detached_env(&self, args: &[&str], env: &[(&str, &Path)]) -> Out {
-        let out_path = self.dir.path().join("detached.out");
-        let err_path = self.dir.path().join("detached.err");
-        let mut child = Command::new(husk_bin())
-            .arg("--root")
+        let mut cmd = Command::new(husk_bin());
+        cmd.arg("--root")
             .arg(self.root())
             .args(args)
             .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_path())))
-            .envs(env.iter().copied())
+            .envs(env.iter().copied());
+        self.detached(cmd)
+    }
+
+    /// [`Oci::husk_detached`] for runc: `runc --root <root>/runc ARGS`.
+    pub fn runc_detached(&self, args: &[&str]) -> Out {
+        self.detached(self.runc_command(args))
+    }
+
+    /// Runs `cmd` with its output going to files, and waits for `cmd` alone.
+    fn detached(&self, mut cmd: Command) -> Out {
+        let out_path = self.dir.path().join("detached.out");
+        let err_path = self.dir.path().join("detached.err");
+        let what = format!("{cmd:?}");
+        let mut child = cmd
             .stdin(Stdio::null())
             .stdout(std::fs::File::create(&out_path).unwrap())
             .stderr(std::fs::File::create(&err_path).unwrap())
             .spawn()
-            .expect("spawn husk");
-        let status = wait_or_kill(&mut child, &format!("husk {args:?}"));
+            .unwrap_or_else(|e| panic!("spawning {what}: {e}"));
+        let status = wait_or_kill(&mut child, &what);
         Out {
             code: status.code().unwrap_or(-1),
             stdout: std::fs::read_to_string(&out_path).unwrap_or_default(),
@@ -344,11 +357,15 @@ impl Oci {
 
     /// Runs `runc --root <root>/runc ARGS` (the reference).
     pub fn runc(&self, args: &[&str]) -> Out {
+        run_with_input(self.runc_command(args), b"")
+    }
+
+    fn runc_command(&self, args: &[&str]) -> Command {
         let mut cmd = Command::new("runc");
         cmd.arg("--root")
             .arg(self.dir.path().join("runc"))
             .args(args);
-        run_with_input(cmd, b"")
+        cmd
     }
 }
 
@@ -356,28 +373,37 @@ impl Drop for Oci {
     /// A failed test must not leave containers (and their VMs) running for the tests after it.
     /// Nothing here may panic (this runs while a failed test unwinds), hence `timeout(1)`.
     fn drop(&mut self) {
-        if !self.root().exists() {
-            return;
-        }
-        let husk = |args: &[&str]| {
-            Command::new("timeout")
-                .arg("60")
-                .arg(husk_bin())
-                .arg("--root")
-                .arg(self.root())
-                .args(args)
-                .envs(self.env.iter().map(|(k, v)| (k, v)))
-                .stdin(Stdio::null())
-                .stderr(Stdio::inherit())
-                .output()
-        };
-        let Ok(list) = husk(&["list", "-q"]) else {
-            return;
-        };
-        for id in String::from_utf8_lossy(&list.stdout).lines() {
-            if !id.is_empty() {
-                let _ = husk(&["delete", "--force", id]);
+        let husk = husk_bin();
+        let runc = PathBuf::from("runc");
+        for (program, root) in [(husk, self.root()), (runc, self.dir.path().join("runc"))] {
+            if root.exists() {
+                delete_all(&program, &root, &self.env);
             }
+        }
+    }
+}
+
+/// `PROGRAM --root ROOT delete --force` of every container `list -q` names, with the test's
+/// environment (its template store, its pause settings).
+fn delete_all(program: &Path, root: &Path, env: &[(String, PathBuf)]) {
+    let run = |args: &[&str]| {
+        Command::new("timeout")
+            .arg("60")
+            .arg(program)
+            .arg("--root")
+            .arg(root)
+            .args(args)
+            .envs(env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stderr(Stdio::inherit())
+            .output()
+    };
+    let Ok(list) = run(&["list", "-q"]) else {
+        return;
+    };
+    for id in String::from_utf8_lossy(&list.stdout).lines() {
+        if !id.is_empty() {
+            let _ = run(&["delete", "--force", id]);
         }
     }
 }
@@ -385,6 +411,78 @@ impl Drop for Oci {
 impl Default for Oci {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+/// Receives the pty master that `--console-socket` hands over (SCM_RIGHTS).
+pub fn receive_pty(listener: &UnixListener) -> std::fs::File {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let (conn, _) = listener.accept().unwrap();
+    let mut buf = [0u8; 256];
+    let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+    let msg = recvmsg::<()>(
+        conn.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::empty(),
+    )
+    .unwrap();
+    for cmsg in msg.cmsgs().unwrap() {
+        if let ControlMessageOwned::ScmRights(fds) = cmsg {
+            // SAFETY: the fd just arrived over SCM_RIGHTS and nothing else owns it.
+            return unsafe { std::fs::File::from_raw_fd(fds[0]) };
+        }
+    }
+    panic!("no fd on the console socket");
+}
+
+/// A `--console-socket` for any number of containers: a thread accepts every pty master sent
+/// to it and keeps it open (closing a master hangs up its container's terminal) until the
+/// socket is dropped.
+pub struct ConsoleSocket {
+    path: PathBuf,
+    masters: Arc<Mutex<Vec<std::fs::File>>>,
+}
+
+impl ConsoleSocket {
+    pub fn bind(path: &Path) -> ConsoleSocket {
+        let listener = UnixListener::bind(path).expect("binding the console socket");
+        let masters = Arc::new(Mutex::new(Vec::new()));
+        let kept = masters.clone();
+        // Left blocked in accept when the socket is dropped; it ends with the test binary.
+        std::thread::spawn(move || loop {
+            let master = receive_pty(&listener);
+            kept.lock().unwrap().push(master);
+        });
+        ConsoleSocket {
+            path: path.to_path_buf(),
+            masters,
+        }
+    }
+
+    pub fn path(&self) -> &str {
+        self.path.to_str().expect("a UTF-8 path")
+    }
+
+    /// Waits (up to a minute) until `n` pty masters in all have arrived.
+    pub fn wait_for(&self, n: usize) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while self.masters.lock().unwrap().len() < n {
+            assert!(
+                Instant::now() < deadline,
+                "pty master number {n} never came"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for ConsoleSocket {
+    fn drop(&mut self) {
+        self.masters.lock().unwrap().clear();
+        let _ = std::fs::remove_file(&self.path);
     }
 }
 

@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use husk_lab_tests::{Oci, Out};
+use husk_lab_tests::{receive_pty, Oci, Out};
 use serde_json::json;
 
 fn run(oci: &Oci, bundle: &Path, id: &str) -> Out {
@@ -387,30 +387,6 @@ fn resources_size_the_vm_and_limit_the_monitors_cgroup() {
     wait_status(&oci, "res1", "stopped");
     assert_eq!(oci.husk(&["delete", "res1"]).code, 0);
     assert!(!cg.exists(), "cgroup left behind after delete");
-}
-
-/// Receives the pty master that `--console-socket` hands over (SCM_RIGHTS).
-fn receive_pty(listener: &std::os::unix::net::UnixListener) -> std::fs::File {
-    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
-    use std::os::fd::{AsRawFd, FromRawFd};
-    let (conn, _) = listener.accept().unwrap();
-    let mut buf = [0u8; 256];
-    let mut iov = [std::io::IoSliceMut::new(&mut buf)];
-    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
-    let msg = recvmsg::<()>(
-        conn.as_raw_fd(),
-        &mut iov,
-        Some(&mut space),
-        MsgFlags::empty(),
-    )
-    .unwrap();
-    for cmsg in msg.cmsgs().unwrap() {
-        if let ControlMessageOwned::ScmRights(fds) = cmsg {
-            // SAFETY: the fd just arrived over SCM_RIGHTS and nothing else owns it.
-            return unsafe { std::fs::File::from_raw_fd(fds[0]) };
-        }
-    }
-    panic!("no fd on the console socket");
 }
 
 #[test]

@@ -1,0 +1,114 @@
+//! Behaviours where Husk must do what runc does: the same bundle under both runtimes, and
+//! what the caller or the container observes compared.
+
+use husk_lab_tests::{ConsoleSocket, Oci, Out};
+
+/// A runtime under test, `runc` or `husk`, with its state under the test's directory.
+struct Runtime<'a> {
+    name: &'static str,
+    oci: &'a Oci,
+}
+
+impl Runtime<'_> {
+    fn both(oci: &Oci) -> [Runtime<'_>; 2] {
+        [Runtime { name: "runc", oci }, Runtime { name: "husk", oci }]
+    }
+
+    /// Runs a command and reads its output to EOF, as `out=$(...)` does.
+    fn captured(&self, args: &[&str]) -> Out {
+        match self.name {
+            "runc" => self.oci.runc(args),
+            _ => self.oci.husk(args),
+        }
+    }
+
+    /// Runs a command that must succeed, reading its output to EOF.
+    fn ok(&self, args: &[&str]) -> Out {
+        let out = self.captured(args);
+        assert_eq!(out.code, 0, "{} {args:?}: {}", self.name, out.stderr);
+        out
+    }
+
+    fn status(&self, id: &str) -> String {
+        let out = self.ok(&["state", id]);
+        let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+        v["status"].as_str().unwrap_or_default().to_string()
+    }
+}
+
+/// With a terminal, every command that leaves a container behind returns with its stdout and
+/// stderr closed: a caller that captures them (`out=$(husk create …)`) gets them back at once
+/// instead of when the container exits. (`Oci::husk` and `Oci::runc` read the output to EOF
+/// and fail when it stays open after the command exited.)
+#[test]
+fn a_terminal_container_leaves_the_callers_stdio_alone() {
+    let oci = Oci::new();
+    let console = ConsoleSocket::bind(&oci.dir.path().join("console.sock"));
+    let b = oci.bundle("tty", &["sleep", "300"]);
+    oci.edit(&b, |v| v["process"]["terminal"] = true.into());
+    let (bundle, sock) = (b.to_str().unwrap(), console.path());
+    let mut masters = 0;
+    for rt in Runtime::both(&oci) {
+        let created = format!("{}-created", rt.name);
+        let running = format!("{}-running", rt.name);
+        for args in [
+            [
+                "create",
+                "--bundle",
+                bundle,
+                "--console-socket",
+                sock,
+                &created,
+            ]
+            .as_slice(),
+            &[
+                "run",
+                "-d",
+                "--bundle",
+                bundle,
+                "--console-socket",
+                sock,
+                &running,
+            ],
+            &[
+                "exec",
+                "-d",
+                "--tty",
+                "--console-socket",
+                sock,
+                &running,
+                "sleep",
+                "300",
+            ],
+        ] {
+            rt.ok(args);
+            masters += 1;
+            console.wait_for(masters);
+        }
+        assert_eq!(rt.status(&created), "created", "{}", rt.name);
+        assert_eq!(rt.status(&running), "running", "{}", rt.name);
+    }
+    // Husk's restore alone: runc's needs CRIU, which the lab's emulated CPU does not serve.
+    let image = oci.dir.path().join("image");
+    let [_, husk] = Runtime::both(&oci);
+    husk.ok(&[
+        "checkpoint",
+        "--image-path",
+        image.to_str().unwrap(),
+        "husk-running",
+    ]);
+    let image = image.to_str().unwrap();
+    husk.ok(&[
+        "restore",
+        "-d",
+        "--image-path",
+        image,
+        "--bundle",
+        bundle,
+        "--console-socket",
+        sock,
+        "husk-restored",
+    ]);
+    console.wait_for(masters + 1);
+    assert_eq!(husk.status("husk-restored"), "running");
+}
