@@ -113,6 +113,7 @@ pub fn restore(root: &Path, opts: &RestoreOpts, log: &LogOptions, logger: &Logge
             image_path: opts.image_path.clone(),
             create: opts.create.options(log),
         },
+        logger,
     )?;
     Ok(follow(c, opts.detach, logger))
 }

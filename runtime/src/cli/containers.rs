@@ -150,14 +150,12 @@ impl ExecOpts {
 
 /// `husk create`.
 pub fn create(root: &Path, opts: &CreateOpts, log: &LogOptions, logger: &Logger) -> Result<()> {
-    let debug = |msg: &str| logger.debug(msg);
-    Container::create(root, &opts.options(log), &debug).map(drop)
+    Container::create(root, &opts.options(log), logger).map(drop)
 }
 
 /// `husk run`: create, start, and (unless detached) wait and delete; exits with the status.
 pub fn run(root: &Path, opts: &RunOpts, log: &LogOptions, logger: &Logger) -> Result<i32> {
-    let debug = |msg: &str| logger.debug(msg);
-    let c = Container::create(root, &opts.create.options(log), &debug)?;
+    let c = Container::create(root, &opts.create.options(log), logger)?;
     if let Err(e) = c.start() {
         if let Ok(Some(errors)) = Container::load(root, c.id()).and_then(|c| c.delete(true)) {
             report_deleted(logger, c.id(), &errors);
@@ -297,6 +295,6 @@ pub fn list(root: &Path, json: bool, quiet: bool) -> Result<()> {
 }
 
 /// `husk exec`: its exit code is the process's.
-pub fn exec(root: &Path, opts: &ExecOpts) -> Result<i32> {
-    Container::load(root, &opts.id)?.exec(&opts.options())
+pub fn exec(root: &Path, opts: &ExecOpts, logger: &Logger) -> Result<i32> {
+    Container::load(root, &opts.id)?.exec(&opts.options(), logger)
 }

@@ -209,7 +209,9 @@ fn dispatch(cli: Cli, started: Instant, logger: &Logger) -> Result<i32, Failure>
         Command::Resume { id } => plain(containers::resume(&root, &id)),
         Command::Ps { format, id } => plain(containers::ps(&root, &id, format == "json")),
         Command::List { format, quiet } => plain(containers::list(&root, format == "json", quiet)),
-        Command::Exec(Deferred(opts)) => containers::exec(&root, &opts).map_err(|e| ("", e)),
+        Command::Exec(Deferred(opts)) => {
+            containers::exec(&root, &opts, logger).map_err(|e| ("", e))
+        }
         Command::Checkpoint(Deferred(opts)) => checkpoints::checkpoint(&root, &opts)
             .map(|()| 0)
             .map_err(|e| ("husk checkpoint failed: ", e)),

@@ -6,6 +6,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use oci_spec::runtime::Spec;
 
+use super::capabilities;
+
 pub struct Bundle {
     /// The bundle directory, absolute.
     pub dir: PathBuf,
@@ -15,6 +17,9 @@ pub struct Bundle {
     pub raw: serde_json::Value,
     /// The root filesystem, absolute.
     pub rootfs: PathBuf,
+    /// Capability names no capability stands for, left out of `spec` and `raw` (runc warns
+    /// about them and runs the container without them).
+    pub unknown_caps: Vec<String>,
 }
 
 impl Bundle {
@@ -29,8 +34,12 @@ impl Bundle {
             }
             Err(e) => return Err(e).with_context(|| format!("reading {}", config.display())),
         };
-        let raw: serde_json::Value =
+        let mut raw: serde_json::Value =
             serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("config.json: {e}"))?;
+        let unknown_caps = raw
+            .get_mut("process")
+            .map(capabilities::drop_unknown)
+            .unwrap_or_default();
         let spec: Spec =
             serde_json::from_value(raw.clone()).map_err(|e| anyhow::anyhow!("config.json: {e}"))?;
         let rootfs = check(&spec, &dir)?;
@@ -39,6 +48,7 @@ impl Bundle {
             spec,
             raw,
             rootfs,
+            unknown_caps,
         })
     }
 }
@@ -143,6 +153,20 @@ mod tests {
         let no_root = GOOD.replace(r#""root":{"path":"rootfs"}"#, r#""root":{"path":"nope"}"#);
         assert!(err(&no_root).starts_with("invalid rootfs: stat "));
         assert!(err(&no_root).ends_with("nope: no such file or directory"));
+    }
+
+    #[test]
+    fn unknown_capabilities_are_left_out_and_named() {
+        let caps = r#""capabilities":{"bounding":["CAP_KILL","CAP_NEWER"]},"args""#;
+        let (_dir, b) = bundle(&GOOD.replace(r#""args""#, caps));
+        let b = b.unwrap();
+        assert_eq!(b.unknown_caps, ["CAP_NEWER"]);
+        assert_eq!(
+            b.raw["process"]["capabilities"]["bounding"],
+            serde_json::json!(["CAP_KILL"])
+        );
+        let bounding = b.spec.process().as_ref().unwrap().capabilities().clone();
+        assert_eq!(bounding.unwrap().bounding().as_ref().unwrap().len(), 1);
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! the guest gets from it, its state directory, the template choice, signal names, and
 //! whether its monitor still lives (and, when it is stuck, where).
 pub mod bundle;
+pub mod capabilities;
 pub mod guest_plan;
 pub mod rootfs_lookup;
 pub mod signal;

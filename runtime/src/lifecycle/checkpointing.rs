@@ -8,6 +8,7 @@ use anyhow::{bail, Result};
 use super::{finish_monitor, Container, CreateOptions, VmSource};
 use crate::checkpoint_image::ImageManifest;
 use crate::container::state::Status;
+use crate::logging::Logger;
 use crate::monitor::control::Request;
 
 /// What `checkpoint` needs.
@@ -48,11 +49,11 @@ impl Container {
     }
 
     /// Checks the image, claims the id and starts a monitor that brings the VM back; returns
-    /// once the container runs.
-    pub fn restore(root: &Path, opts: &RestoreOptions) -> Result<Container> {
+    /// once the container runs. Warnings go to `logger`.
+    pub fn restore(root: &Path, opts: &RestoreOptions, logger: &Logger) -> Result<Container> {
         let dir = std::path::absolute(&opts.image_path)?;
         ImageManifest::read_checked(&dir)?;
         let source = |_: &_| Ok(VmSource::Checkpoint(dir.clone()));
-        Container::create_from(root, &opts.create, source)
+        Container::create_from(root, &opts.create, logger, source)
     }
 }

@@ -12,11 +12,12 @@ use nix::poll::{PollFd, PollFlags};
 use super::{load_state, Container};
 use crate::agent_vm::AGENT_TIMEOUT;
 use crate::container::bundle::Bundle;
+use crate::container::capabilities;
 use crate::container::state::{ContainerState, StateRoot};
 use crate::container::stuck_process::thread_states;
 use crate::container::template_choice;
 use crate::container::trace::Trace;
-use crate::logging::LogOptions;
+use crate::logging::{LogOptions, Logger};
 use crate::monitor::{launch, MonitorArgs};
 
 /// What `create` (and `restore`) needs besides the state directory.
@@ -45,21 +46,27 @@ pub enum VmSource {
 
 impl Container {
     /// Claims the id, picks (and if need be builds) the template, starts the monitor, returns
-    /// once the container is created. `debug` hears why a VM is cold-booted.
-    pub fn create(root: &Path, opts: &CreateOptions, debug: &dyn Fn(&str)) -> Result<Container> {
-        Container::create_from(root, opts, |bundle| {
-            template_choice::choose(bundle, opts.no_template, debug).map(VmSource::Template)
+    /// once the container is created. `logger` hears (at debug level) why a VM is cold-booted.
+    pub fn create(root: &Path, opts: &CreateOptions, logger: &Logger) -> Result<Container> {
+        let debug = |msg: &str| logger.debug(msg);
+        Container::create_from(root, opts, logger, |bundle| {
+            template_choice::choose(bundle, opts.no_template, &debug).map(VmSource::Template)
         })
     }
 
     /// Claims the id and starts a monitor on the VM `source` gives (its pid is also written to
-    /// the pid file). A failure leaves no state directory behind.
+    /// the pid file). A failure leaves no state directory behind. What the bundle asks for and
+    /// the container goes without is a warning on `logger`.
     pub fn create_from(
         root: &Path,
         opts: &CreateOptions,
+        logger: &Logger,
         source: impl FnOnce(&Bundle) -> Result<VmSource>,
     ) -> Result<Container> {
         let bundle = Bundle::load(&opts.bundle)?;
+        if !bundle.unknown_caps.is_empty() {
+            logger.warn(&capabilities::warning(&bundle.unknown_caps));
+        }
         let store = StateRoot::new(root);
         // A `create` killed from here on leaves a container that `state` reports and
         // `delete` removes.

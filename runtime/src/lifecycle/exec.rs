@@ -14,8 +14,10 @@ use serde_json::{json, Value};
 
 use super::create::{high_fd, write_pid_file};
 use super::Container;
+use crate::container::capabilities;
 use crate::container::state::Status;
 use crate::guest_port;
+use crate::logging::Logger;
 use crate::monitor::stdio::{self, HostStdio};
 
 /// What `exec` runs, and how.
@@ -57,13 +59,13 @@ const START_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl Container {
     /// Runs another process in the running container; its exit code, or 0 once it runs when
-    /// detached.
-    pub fn exec(&self, opts: &ExecOptions) -> Result<i32> {
-        exec(self, opts)
+    /// detached. Warnings go to `logger`.
+    pub fn exec(&self, opts: &ExecOptions, logger: &Logger) -> Result<i32> {
+        exec(self, opts, logger)
     }
 }
 
-fn exec(c: &Container, opts: &ExecOptions) -> Result<i32> {
+fn exec(c: &Container, opts: &ExecOptions, logger: &Logger) -> Result<i32> {
     let st = &c.state;
     match st.status {
         Status::Stopped => bail!("cannot exec in a stopped container"),
@@ -72,7 +74,12 @@ fn exec(c: &Container, opts: &ExecOptions) -> Result<i32> {
         _ => {}
     }
     let spec: Value = serde_json::from_slice(&std::fs::read(st.bundle.join("config.json"))?)?;
-    let process = process(opts, &spec["process"])?;
+    let mut process = process(opts, &spec["process"])?;
+    let unknown = capabilities::drop_unknown(&mut process);
+    // A detached exec's monitor runs this again: the command it detached from has warned.
+    if !unknown.is_empty() && opts.ready_fd.is_none() {
+        logger.warn(&capabilities::warning(&unknown));
+    }
     if opts.detach && opts.ready_fd.is_none() {
         return detach(c.store.root(), opts);
     }

@@ -2,6 +2,7 @@
 //! what the caller or the container observes compared.
 
 use husk_lab_tests::{ConsoleSocket, Oci, Out};
+use serde_json::json;
 
 /// A runtime under test, `runc` or `husk`, with its state under the test's directory.
 struct Runtime<'a> {
@@ -111,4 +112,43 @@ fn a_terminal_container_leaves_the_callers_stdio_alone() {
     ]);
     console.wait_for(masters + 1);
     assert_eq!(husk.status("husk-restored"), "running");
+}
+
+/// A capability name the runtime does not know (a newer kernel's) and a syscall name the
+/// guest kernel does not have are skipped, with runc's warning for the capability; the rest of
+/// the spec applies, and the container sees the same as under runc.
+#[test]
+fn unknown_capability_and_syscall_names_are_skipped() {
+    const FUTURE_CAP: &str = "CAP_FROM_A_NEWER_KERNEL";
+    let oci = Oci::new();
+    let script = "grep -E '^Cap(Prm|Eff|Bnd|Amb)' /proc/self/status; \
+                  mkdir /dev/shm/d 2>/dev/null && echo mkdir allowed || echo mkdir refused";
+    let b = oci.bundle("names", &["sh", "-c", script]);
+    oci.edit(&b, |v| {
+        for set in ["bounding", "effective", "permitted", "ambient"] {
+            let list = v["process"]["capabilities"][set].as_array_mut().unwrap();
+            list.push(json!(FUTURE_CAP));
+        }
+        v["linux"]["seccomp"] = json!({
+            "defaultAction": "SCMP_ACT_ALLOW",
+            "architectures": ["SCMP_ARCH_X86_64"],
+            "syscalls": [{
+                "names": ["a_syscall_from_a_newer_kernel", "mkdir", "mkdirat"],
+                "action": "SCMP_ACT_ERRNO"
+            }]
+        });
+    });
+    let bundle = b.to_str().unwrap();
+    let [runc, husk] = Runtime::both(&oci);
+    let r = runc.ok(&["run", "--bundle", bundle, "names-r"]);
+    let h = husk.ok(&["run", "--bundle", bundle, "names-h"]);
+    assert!(r.stdout.contains("mkdir refused"), "{}", r.stdout);
+    assert_eq!(h.stdout, r.stdout, "husk and runc differ");
+    for (name, out) in [("runc", &r), ("husk", &h)] {
+        let warned = out
+            .stderr
+            .lines()
+            .any(|l| l.contains("level=warning") && l.contains(FUTURE_CAP));
+        assert!(warned, "{name} did not warn: {}", out.stderr);
+    }
 }

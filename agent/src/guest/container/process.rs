@@ -217,7 +217,7 @@ fn set_identity(process: &Process) -> HelperResult<()> {
 }
 
 fn set_bounding(wanted: Option<&Capabilities>) -> HelperResult<()> {
-    let wanted = to_caps(wanted)?;
+    let wanted = to_caps(wanted);
     let current = caps::read(None, CapSet::Bounding).map_err(|e| format!("capabilities: {e}"))?;
     for cap in current.difference(&wanted) {
         caps::drop(None, CapSet::Bounding, *cap)
@@ -236,10 +236,10 @@ fn set_process_caps(c: &LinuxCapabilities) -> HelperResult<()> {
         (CapSet::Inheritable, c.inheritable()),
     ];
     for (set, wanted) in sets {
-        let wanted = to_caps(wanted.as_ref())?;
+        let wanted = to_caps(wanted.as_ref());
         caps::set(None, set, &wanted).map_err(|e| format!("set {set:?} capabilities: {e}"))?;
     }
-    set_ambient(&to_caps(c.ambient().as_ref())?)
+    set_ambient(&to_caps(c.ambient().as_ref()))
 }
 
 /// The kernel raises an ambient capability only if it is also permitted and inheritable;
@@ -253,16 +253,17 @@ fn set_ambient(wanted: &CapsHashSet) -> HelperResult<()> {
     Ok(())
 }
 
-fn to_caps(set: Option<&Capabilities>) -> HelperResult<CapsHashSet> {
+/// The named capabilities this kernel has. Like runc, the others are left out rather than
+/// failing the container (the runtime has warned about the names it does not know).
+fn to_caps(set: Option<&Capabilities>) -> CapsHashSet {
+    let supported = caps::runtime::thread_all_supported();
     set.into_iter()
         .flatten()
-        .map(|cap| {
-            let name = serde_json::to_value(cap)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_owned))
-                .unwrap_or_default();
-            caps::Capability::from_str(&name).map_err(|_| format!("unknown capability {name}"))
+        .filter_map(|cap| {
+            let name = serde_json::to_value(cap).ok()?;
+            caps::Capability::from_str(name.as_str()?).ok()
         })
+        .filter(|cap| supported.contains(cap))
         .collect()
 }
 
