@@ -1,6 +1,9 @@
 //! Behaviours where Husk must do what runc does: the same bundle under both runtimes, and
 //! what the caller or the container observes compared.
 
+use std::path::Path;
+use std::time::{Duration, Instant};
+
 use husk_lab_tests::{ConsoleSocket, Oci, Out};
 use serde_json::json;
 
@@ -23,6 +26,15 @@ impl Runtime<'_> {
         }
     }
 
+    /// Runs a command that leaves a container holding a copy of its stdio: output to files,
+    /// the command alone awaited.
+    fn detached(&self, args: &[&str]) -> Out {
+        match self.name {
+            "runc" => self.oci.runc_detached(args),
+            _ => self.oci.husk_detached(args),
+        }
+    }
+
     /// Runs a command that must succeed, reading its output to EOF.
     fn ok(&self, args: &[&str]) -> Out {
         let out = self.captured(args);
@@ -30,10 +42,27 @@ impl Runtime<'_> {
         out
     }
 
+    fn ok_detached(&self, args: &[&str]) {
+        let out = self.detached(args);
+        assert_eq!(out.code, 0, "{} {args:?}: {}", self.name, out.stderr);
+    }
+
     fn status(&self, id: &str) -> String {
         let out = self.ok(&["state", id]);
         let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
         v["status"].as_str().unwrap_or_default().to_string()
+    }
+
+    /// Waits until container `id` is stopped; false if it still runs after `limit`.
+    fn stops_within(&self, id: &str, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        while self.status(id) != "stopped" {
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        true
     }
 }
 
@@ -112,6 +141,34 @@ fn a_terminal_container_leaves_the_callers_stdio_alone() {
     ]);
     console.wait_for(masters + 1);
     assert_eq!(husk.status("husk-restored"), "running");
+}
+
+/// A signal sent as soon as `start` has returned reaches the process's own handler: the
+/// shell's trap runs (it leaves a file on the rootfs) and interrupts its `wait`, so the
+/// container stops long before its sleep would end. Under runc this holds because `start`
+/// returns once the process has exec'd, and the shell is through its first lines (trap set,
+/// waiting) before `kill` can reach it; Husk's agent holds such an early signal until then.
+#[test]
+fn a_signal_right_after_start_reaches_the_processs_handler() {
+    let oci = Oci::new();
+    for sig in ["TERM", "USR1", "USR2"] {
+        let script = format!("trap 'touch /{sig}' {sig}; sleep 60 & wait $!");
+        for rt in Runtime::both(&oci) {
+            let id = format!("{}-{sig}", rt.name);
+            let b = oci.bundle(&id, &["sh", "-c", &script]);
+            oci.edit(&b, |v| v["root"]["readonly"] = false.into());
+            rt.ok_detached(&["create", "--bundle", b.to_str().unwrap(), &id]);
+            rt.ok(&["start", &id]);
+            rt.ok(&["kill", &id, sig]);
+            let stopped = rt.stops_within(&id, Duration::from_secs(40));
+            let trapped = Path::new(&b).join("rootfs").join(sig).exists();
+            assert!(
+                stopped && trapped,
+                "{id}: stopped early {stopped}, trap ran {trapped}"
+            );
+            rt.ok(&["delete", &id]);
+        }
+    }
 }
 
 /// A capability name the runtime does not know (a newer kernel's) and a syscall name the

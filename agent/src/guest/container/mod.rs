@@ -6,8 +6,9 @@
 //! runc's exec fifo. The helper-side modules (`mounts`, `process`, `seccomp`, `pty`, `ns`)
 //! run only in that fresh single-threaded process, never in the agent; `spawn` and
 //! `handshake` start helpers, `process_io` and `relay` carry their stdio, `exit_cell` keeps the
-//! init's exit status.
+//! init's exit status, `early_signals` holds a signal sent while the init is still starting.
 
+mod early_signals;
 mod exit_cell;
 mod handshake;
 pub mod helper;
@@ -27,7 +28,7 @@ use std::fs::File;
 use std::path::PathBuf;
 use std::sync::mpsc::TryRecvError;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use husk_agent::proto::ExitStatus;
 use oci_spec::runtime::{LinuxNamespaceType, Process, Spec};
@@ -68,12 +69,15 @@ struct Container {
     /// The init's stdio from the first attach on (it outlives connections).
     relay: Mutex<Option<Arc<Relay>>>,
     exit: Arc<ExitCell>,
+    /// Signals held until the init handles them (see `early_signals`).
+    held: Arc<early_signals::Held>,
 }
 
 enum Phase {
     /// Waiting for start on this socket.
     Created(SyncSocket),
-    Started,
+    /// Told to start at this time.
+    Started(Instant),
 }
 
 /// A process exec'd into a container, handed to the connection that streams it.
@@ -124,6 +128,7 @@ impl Containers {
                 stdio: Mutex::new(Some(helper.stdio)),
                 relay: Mutex::new(None),
                 exit,
+                held: Arc::default(),
             }),
         );
         Ok(helper.pid)
@@ -168,9 +173,10 @@ impl Containers {
     /// Lets a created container's init exec its process.
     pub fn start(&self, id: &str) -> HelperResult<()> {
         let c = self.get(id)?;
-        let sync = match std::mem::replace(&mut *lock(&c.phase), Phase::Started) {
+        let started = Phase::Started(Instant::now());
+        let sync = match std::mem::replace(&mut *lock(&c.phase), started) {
             Phase::Created(sync) => sync,
-            Phase::Started => return Err(format!("container {id} is not in created state")),
+            Phase::Started(_) => return Err(format!("container {id} is not in created state")),
         };
         if c.exit.get().is_some() {
             return Err("cannot start a container that has stopped".into());
@@ -206,7 +212,15 @@ impl Containers {
         Ok(self.get(id)?.exit.wait())
     }
 
-    pub fn signal(&self, reaper: &Reaper, id: &str, signal: i32, all: bool) -> HelperResult<()> {
+    /// Signals the init (or with `all` every process of the container). A signal the init
+    /// would drop right after start is held for it instead (see `early_signals`).
+    pub fn signal(
+        &self,
+        reaper: &Arc<Reaper>,
+        id: &str,
+        signal: i32,
+        all: bool,
+    ) -> HelperResult<()> {
         let c = self.get(id)?;
         if c.exit.get().is_some() {
             return Err("container not running".into());
@@ -215,9 +229,15 @@ impl Containers {
             kill_all(&c, signal);
             return Ok(());
         }
-        reaper
-            .signal(c.init_pid, signal)
-            .map_err(|e| format!("signal {signal} to container {id}: {}", e.desc()))
+        let started = match *lock(&c.phase) {
+            Phase::Started(at) if c.has(LinuxNamespaceType::Pid) => Some(at),
+            _ => None,
+        };
+        let sent = match started {
+            Some(at) => early_signals::send(reaper, c.init_pid, signal, at, &c.exit, &c.held),
+            None => reaper.signal(c.init_pid, signal),
+        };
+        sent.map_err(|e| format!("signal {signal} to container {id}: {}", e.desc()))
     }
 
     pub fn processes(&self, id: &str) -> HelperResult<Vec<i32>> {
