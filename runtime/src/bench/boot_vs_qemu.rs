@@ -13,8 +13,10 @@ use super::stats::{ms, Stats};
 use super::BootBench;
 
 /// The line the agent writes on the serial console once it listens (QEMU's ready marker).
-const AGENT_READY_MARKER: &str = "husk-agent: ready";
+pub(super) const AGENT_READY_MARKER: &str = "husk-agent: ready";
 const BOOT_TIMEOUT: Duration = Duration::from_secs(180);
+/// Offset of the next QEMU's vsock context id above 3 (this process's QEMUs never share one).
+static NEXT_CID: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
 
 pub fn run(b: &BootBench) -> Result<()> {
     let work = tempfile::Builder::new()
@@ -42,7 +44,7 @@ pub fn run(b: &BootBench) -> Result<()> {
         scrub_freed_memory(scrub_mib)?;
         husk.push(husk_boot(&exe, b.memory).with_context(|| format!("husk boot #{i}"))?);
         scrub_freed_memory(scrub_mib)?;
-        let booted = qemu_boot(b, &kernel, &initramfs, vsock);
+        let booted = qemu_boot(&b.qemu, b.memory, &kernel, &initramfs, vsock);
         qemu.push(booted.with_context(|| format!("qemu boot #{i}"))?);
         eprintln!(
             "run {i}: husk {:.1} ms, qemu {:.1} ms",
@@ -101,30 +103,42 @@ fn husk_boot(exe: &Path, memory: u32) -> Result<Duration> {
 }
 
 /// Times QEMU microvm (KVM, no PCI, no ACPI, same kernel command line) to the agent's marker.
-fn qemu_boot(b: &BootBench, kernel: &Path, initramfs: &Path, vsock: bool) -> Result<Duration> {
+fn qemu_boot(
+    qemu: &Path,
+    memory: u32,
+    kernel: &Path,
+    initramfs: &Path,
+    vsock: bool,
+) -> Result<Duration> {
     let start = Instant::now();
-    let mut child = Command::new(&b.qemu)
-        .args(qemu_args(b.memory, kernel, initramfs, vsock))
+    let mut child = Command::new(qemu)
+        .args(qemu_args(1, memory, kernel, initramfs, vsock))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
-        .with_context(|| format!("starting {}", b.qemu.display()))?;
+        .with_context(|| format!("starting {}", qemu.display()))?;
     let ready = wait_for_line(&mut child, AGENT_READY_MARKER, start);
     let _ = child.kill();
     let _ = child.wait();
     ready
 }
 
-fn qemu_args(memory: u32, kernel: &Path, initramfs: &Path, vsock: bool) -> Vec<String> {
+/// QEMU microvm's arguments for a boot of Husk's guest: KVM, no PCI, no ACPI, no reboot (a
+/// guest reset ends QEMU), the serial console on stdout and Husk's kernel command line.
+pub(super) fn qemu_args(
+    vcpus: u8,
+    memory: u32,
+    kernel: &Path,
+    initramfs: &Path,
+    vsock: bool,
+) -> Vec<String> {
     let mut args: Vec<String> = [
         "-M",
         "microvm,x-option-roms=off,rtc=off,acpi=off",
         "-enable-kvm",
         "-cpu",
         "host",
-        "-smp",
-        "1",
         "-nodefaults",
         "-no-user-config",
         "-nographic",
@@ -135,10 +149,16 @@ fn qemu_args(memory: u32, kernel: &Path, initramfs: &Path, vsock: bool) -> Vec<S
     .iter()
     .map(|s| s.to_string())
     .collect();
+    args.extend(["-smp".into(), vcpus.to_string()]);
     args.extend(["-m".into(), memory.to_string()]);
     if vsock {
-        // Same device set as Husk's guest where the host allows it.
-        args.extend(["-device".into(), "vhost-vsock-device,guest-cid=3".into()]);
+        // Same device set as Husk's guest where the host allows it. Each QEMU gets its own
+        // context id so that several can run at once.
+        let cid = 3 + NEXT_CID.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        args.extend([
+            "-device".into(),
+            format!("vhost-vsock-device,guest-cid={cid}"),
+        ]);
     }
     args.extend(["-kernel".into(), kernel.display().to_string()]);
     args.extend(["-initrd".into(), initramfs.display().to_string()]);

@@ -28,6 +28,7 @@ mod soak;
 mod start_latency;
 mod stats;
 mod timing;
+mod triple_faults;
 
 /// `husk bench run`.
 pub struct RunBench {
@@ -83,6 +84,20 @@ pub struct DensityBench {
     pub count: usize,
 }
 
+/// `husk bench triple-faults`.
+pub struct TripleFaultBench {
+    /// Boots of each VMM.
+    pub boots: usize,
+    /// Boots running at once (one thread each, alternating the two VMMs).
+    pub parallel: usize,
+    /// vCPUs of each guest.
+    pub vcpus: u8,
+    /// Guest memory in MiB.
+    pub memory: u32,
+    /// The reference VMM.
+    pub qemu: PathBuf,
+}
+
 /// `husk bench soak`.
 pub struct SoakBench {
     /// Container lifecycles in all.
@@ -120,6 +135,11 @@ pub fn density(b: &DensityBench) -> Result<()> {
 /// lab); whether it found no failure and no leak.
 pub fn soak(b: &SoakBench) -> Result<bool> {
     soak::run(b)
+}
+
+/// How often a booting guest triple-faults under Husk and under QEMU microvm, side by side.
+pub fn triple_faults(b: &TripleFaultBench) -> Result<()> {
+    triple_faults::run(b)
 }
 
 /// Snapshot restore to a running guest against a cold boot of the same raw test guest.

@@ -7,6 +7,7 @@ use clap::{Args, Subcommand};
 
 use crate::bench::{
     self, BootBench, DensityBench, PauseBench, RestoreBench, RunBench, SoakBench, StartBench,
+    TripleFaultBench,
 };
 
 #[derive(Subcommand, Debug)]
@@ -26,6 +27,9 @@ pub enum BenchCmd {
     /// Checked create/start/exec/pause/checkpoint/kill/delete cycles with leak checks; exits
     /// non-zero on any failure or leak.
     Soak(SoakBenchArgs),
+    /// How often a booting guest triple-faults under Husk and under QEMU microvm booting the
+    /// same kernel+initramfs side by side (in the lab: whose failure a triple fault is).
+    TripleFaults(TripleFaultBenchArgs),
 }
 
 #[derive(Args, Debug)]
@@ -111,6 +115,25 @@ pub struct SoakBenchArgs {
     pub parallel: usize,
 }
 
+#[derive(Args, Debug)]
+pub struct TripleFaultBenchArgs {
+    /// Boots of each VMM.
+    #[arg(long, default_value_t = 200)]
+    pub boots: usize,
+    /// Boots running at once (one thread each, alternating the two VMMs).
+    #[arg(long, default_value_t = 2)]
+    pub parallel: usize,
+    /// vCPUs of each guest.
+    #[arg(long, default_value_t = 1)]
+    pub vcpus: u8,
+    /// Guest memory in MiB for both VMMs.
+    #[arg(long, default_value_t = 256)]
+    pub memory: u32,
+    /// The reference VMM.
+    #[arg(long, default_value = "qemu-system-x86_64")]
+    pub qemu: PathBuf,
+}
+
 /// `husk bench …`: its exit code (the benchmarks that only measure fail only when they
 /// cannot; the soak also when it finds a failure or a leak).
 pub fn run(cmd: BenchCmd) -> Result<i32> {
@@ -139,6 +162,13 @@ pub fn run(cmd: BenchCmd) -> Result<i32> {
         BenchCmd::Start(b) => bench::start(&StartBench {
             sequential: b.sequential,
             concurrent: b.concurrent,
+        }),
+        BenchCmd::TripleFaults(b) => bench::triple_faults(&TripleFaultBench {
+            boots: b.boots,
+            parallel: b.parallel,
+            vcpus: b.vcpus,
+            memory: b.memory,
+            qemu: b.qemu,
         }),
         BenchCmd::Density(b) => bench::density(&DensityBench { count: b.count }),
         BenchCmd::Soak(b) => {
