@@ -66,6 +66,13 @@ pub fn run(b: &TripleFaultBench) -> Result<()> {
                     let mut t = tallies.lock().unwrap();
                     t.0.add(&h);
                     t.1.add(&q);
+                    // A running tally: the lab may die before the last line.
+                    if t.0.boots % 10 == 0 {
+                        eprintln!(
+                            "after {} boots each: triple faults husk {}, qemu {}",
+                            t.0.boots, t.0.triple_faults, t.1.triple_faults
+                        );
+                    }
                 }
             });
         }
