@@ -56,8 +56,8 @@ pub struct BootOptions {
 pub struct OwnDevices {
     pub serial: SerialOutput,
     pub vsock_path: PathBuf,
-    /// Host directory and read-only flag for each share slot of the snapshot, in order.
-    pub shares: Vec<(PathBuf, bool)>,
+    /// What each share slot of the snapshot serves, in order (the tags stay the snapshot's).
+    pub shares: Vec<ShareConfig>,
 }
 
 impl OwnDevices {

@@ -73,11 +73,7 @@ pub fn build_guest(target: &BuildTarget, verbose: bool) -> Result<()> {
     };
     progress.step("booting the guest");
     let shares = (0..usize::from(s.share_slots))
-        .map(|i| ShareConfig {
-            tag: slot_tag(i),
-            path: target.placeholder.clone(),
-            read_only: true,
-        })
+        .map(|i| ShareConfig::dir(&slot_tag(i), &target.placeholder, true))
         .collect();
     let console = target.snapshot_dir.with_file_name("console.log");
     let mut vm = AgentVm::start(BootOptions {

@@ -2,6 +2,7 @@
 //! run on them before anything is created, and [`SavedConfig`], the part of a configuration a
 //! snapshot keeps to rebuild the VM from.
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -114,7 +115,11 @@ pub struct BlockConfig {
 }
 
 /// A host directory the guest mounts with `mount -t 9p -o trans=virtio <tag> <dir>`.
-#[derive(Debug, Clone)]
+///
+/// The server sees the share through a mount namespace of its own, built from these fields:
+/// every mount in it is `nodev,nosuid` (and read-only for a read-only share), so the guest
+/// never opens a host device node and the kernel enforces the read-only flag.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ShareConfig {
     /// The mount tag the guest names it by.
     pub tag: String,
@@ -122,6 +127,24 @@ pub struct ShareConfig {
     pub path: PathBuf,
     /// Refuse every write from the guest.
     pub read_only: bool,
+    /// Expose only these entries of `path` (single names, no `/`): the share is then a
+    /// directory holding just them, not their siblings. `None` exposes all of `path`.
+    pub only: Option<Vec<OsString>>,
+    /// Paths relative to `path` served read-only even when the share is writable: the
+    /// sources of read-only binds that lie inside this one. They must contain no symlink.
+    pub read_only_paths: Vec<PathBuf>,
+}
+
+impl ShareConfig {
+    /// All of `path` under `tag`.
+    pub fn dir(tag: &str, path: &Path, read_only: bool) -> Self {
+        Self {
+            tag: tag.to_string(),
+            path: path.to_path_buf(),
+            read_only,
+            ..Self::default()
+        }
+    }
 }
 
 /// Rejects bad inputs before anything is created.
@@ -192,7 +215,9 @@ pub struct SavedConfig {
     pub memory_mib: u32,
     /// Block devices: backing path and read-only flag, in guest order.
     pub blocks: Vec<(PathBuf, bool)>,
-    /// 9p shares: tag, host directory, read-only flag.
+    /// 9p shares: tag, host directory, read-only flag. A share's `only` and
+    /// `read_only_paths` are not kept: a restore that serves them passes its shares again
+    /// (`RestoreOverrides::shares`, as every clone and checkpoint restore of the runtime does).
     pub shares: Vec<(String, PathBuf, bool)>,
     /// The vsock device: guest CID and host socket path.
     pub vsock: Option<(u32, PathBuf)>,
@@ -244,11 +269,7 @@ impl SavedConfig {
         cfg.shares = self
             .shares
             .iter()
-            .map(|(tag, path, read_only)| ShareConfig {
-                tag: tag.clone(),
-                path: path.clone(),
-                read_only: *read_only,
-            })
+            .map(|(tag, path, read_only)| ShareConfig::dir(tag, path, *read_only))
             .collect();
         cfg.vsock = self.vsock.as_ref().map(|(cid, path)| VsockConfig {
             guest_cid: *cid,

@@ -372,11 +372,10 @@ impl VmBuilder {
 
     fn add_share(&mut self, share: &ShareConfig) -> Result<(), VmError> {
         use crate::devices::virtio::fs9p::Fs9p;
-        let dev =
-            Fs9p::new(&share.tag, &share.path, share.read_only).map_err(|e| VmError::Device {
-                name: "virtio-9p",
-                reason: e.to_string(),
-            })?;
+        let dev = Fs9p::with_config(share).map_err(|e| VmError::Device {
+            name: "virtio-9p",
+            reason: e.to_string(),
+        })?;
         self.add_virtio_device("virtio-9p", Box::new(dev))?;
         Ok(())
     }

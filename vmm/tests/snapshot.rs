@@ -290,11 +290,7 @@ fn snapshot_with_shares(dir: &Path) -> PathBuf {
     let (mut cfg, _out) = counting_config(1);
     cfg.shares = ["share0", "share1"]
         .iter()
-        .map(|tag| husk_vmm::ShareConfig {
-            tag: tag.to_string(),
-            path: share_dir.clone(),
-            read_only: true,
-        })
+        .map(|tag| husk_vmm::ShareConfig::dir(tag, &share_dir, true))
         .collect();
     let snap = dir.join("snap");
     let vm = Running::start(Vm::new(cfg).unwrap());
@@ -314,7 +310,12 @@ fn a_clone_serves_its_own_share_directories_under_the_saved_tags() {
     let mine = dir.join("mine");
     fs::create_dir_all(&mine).unwrap();
     let with = |shares: Vec<(PathBuf, bool)>| RestoreOverrides {
-        shares: Some(shares),
+        shares: Some(
+            shares
+                .iter()
+                .map(|(path, ro)| husk_vmm::ShareConfig::dir("", path, *ro))
+                .collect(),
+        ),
         ..Default::default()
     };
     let two = vec![(mine.clone(), false), (mine.clone(), true)];

@@ -5,7 +5,14 @@
 //! Shares fill numbered slots, `share0` (the rootfs), `share1`, ...: a template has a fixed
 //! number of them (virtio-mmio devices are found at boot), and a cold boot names its shares
 //! the same way so that both paths look alike to the guest.
+//!
+//! A share exposes what was bound and no more (the monitor enforces it, see `ShareConfig`): a
+//! directory bind shares the directory; a file bind shares a view of its directory holding
+//! only the files bound from it (podman's hosts, hostname and resolv.conf, which live in one
+//! directory, take one slot together); and a read-only bind that lies inside a writable
+//! share stays read-only when the guest reaches it through that share.
 
+use std::ffi::OsString;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -35,7 +42,7 @@ impl GuestPlan {
             mounts: Vec::new(),
             spec: bundle.raw.clone(),
         };
-        plan.add_share(&bundle.rootfs, GUEST_ROOTFS, false);
+        plan.add_share(canonical(&bundle.rootfs), GUEST_ROOTFS, false, None);
         if let Some(mounts) = plan.spec["mounts"].as_array_mut().map(std::mem::take) {
             let rewritten = mounts
                 .into_iter()
@@ -44,6 +51,7 @@ impl GuestPlan {
                 .collect::<Result<Vec<_>>>()?;
             plan.spec["mounts"] = serde_json::Value::Array(rewritten);
         }
+        plan.nest_read_only_binds();
         plan.localise_network_namespace();
         super::rootfs_lookup::resolve_into(&mut plan.spec, &bundle.spec, &bundle.rootfs);
         if plan.shares.len() > usize::from(SHARE_SLOTS) {
@@ -74,42 +82,100 @@ impl GuestPlan {
         }
     }
 
-    /// Host directory and read-only flag for each of a template's `slots` share slots: the
-    /// plan's shares first, then `placeholder` (read-only) for the unused ones.
-    pub fn slot_directories(&self, slots: usize, placeholder: &Path) -> Vec<(PathBuf, bool)> {
-        let used = self.shares.iter().map(|s| (s.path.clone(), s.read_only));
-        let unused = std::iter::repeat((placeholder.to_path_buf(), true));
-        used.chain(unused)
+    /// What each of a template's `slots` share slots serves: the plan's shares first, then
+    /// `placeholder` (read-only) for the unused ones.
+    pub fn slot_shares(&self, slots: usize, placeholder: &Path) -> Vec<ShareConfig> {
+        let unused =
+            (self.shares.len()..).map(|i| ShareConfig::dir(&slot_tag(i), placeholder, true));
+        self.shares
+            .iter()
+            .cloned()
+            .chain(unused)
             .take(slots.max(self.shares.len()))
             .collect()
     }
 
-    /// Shares `host` (once per directory and mode: podman binds several files of one
-    /// directory, and every share costs the guest a device and an interrupt line); returns the
-    /// guest directory it is mounted on.
-    fn share(&mut self, host: &Path, read_only: bool) -> String {
-        let same = |s: &ShareConfig| s.path == host && s.read_only == read_only;
-        if let Some(i) = self.shares.iter().position(same) {
-            return self.mounts[i].1.clone();
+    /// Shares the directory `host` (once per directory and mode: every share costs the guest
+    /// a device and an interrupt line); returns the guest directory it is mounted on.
+    fn share_dir(&mut self, host: PathBuf, read_only: bool) -> String {
+        let same = |s: &ShareConfig| s.path == host && s.read_only == read_only && s.only.is_none();
+        match self.shares.iter().position(same) {
+            Some(i) => self.mounts[i].1.clone(),
+            None => self.add_share(host, &self.next_guest_dir(), read_only, None),
         }
-        let n = self.shares.len();
-        let guest = format!("{GUEST_SHARES}/{n}");
-        self.add_share(host, &guest, read_only);
-        guest
     }
 
-    /// Puts `host` in the next slot.
-    fn add_share(&mut self, host: &Path, guest: &str, read_only: bool) {
+    /// Shares the file `host` alone, in a view of its directory that holds the files bound
+    /// from it in the same mode (or in the directory's own share if that directory is shared
+    /// whole in that mode already); returns the file's guest path.
+    fn share_file(&mut self, host: &Path, read_only: bool) -> String {
+        let dir = host.parent().unwrap_or(Path::new("/")).to_path_buf();
+        let name = host.file_name().map(OsString::from).unwrap_or_default();
+        let same_dir = |s: &ShareConfig| s.path == dir && s.read_only == read_only;
+        let guest = match self.shares.iter().position(same_dir) {
+            Some(i) => {
+                if let Some(only) = self.shares[i].only.as_mut().filter(|o| !o.contains(&name)) {
+                    only.push(name.clone());
+                }
+                self.mounts[i].1.clone()
+            }
+            None => {
+                let only = Some(vec![name.clone()]);
+                self.add_share(dir, &self.next_guest_dir(), read_only, only)
+            }
+        };
+        format!("{guest}/{}", Path::new(&name).display())
+    }
+
+    fn next_guest_dir(&self) -> String {
+        format!("{GUEST_SHARES}/{}", self.shares.len())
+    }
+
+    /// Puts `host` in the next slot; returns `guest`.
+    fn add_share(
+        &mut self,
+        host: PathBuf,
+        guest: &str,
+        read_only: bool,
+        only: Option<Vec<OsString>>,
+    ) -> String {
         let tag = slot_tag(self.shares.len());
         self.shares.push(ShareConfig {
-            tag: tag.clone(),
-            path: host.to_path_buf(),
-            read_only,
+            only,
+            ..ShareConfig::dir(&tag, &host, read_only)
         });
         self.mounts.push((tag, guest.to_string(), read_only));
+        guest.to_string()
     }
 
-    /// A bind mount's host source becomes a share; a file is reached through its directory.
+    /// Gives every writable directory share the read-only binds that lie inside it, so that
+    /// the guest cannot write to them through it.
+    fn nest_read_only_binds(&mut self) {
+        let read_only: Vec<PathBuf> = self
+            .shares
+            .iter()
+            .filter(|s| s.read_only)
+            .flat_map(exposed_paths)
+            .collect();
+        for outer in self
+            .shares
+            .iter_mut()
+            .filter(|s| !s.read_only && s.only.is_none())
+        {
+            let inside = read_only
+                .iter()
+                .filter_map(|p| p.strip_prefix(&outer.path).ok())
+                .filter(|rel| !rel.as_os_str().is_empty());
+            for rel in inside {
+                if !outer.read_only_paths.iter().any(|p| p == rel) {
+                    outer.read_only_paths.push(rel.to_path_buf());
+                }
+            }
+        }
+    }
+
+    /// A bind mount's host source becomes a share. Sources are resolved first (symlinks
+    /// followed), so that the share is the bound file or directory itself.
     fn rewrite_mount(
         &mut self,
         i: usize,
@@ -122,16 +188,16 @@ impl GuestPlan {
         let Some(source) = m["source"].as_str() else {
             bail!("mount {i}: bind mount without a source");
         };
-        let host = bundle_dir.join(source);
+        let given = bundle_dir.join(source);
+        let host = std::fs::canonicalize(&given)
+            .with_context(|| format!("bind mount source {}", given.display()))?;
         let meta = std::fs::metadata(&host)
             .with_context(|| format!("bind mount source {}", host.display()))?;
         let read_only = has_option(&m, "ro");
         let guest_source = if meta.is_dir() {
-            self.share(&host, read_only)
+            self.share_dir(host, read_only)
         } else {
-            let parent = host.parent().unwrap_or(Path::new("/"));
-            let name = host.file_name().map(PathBuf::from).unwrap_or_default();
-            format!("{}/{}", self.share(parent, read_only), name.display())
+            self.share_file(&host, read_only)
         };
         m["source"] = serde_json::Value::String(guest_source);
         Ok(m)
@@ -151,6 +217,20 @@ impl GuestPlan {
             .collect();
         husk_agent::proto::Request::MountShares { shares }
     }
+}
+
+/// The host paths a share lets the guest reach: its directory, or the files it lists.
+fn exposed_paths(s: &ShareConfig) -> Vec<PathBuf> {
+    match &s.only {
+        None => vec![s.path.clone()],
+        Some(names) => names.iter().map(|n| s.path.join(n)).collect(),
+    }
+}
+
+/// `path` with symlinks resolved, for comparing shares; as given if it cannot be resolved
+/// (the share then fails to open with a message naming it).
+fn canonical(path: &Path) -> PathBuf {
+    std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
 }
 
 fn is_bind(m: &serde_json::Value) -> bool {
@@ -224,11 +304,130 @@ mod tests {
             tags,
             [("share0", false), ("share1", true), ("share2", false)]
         );
-        let slots = plan.slot_directories(4, Path::new("/empty"));
-        assert_eq!(slots[0], (b.join("rootfs"), false));
-        assert_eq!(slots[1], (b.join("data"), true));
-        assert_eq!(slots[3], (PathBuf::from("/empty"), true));
+        let slots = plan.slot_shares(4, Path::new("/empty"));
+        let dir = |s: &ShareConfig| (s.tag.clone(), s.path.clone(), s.read_only);
+        assert_eq!(dir(&slots[0]), ("share0".into(), b.join("rootfs"), false));
+        assert_eq!(dir(&slots[1]), ("share1".into(), b.join("data"), true));
+        assert_eq!(
+            dir(&slots[3]),
+            ("share3".into(), PathBuf::from("/empty"), true)
+        );
+        assert_eq!(slots[2].only, Some(vec!["hosts".into(), "hostname".into()]));
         assert_eq!(slots.len(), 4);
+    }
+
+    /// A bundle as podman writes it: the rootfs, its userdata directory (whose hosts,
+    /// hostname, resolv.conf and .containerenv are bound, next to files that are not), the
+    /// shm directory, and the user's `-v /etc/localtime:/etc/localtime:ro`.
+    fn podman_bundle(b: &Path) -> serde_json::Value {
+        let userdata = b.join("userdata");
+        std::fs::create_dir_all(b.join("rootfs/etc")).unwrap();
+        std::fs::create_dir_all(userdata.join("shm")).unwrap();
+        for f in [
+            "hosts",
+            "hostname",
+            "resolv.conf",
+            ".containerenv",
+            "config.json",
+            "secret",
+        ] {
+            std::fs::write(userdata.join(f), "").unwrap();
+        }
+        std::fs::create_dir_all(b.join("etc")).unwrap();
+        std::fs::create_dir_all(b.join("zoneinfo")).unwrap();
+        std::fs::write(b.join("zoneinfo/UTC"), "TZif").unwrap();
+        std::fs::write(b.join("etc/shadow"), "root:x").unwrap();
+        std::os::unix::fs::symlink(b.join("zoneinfo/UTC"), b.join("etc/localtime")).unwrap();
+        let bind = |dest: &str, src: PathBuf, opts: &[&str]| json!({"destination": dest, "type": "bind", "source": src, "options": opts});
+        json!({
+            "ociVersion": "1.0.2",
+            "process": {"args": ["sh"], "cwd": "/", "user": {"uid": 0, "gid": 0}},
+            "root": {"path": "rootfs"},
+            "mounts": [
+                {"destination": "/proc", "type": "proc", "source": "proc"},
+                {"destination": "/dev", "type": "tmpfs", "source": "tmpfs"},
+                bind("/dev/shm", userdata.join("shm"), &["bind", "rprivate", "nosuid", "noexec", "nodev"]),
+                bind("/etc/resolv.conf", userdata.join("resolv.conf"), &["bind", "rprivate"]),
+                bind("/etc/hosts", userdata.join("hosts"), &["bind", "rprivate"]),
+                bind("/etc/hostname", userdata.join("hostname"), &["bind", "rprivate"]),
+                bind("/run/.containerenv", userdata.join(".containerenv"), &["bind", "rprivate"]),
+                bind("/etc/localtime", b.join("etc/localtime"), &["bind", "ro"]),
+            ]
+        })
+    }
+
+    #[test]
+    fn podman_file_binds_share_only_the_bound_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = &canonical(dir.path());
+        std::fs::write(b.join("config.json"), podman_bundle(b).to_string()).unwrap();
+        let plan = GuestPlan::new(&Bundle::load(b).unwrap()).unwrap();
+        let shares: Vec<_> = plan
+            .shares
+            .iter()
+            .map(|s| (s.path.clone(), s.read_only, s.only.clone()))
+            .collect();
+        let names = |n: &[&str]| Some(n.iter().map(OsString::from).collect::<Vec<_>>());
+        assert_eq!(
+            shares,
+            [
+                (b.join("rootfs"), false, None),
+                (b.join("userdata/shm"), false, None),
+                (
+                    b.join("userdata"),
+                    false,
+                    names(&["resolv.conf", "hosts", "hostname", ".containerenv"])
+                ),
+                // The link is followed: the zone file alone, not /etc (nor /etc/shadow).
+                (b.join("zoneinfo"), true, names(&["UTC"])),
+            ]
+        );
+        let m = &plan.spec["mounts"];
+        assert_eq!(m[2]["source"], "/run/husk/shares/1");
+        assert_eq!(m[3]["source"], "/run/husk/shares/2/resolv.conf");
+        assert_eq!(m[6]["source"], "/run/husk/shares/2/.containerenv");
+        assert_eq!(m[7]["source"], "/run/husk/shares/3/UTC");
+        assert!(plan.shares.iter().all(|s| s.read_only_paths.is_empty()));
+    }
+
+    #[test]
+    fn read_only_binds_inside_a_writable_share_are_listed_in_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = &canonical(dir.path());
+        for d in ["rootfs/etc", "vol/ro", "vol/rw"] {
+            std::fs::create_dir_all(b.join(d)).unwrap();
+        }
+        std::fs::write(b.join("rootfs/etc/hosts"), "").unwrap();
+        std::fs::write(b.join("vol/ro/f"), "").unwrap();
+        let spec = json!({
+            "ociVersion": "1.0.2",
+            "process": {"args": ["sh"], "cwd": "/", "user": {"uid": 0, "gid": 0}},
+            "root": {"path": "rootfs"},
+            "mounts": [
+                {"destination": "/vol", "type": "bind", "source": b.join("vol"), "options": ["rbind"]},
+                {"destination": "/vol2", "type": "bind", "source": b.join("vol/ro"), "options": ["rbind", "ro"]},
+                {"destination": "/vol3", "type": "bind", "source": b.join("vol/rw"), "options": ["rbind"]},
+                {"destination": "/etc/hosts", "type": "bind", "source": b.join("rootfs/etc/hosts"), "options": ["bind", "ro"]}
+            ]
+        });
+        std::fs::write(b.join("config.json"), spec.to_string()).unwrap();
+        let plan = GuestPlan::new(&Bundle::load(b).unwrap()).unwrap();
+        let nested: Vec<_> = plan
+            .shares
+            .iter()
+            .map(|s| (s.path.clone(), s.read_only_paths.clone()))
+            .collect();
+        assert_eq!(
+            nested,
+            [
+                (b.join("rootfs"), vec![PathBuf::from("etc/hosts")]),
+                (b.join("vol"), vec![PathBuf::from("ro")]),
+                (b.join("vol/ro"), vec![]),
+                (b.join("vol/rw"), vec![]),
+                (b.join("rootfs/etc"), vec![]),
+            ]
+        );
+        assert_eq!(plan.shares[4].only, Some(vec![OsString::from("hosts")]));
     }
 
     #[test]

@@ -3,12 +3,13 @@
 //! the shares and create the container.
 
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use husk_agent::client::Client;
 use husk_agent::proto::{Request as AgentRequest, Response};
 use husk_templates::{Lease, Template};
+use husk_vmm::ShareConfig;
 
 use super::MonitorArgs;
 use crate::agent_vm::{AgentVm, BootOptions, OwnDevices, AGENT_TIMEOUT};
@@ -110,10 +111,7 @@ pub(super) fn restore_vm(
             let shares = template_shares(&template, plan);
             (shares, Some(Cloned { lease, template }))
         }
-        None => {
-            let shares = plan.shares.iter().map(|s| (s.path.clone(), s.read_only));
-            (shares.collect(), None)
-        }
+        None => (plan.shares.clone(), None),
     };
     let base = cloned
         .as_ref()
@@ -133,13 +131,13 @@ fn open_template(name: &str) -> Result<(Template, Lease)> {
 }
 
 /// The container's directories in the template's share slots.
-fn template_shares(template: &Template, plan: &GuestPlan) -> Vec<(PathBuf, bool)> {
+fn template_shares(template: &Template, plan: &GuestPlan) -> Vec<ShareConfig> {
     let slots = usize::from(template.manifest.settings.share_slots);
-    plan.slot_directories(slots, &template.placeholder())
+    plan.slot_shares(slots, &template.placeholder())
 }
 
 /// This container's console, vsock socket and share directories for a restored VM.
-fn own_devices(dir: &Path, shares: Vec<(PathBuf, bool)>) -> OwnDevices {
+fn own_devices(dir: &Path, shares: Vec<ShareConfig>) -> OwnDevices {
     OwnDevices {
         serial: husk_vmm::SerialOutput::File(dir.join("console.log")),
         vsock_path: dir.join("vsock.sock"),

@@ -80,11 +80,11 @@ pub struct RestoreOverrides {
     /// the same time needs its own. `None` keeps the saved ones (only one clone can then
     /// run, as the socket path must not exist).
     pub vsock: Option<(u32, PathBuf)>,
-    /// New host directories for the snapshot's 9p shares, one per share in the saved order:
-    /// (host directory, read-only). The guest knows its shares by tag, which stays; a clone
+    /// New host directories for the snapshot's 9p shares, one per share in the saved order
+    /// (their tags are ignored). The guest knows its shares by tag, which stays; a clone
     /// serves its own directories under them (the guest mounts them after the restore, as
     /// 9p fids are not preserved). `None` keeps the saved directories.
-    pub shares: Option<Vec<(PathBuf, bool)>>,
+    pub shares: Option<Vec<crate::config::ShareConfig>>,
     /// The KVM device node.
     pub kvm_device: PathBuf,
 }

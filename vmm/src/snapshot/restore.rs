@@ -1,12 +1,12 @@
 //! Building a running-ready VM from a snapshot.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::Arc;
 
 use super::checkpoint::CheckpointPaths;
 use super::state_file::{self, SnapshotBody};
 use super::{vcpu_state, vm_state, RestoreOverrides, SnapshotPaths};
-use crate::config::{validate, VmConfig, VsockConfig};
+use crate::config::{validate, ShareConfig, VmConfig, VsockConfig};
 use crate::error::VmError;
 use crate::memory::{create_guest_memory, GuestMemory};
 use crate::pagefile::{PageFile, Pager};
@@ -169,8 +169,8 @@ fn restored_config(body: &SnapshotBody, overrides: RestoreOverrides) -> Result<V
 }
 
 /// Points the saved shares at new host directories; the count must match, as the guest found
-/// its virtio devices at boot.
-fn replace_shares(cfg: &mut VmConfig, shares: Vec<(PathBuf, bool)>) -> Result<(), VmError> {
+/// its virtio devices at boot, and the tags stay the saved ones.
+fn replace_shares(cfg: &mut VmConfig, shares: Vec<ShareConfig>) -> Result<(), VmError> {
     if shares.len() != cfg.shares.len() {
         return Err(VmError::Config(format!(
             "{} share directories given for a snapshot with {} shares",
@@ -178,9 +178,40 @@ fn replace_shares(cfg: &mut VmConfig, shares: Vec<(PathBuf, bool)>) -> Result<()
             cfg.shares.len()
         )));
     }
-    for (share, (path, read_only)) in cfg.shares.iter_mut().zip(shares) {
-        share.path = path;
-        share.read_only = read_only;
+    for (share, new) in cfg.shares.iter_mut().zip(shares) {
+        *share = ShareConfig {
+            tag: std::mem::take(&mut share.tag),
+            ..new
+        };
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_clone_share_keeps_the_saved_tag_and_takes_everything_else() {
+        let mut cfg = crate::config::SavedConfig {
+            vcpus: 1,
+            memory_mib: 64,
+            blocks: Vec::new(),
+            shares: vec![("share0".into(), "/placeholder".into(), true)],
+            vsock: None,
+        }
+        .to_vm_config();
+        let mine = ShareConfig {
+            only: Some(vec!["hosts".into()]),
+            read_only_paths: vec!["etc/hosts".into()],
+            ..ShareConfig::dir("ignored", Path::new("/srv/userdata"), false)
+        };
+        replace_shares(&mut cfg, vec![mine.clone()]).unwrap();
+        let expected = ShareConfig {
+            tag: "share0".into(),
+            ..mine
+        };
+        assert_eq!(cfg.shares, [expected]);
+        assert!(replace_shares(&mut cfg, Vec::new()).is_err());
+    }
 }

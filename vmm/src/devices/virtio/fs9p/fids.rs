@@ -14,7 +14,7 @@ use std::io::{Cursor, Read};
 
 use serde::{Deserialize, Serialize};
 
-use super::wire::{msg, HEADER_LEN};
+use super::wire::{self, msg, HEADER_LEN};
 
 /// "No fid" in Tattach's afid.
 const NOFID: u32 = u32::MAX;
@@ -84,7 +84,7 @@ impl FidTable {
     pub(super) fn admit(&self, request: &[u8]) -> Result<(), i32> {
         let mut r = Cursor::new(request.get(HEADER_LEN..).unwrap_or_default());
         let newfid = match request.get(4).copied() {
-            Some(msg::TATTACH) => u32_of(&mut r),
+            Some(msg::TATTACH) => wire::u32_le(&mut r),
             Some(msg::TWALK) => self.admit_walk(&mut r)?,
             _ => return Ok(()),
         };
@@ -99,7 +99,9 @@ impl FidTable {
 
     /// Checks a Twalk's names; returns its newfid.
     fn admit_walk(&self, r: &mut Cursor<&[u8]>) -> Result<Option<u32>, i32> {
-        let (Some(fid), Some(newfid), Some(count)) = (u32_of(r), u32_of(r), u16_of(r)) else {
+        let (Some(fid), Some(newfid), Some(count)) =
+            (wire::u32_le(r), wire::u32_le(r), wire::u16_le(r))
+        else {
             return Ok(None);
         };
         if count > MAX_WALK_NAMES {
@@ -120,42 +122,42 @@ impl FidTable {
     fn apply(&mut self, ty: u8, r: &mut Cursor<&[u8]>, reply: &[u8]) -> Option<()> {
         match ty {
             msg::TVERSION => {
-                let msize = u32_of(r)?;
+                let msize = wire::u32_le(r)?;
                 self.version = Some((msize, string_of(r)?));
                 self.fids.clear();
             }
             msg::TATTACH => {
-                let fid = u32_of(r)?;
+                let fid = wire::u32_le(r)?;
                 self.insert(fid, Vec::new());
             }
             msg::TWALK => self.walk(r, reply)?,
             msg::TLOPEN => {
-                let fid = u32_of(r)?;
-                let flags = u32_of(r)?;
+                let fid = wire::u32_le(r)?;
+                let flags = wire::u32_le(r)?;
                 self.fids.get_mut(&fid)?.open_flags = Some(flags);
             }
             msg::TLCREATE => {
-                let fid = u32_of(r)?;
+                let fid = wire::u32_le(r)?;
                 let name = string_of(r)?;
-                let flags = u32_of(r)?;
+                let flags = wire::u32_le(r)?;
                 let f = self.fids.get_mut(&fid)?;
                 f.path = joined(&f.path, &[name]);
                 f.open_flags = Some(flags);
             }
             msg::TCLUNK | msg::TREMOVE => {
-                self.fids.remove(&u32_of(r)?);
+                self.fids.remove(&wire::u32_le(r)?);
             }
             msg::TRENAME => {
-                let fid = u32_of(r)?;
-                let dir = self.fids.get(&u32_of(r)?)?.path.clone();
+                let fid = wire::u32_le(r)?;
+                let dir = self.fids.get(&wire::u32_le(r)?)?.path.clone();
                 let to = joined(&dir, &[string_of(r)?]);
                 let from = self.fids.get(&fid)?.path.clone();
                 self.moved(&from, &to);
             }
             msg::TRENAMEAT => {
-                let old_dir = self.fids.get(&u32_of(r)?)?.path.clone();
+                let old_dir = self.fids.get(&wire::u32_le(r)?)?.path.clone();
                 let from = joined(&old_dir, &[string_of(r)?]);
-                let new_dir = self.fids.get(&u32_of(r)?)?.path.clone();
+                let new_dir = self.fids.get(&wire::u32_le(r)?)?.path.clone();
                 let to = joined(&new_dir, &[string_of(r)?]);
                 self.moved(&from, &to);
             }
@@ -166,9 +168,9 @@ impl FidTable {
 
     /// Twalk makes `newfid` only when every name was walked (Rwalk has one qid per name).
     fn walk(&mut self, r: &mut Cursor<&[u8]>, reply: &[u8]) -> Option<()> {
-        let fid = u32_of(r)?;
-        let newfid = u32_of(r)?;
-        let count = u16_of(r)?;
+        let fid = wire::u32_le(r)?;
+        let newfid = wire::u32_le(r)?;
+        let count = wire::u16_le(r)?;
         let names = (0..count)
             .map(|_| string_of(r))
             .collect::<Option<Vec<_>>>()?;
@@ -236,22 +238,8 @@ fn joined(base: &[String], names: &[String]) -> Vec<String> {
     path
 }
 
-fn u16_of(r: &mut impl Read) -> Option<u16> {
-    let mut b = [0u8; 2];
-    r.read_exact(&mut b).ok()?;
-    Some(u16::from_le_bytes(b))
-}
-
-fn u32_of(r: &mut impl Read) -> Option<u32> {
-    let mut b = [0u8; 4];
-    r.read_exact(&mut b).ok()?;
-    Some(u32::from_le_bytes(b))
-}
-
 fn string_of(r: &mut impl Read) -> Option<String> {
-    let mut s = vec![0u8; usize::from(u16_of(r)?)];
-    r.read_exact(&mut s).ok()?;
-    String::from_utf8(s).ok()
+    String::from_utf8(wire::string(r)?).ok()
 }
 
 fn put_u32(m: &mut Vec<u8>, v: u32) {

@@ -11,6 +11,7 @@
 //! one at a time on a worker thread, so a slow host filesystem never stalls a vCPU.
 
 mod fids;
+mod share_view;
 mod wire;
 mod worker;
 
@@ -28,6 +29,7 @@ use super::{
     check_queues, read_config_bytes, ActivateError, GuestMemoryMmap, Interrupt, VirtioDevice,
     Worker, VIRTIO_F_VERSION_1,
 };
+use crate::config::ShareConfig;
 use fids::FidTable;
 use worker::{confined_server, Fs9pWorker};
 
@@ -71,12 +73,11 @@ pub enum Error {
 
 /// A virtio-9p device serving one host directory.
 pub struct Fs9p {
-    tag: String,
-    path: PathBuf,
+    /// What is shared, and how.
+    share: ShareConfig,
     /// The shared directory, opened once so that the share is the directory seen at creation
     /// even if the path is later replaced.
     root: File,
-    read_only: bool,
     config: Vec<u8>,
     acked_features: u64,
     queue_sizes: [u16; 1],
@@ -90,13 +91,16 @@ impl Fs9p {
     /// Shares `host_dir` under the mount tag `tag`; with `read_only`, every request that would
     /// change the host is answered with EROFS.
     pub fn new(tag: &str, host_dir: &Path, read_only: bool) -> Result<Fs9p, Error> {
-        check_tag(tag)?;
+        Self::with_config(&ShareConfig::dir(tag, host_dir, read_only))
+    }
+
+    /// Shares what `share` describes.
+    pub fn with_config(share: &ShareConfig) -> Result<Fs9p, Error> {
+        check_tag(&share.tag)?;
         Ok(Fs9p {
-            tag: tag.to_string(),
-            path: host_dir.to_path_buf(),
-            root: open_dir(host_dir)?,
-            read_only,
-            config: config_space(tag),
+            share: share.clone(),
+            root: open_dir(&share.path)?,
+            config: config_space(&share.tag),
             acked_features: 0,
             queue_sizes: [QUEUE_SIZE],
             worker: None,
@@ -112,10 +116,11 @@ impl Fs9p {
         notify: EventFd,
     ) -> Result<(), ActivateError> {
         let root = self.root.try_clone().map_err(ActivateError::Worker)?;
+        let share = self.share.clone();
         let fids = self.fids.clone();
         let (ready_tx, ready_rx) = mpsc::sync_channel(1);
         let spawned = Worker::spawn("virtio-9p", ThreadKind::Fs9p, move |ctl| {
-            let mut server = match confined_server(&root) {
+            let mut server = match confined_server(&share, &root) {
                 Ok(server) => server,
                 Err(e) => {
                     let _ = ready_tx.send(Err(e));
@@ -228,7 +233,7 @@ impl VirtioDevice for Fs9p {
     ) -> Result<(), ActivateError> {
         check_queues(&queues, 1)?;
         let queue = queues.remove(0);
-        let read_only = self.read_only;
+        let read_only = self.share.read_only;
         let fids = self.fids.clone();
         let worker = move |server| Fs9pWorker {
             mem,
@@ -272,9 +277,9 @@ impl crate::persist::Persist for Fs9p {
 
     fn save_state(&mut self) -> Result<Vec<u8>, String> {
         crate::persist::encode_state(&Fs9pState {
-            tag: self.tag.clone(),
-            path: self.path.clone(),
-            read_only: self.read_only,
+            tag: self.share.tag.clone(),
+            path: self.share.path.clone(),
+            read_only: self.share.read_only,
             fids: worker::lock(&self.fids).clone(),
         })
     }
@@ -283,13 +288,13 @@ impl crate::persist::Persist for Fs9p {
         let s: Fs9pState = crate::persist::decode_state(state)?;
         // The directory and mode may differ (a clone serves its own); the tag may not: the
         // guest read it from config space at boot.
-        if s.tag != self.tag {
+        if s.tag != self.share.tag {
             return Err(format!(
                 "saved share {:?} at {}, restored {:?} at {}",
                 s.tag,
                 s.path.display(),
-                self.tag,
-                self.path.display()
+                self.share.tag,
+                self.share.path.display()
             ));
         }
         // Called before the transport activates the device, whose worker opens them again.

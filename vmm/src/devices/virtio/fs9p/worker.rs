@@ -6,34 +6,33 @@ use std::io::{self, Read, Write};
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use nix::sched::{unshare, CloneFlags};
 use nix::sys::stat::{umask, Mode};
-use nix::unistd::{chroot, fchdir};
 use virtio_queue::{DescriptorChain, Queue, QueueT};
 use vmm_sys_util::eventfd::EventFd;
 
 use super::fids::{self, FidTable};
+use super::share_view;
 use super::wire;
+use crate::config::ShareConfig;
 use crate::devices::virtio::{serve_queue, GuestMemoryMmap, Interrupt, WorkerCtl};
 
 type Writer<'a> = virtio_queue::Writer<'a, ()>;
 
-/// Builds a p9 server whose whole view of the host is `root`.
+/// Builds a p9 server whose whole view of the host is `share` (see `share_view`).
 ///
 /// p9 0.3 does not keep walks inside its root: it resolves each Twalk name with
 /// `openat(parent, name, O_NOFOLLOW)`, so a name of `..` leaves the root and a name with a `/`
-/// follows symlinks in its leading components. We therefore give this thread its own
-/// filesystem context (`unshare(CLONE_FS)`, which leaves the rest of the VMM untouched) and
-/// chroot it into `root`: the kernel then keeps `..` at the root, resolves absolute symlinks
-/// inside it, and never lets a lookup climb out (a directory moved out of the share by the
-/// host is the one exception). This needs CAP_SYS_CHROOT, which the VMM has as root.
-pub(super) fn confined_server(root: &File) -> io::Result<p9::Server> {
+/// follows symlinks in its leading components. The thread therefore moves into a mount
+/// namespace of its own whose root is the share's view: the kernel then keeps `..` at the
+/// root, resolves absolute symlinks inside it, and never lets a lookup climb out (a directory
+/// moved out of the share by the host is the one exception). This needs CAP_SYS_ADMIN and
+/// CAP_SYS_CHROOT, which the VMM has as root.
+pub(super) fn confined_server(share: &ShareConfig, pinned: &File) -> io::Result<p9::Server> {
     // p9 opens /proc now and later reopens fids through /proc/self/fd: it must see the host's
-    // /proc, so the server is created before the chroot hides it.
+    // /proc, so the server is created before the view hides it. A reopened fid is still the
+    // view's file, on the view's mount, with its flags.
     let server = p9::Server::new(Path::new("/"), Default::default(), Default::default())?;
-    unshare(CloneFlags::CLONE_FS)?;
-    fchdir(root)?;
-    chroot(".")?;
+    share_view::enter(share, pinned)?;
     // The guest kernel applies the guest's umask before it sends a mode; applying the VMM's
     // as well would silently strip permission bits from what the guest creates.
     umask(Mode::empty());
@@ -91,6 +90,9 @@ impl Fs9pWorker {
         if self.read_only && wire::modifies_host(header.ty, &reader) {
             return reply_error(writer, header.tag, libc::EROFS);
         }
+        if let Some(errno) = refusal(&mut self.server, header.ty, &reader) {
+            return reply_error(writer, header.tag, errno);
+        }
         if fids::tracks(header.ty) {
             return self.handle_tracked(reader, writer, header.tag);
         }
@@ -143,15 +145,52 @@ impl Fs9pWorker {
     }
 }
 
+/// Why `request` (of type `ty`) must not reach the server, if it must not: it makes a device
+/// node (which the view's `nodev` would refuse to open anyway), it names a path where one
+/// name belongs (see `wire::names_a_path`), or it opens (Tlopen, or Tsetattr of the size)
+/// anything but a regular file or a directory.
+///
+/// The last covers FIFOs, which `nodev` does not: opening one would block the worker until
+/// someone opens the other end. The check asks the server for the mode of the fid's own
+/// inode, the one the open would reopen (a fid is an O_PATH descriptor, fixed once walked),
+/// so a file renamed or replaced in between cannot slip through. A Linux guest opens its
+/// FIFOs, sockets and devices itself and never sends Tlopen for them.
+pub(super) fn refusal<R: Read + Clone>(
+    server: &mut p9::Server,
+    ty: u8,
+    request: &R,
+) -> Option<i32> {
+    match ty {
+        wire::msg::TMKNOD if wire::mknod_makes_device(request) => Some(libc::EPERM),
+        _ if wire::names_a_path(ty, request) => Some(libc::EINVAL),
+        _ => special_file(server, wire::opened_fid(ty, request)?),
+    }
+}
+
+/// EPERM if `fid` is neither a regular file nor a directory; None if it is, or if the
+/// server does not know the fid (the Tlopen then fails on its own).
+fn special_file(server: &mut p9::Server, fid: u32) -> Option<i32> {
+    let mut reply = Vec::new();
+    let request = wire::tgetattr_mode(fid);
+    server
+        .handle_message(&mut io::Cursor::new(&request), &mut reply)
+        .ok()?;
+    let kind = wire::rgetattr_mode(&reply)? & libc::S_IFMT;
+    (kind != libc::S_IFREG && kind != libc::S_IFDIR).then_some(libc::EPERM)
+}
+
 /// Rebuilds `table` in a fresh `server` (a restored VM's); fids that cannot be opened again
 /// (their file is gone from the new directory) are dropped, and the guest gets EBADF on them.
 pub(super) fn replay(server: &mut p9::Server, table: &mut FidTable) {
     let mut lost = Vec::new();
     for (request, fid) in table.replay() {
+        // The restored directory may hold something else at a saved path.
+        let refused = refusal(server, request[4], &io::Cursor::new(&request)).is_some();
         let mut reply = Vec::new();
-        let ok = server
-            .handle_message(&mut io::Cursor::new(&request), &mut reply)
-            .is_ok()
+        let ok = !refused
+            && server
+                .handle_message(&mut io::Cursor::new(&request), &mut reply)
+                .is_ok()
             && reply.get(4).is_some_and(|&t| t != wire::msg::RLERROR);
         if !ok {
             lost.extend(fid);

@@ -107,8 +107,12 @@ struct Guest {
 
 impl Guest {
     fn new(dir: &Path, read_only: bool) -> Self {
+        Self::serving(&ShareConfig::dir("share", dir, read_only))
+    }
+
+    fn serving(share: &ShareConfig) -> Self {
         let mem = guest_memory();
-        let dev = Fs9p::new("share", dir, read_only).unwrap();
+        let dev = Fs9p::with_config(share).unwrap();
         let (mut t, irq) = transport(Box::new(dev), &mem);
         let q = GuestQueue::new(&mem, 0x1_0000, 64);
         driver_init(&mut t, &[&q]);
@@ -124,7 +128,12 @@ impl Guest {
 
     /// A guest that negotiated the protocol and attached the share's root as ROOT_FID.
     fn attached(dir: &Path, read_only: bool) -> (Self, Vec<u8>) {
-        let mut g = Self::new(dir, read_only);
+        Self::attached_to(&ShareConfig::dir("share", dir, read_only))
+    }
+
+    /// A guest attached to the root of `share` as ROOT_FID.
+    fn attached_to(share: &ShareConfig) -> (Self, Vec<u8>) {
+        let mut g = Self::serving(share);
         g.call(TVERSION, Body::default().u32(MSIZE).str("9P2000.L"))
             .expect(TVERSION);
         let attach = Body::default()
@@ -440,13 +449,13 @@ fn fs9p_dotdot_and_symlinks_stay_inside_the_share() {
     assert_eq!(u16::from_le_bytes([wqids[0], wqids[1]]), 2);
     assert_eq!(&wqids[2 + 13..2 + 26], &root_qid[..]);
     g.walk(2, 3, &["inside"]).expect(TWALK);
-    let enoent = Some(libc::ENOENT as u32);
-    assert_eq!(g.walk(ROOT_FID, 4, &["../outside"]).errno(), enoent);
+    // A name holding a path is refused before the server resolves it.
+    let einval = Some(libc::EINVAL as u32);
+    assert_eq!(g.walk(ROOT_FID, 4, &["../outside"]).errno(), einval);
     // A partial walk answers the qids it got through and does not create the fid.
     let partial = g.walk(ROOT_FID, 4, &["..", "outside"]).expect(TWALK);
     assert_eq!(u16::from_le_bytes([partial[0], partial[1]]), 1);
-    // The symlink's absolute target is resolved inside the share, where it does not exist.
-    assert_eq!(g.walk(ROOT_FID, 4, &["link/outside"]).errno(), enoent);
+    assert_eq!(g.walk(ROOT_FID, 4, &["link/outside"]).errno(), einval);
     // Walked one name at a time, the link is not followed: the walk stops at it.
     let stopped = g.walk(ROOT_FID, 4, &["link", "outside"]).expect(TWALK);
     assert_eq!(u16::from_le_bytes([stopped[0], stopped[1]]), 1);
@@ -516,22 +525,29 @@ fn fs9p_flood_of_fids_gets_emfile() {
     io.walk(&mut g, ROOT_FID, extra, &[]).expect(TWALK);
 }
 
-/// A guest walks a fid round a symlink to its own directory (`l/.` with `l -> .`) again and
-/// again: the fid's recorded path stops at `MAX_FID_PATH_DEPTH` (or at `MAX_FID_PATH_BYTES`
-/// with long names), and a walk with more names
-/// than 9P allows is refused before the server stats any of them.
+/// A guest walks a fid ever deeper down a directory chain (it may make one as deep as it likes
+/// in a writable share): the fid's recorded path stops at `MAX_FID_PATH_DEPTH` (or at
+/// `MAX_FID_PATH_BYTES` with long names), and a walk with more names than 9P allows is refused
+/// before the server stats any of them.
 #[test]
 fn fs9p_flood_of_deep_walks_is_cut_off() {
     if !flood_here(module_path!(), "fs9p_flood_of_deep_walks_is_cut_off") {
         return;
     }
     let dir = TestDir::new("9p-deep");
-    std::os::unix::fs::symlink(".", dir.path().join("l")).unwrap();
+    let deep: PathBuf = std::iter::repeat_n("d", fids::MAX_FID_PATH_DEPTH + 40).collect();
+    std::fs::create_dir_all(dir.path().join(deep)).unwrap();
+    let long = "n".repeat(200);
+    directory_chain(
+        dir.path(),
+        &long,
+        fids::MAX_FID_PATH_BYTES / (long.len() + 1) + 2,
+    );
     let (mut g, _) = Guest::attached(dir.path(), false);
     let io = Reusing::new(&mut g);
     io.walk(&mut g, ROOT_FID, 2, &[]).expect(TWALK);
     let before = rss_kib();
-    let names = ["l/."; 16];
+    let names = ["d"; 16];
     let mut deepest = 0;
     for _ in 0..10_000 {
         match io.walk(&mut g, 2, 2, &names).errno() {
@@ -542,20 +558,35 @@ fn fs9p_flood_of_deep_walks_is_cut_off() {
     assert_rss_growth("9p 10000 walks 16 deeper each", before, 8);
     assert_eq!(deepest, fids::MAX_FID_PATH_DEPTH);
     // Long names reach the byte cap long before the depth cap.
-    let long = "n".repeat(200);
-    std::os::unix::fs::symlink(".", dir.path().join(&long)).unwrap();
-    let name = format!("{long}/.");
     io.walk(&mut g, ROOT_FID, 3, &[]).expect(TWALK);
     let mut depth = 0;
-    while io.walk(&mut g, 3, 3, &[name.as_str()]).errno().is_none() {
+    while io.walk(&mut g, 3, 3, &[long.as_str()]).errno().is_none() {
         depth += 1;
     }
-    assert_eq!(depth, fids::MAX_FID_PATH_BYTES / (name.len() + 1));
+    assert_eq!(depth, fids::MAX_FID_PATH_BYTES / (long.len() + 1));
     let too_many = ["."; 17];
     assert_eq!(
         io.walk(&mut g, ROOT_FID, 4, &too_many).errno(),
         Some(libc::EINVAL as u32)
     );
+}
+
+/// Makes `levels` nested directories named `name` under `base`, one `mkdirat` at a time: the
+/// whole chain may be longer than a path the host accepts at once.
+fn directory_chain(base: &Path, name: &str, levels: usize) {
+    use nix::fcntl::{openat, OFlag};
+    use nix::sys::stat::{mkdirat, Mode};
+    let mut fd = std::fs::File::open(base).unwrap().into();
+    for _ in 0..levels {
+        mkdirat(&fd, name, Mode::from_bits_truncate(0o755)).unwrap();
+        fd = openat(
+            &fd,
+            name,
+            OFlag::O_DIRECTORY | OFlag::O_RDONLY,
+            Mode::empty(),
+        )
+        .unwrap();
+    }
 }
 
 /// A guest floods Twalks whose chains carry 3 GiB of readable bytes after the message (every
@@ -590,3 +621,5 @@ fn fs9p_flood_of_oversized_chains_reads_an_msize() {
     }
     assert_rss_growth("9p 20 Twalks of 3 GiB chains", before, 8);
 }
+
+mod attacks;
