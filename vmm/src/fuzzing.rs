@@ -251,7 +251,7 @@ pub fn vsock(data: &[u8]) {
 }
 
 /// virtio-9p over a temp directory holding a file, a directory and a symlink, read-only when
-/// the first byte says so. The worker's chroot confines the server to the temp directory.
+/// the first byte says so. The worker's share view confines the server to the temp directory.
 pub fn fs9p(data: &[u8]) {
     let dir = TestDir::new("fuzz-9p");
     std::fs::write(dir.path().join("file"), b"hello").unwrap();

@@ -179,6 +179,11 @@ fn confine_signal() -> i32 {
 /// if the process is confined already (its parent's confinement is inherited; this narrows
 /// it to the thread's own kind).
 pub fn thread_started(kind: ThreadKind) {
+    record_kind(kind);
+    confine_if_process_is();
+}
+
+fn record_kind(kind: ThreadKind) {
     KIND.with(|k| k.set(Some(kind)));
     // SAFETY: gettid has no preconditions.
     let tid = unsafe { libc::gettid() };
@@ -187,6 +192,9 @@ pub fn thread_started(kind: ThreadKind) {
         .unwrap_or_else(|p| p.into_inner())
         .get_or_insert_with(HashMap::new)
         .insert(tid, kind);
+}
+
+fn confine_if_process_is() {
     if CONFINED.load(Ordering::SeqCst) {
         // The confinement signal may be on its way too (`confine_process` lists every thread
         // with a kind). Run inside this confinement half-way, its handler would apply it again,
@@ -195,6 +203,20 @@ pub fn thread_started(kind: ThreadKind) {
             sigsys::fatal("cannot confine a new thread", e.raw_os_error().unwrap_or(0));
         }
     }
+}
+
+/// [`thread_started`] for a thread that must first do what its confinement forbids (a 9p
+/// worker builds its mount namespace, which takes CAP_SYS_ADMIN and `unshare`, `mount_setattr`
+/// and `pivot_root`): `setup` runs with the confinement signal blocked, so a `confine_process`
+/// started meanwhile waits for it (up to its thread wait) instead of confining the thread half-way
+/// through; if the process was confined by then, the thread confines itself right after.
+pub fn thread_started_after<T>(kind: ThreadKind, setup: impl FnOnce() -> T) -> T {
+    with_confine_signal_blocked(|| {
+        record_kind(kind);
+        let done = setup();
+        confine_if_process_is();
+        done
+    })
 }
 
 /// Runs `f` with the confinement signal blocked in the calling thread.

@@ -15,9 +15,10 @@ use super::ThreadKind;
 /// own its rootfs: chown (CAP_CHOWN), open and list files whatever their mode
 /// (CAP_DAC_OVERRIDE), chmod, utimes and unlink in sticky directories on files the monitor
 /// does not own (CAP_FOWNER), and keep set-id bits while doing so (CAP_FSETID).
-/// Not CAP_MKNOD: the server creates no device nodes (p9 refuses Tmknod, and host device
-/// nodes must never be opened for the guest). Not CAP_SYS_CHROOT: the worker chroots into the
-/// share before the process is confined, and no worker starts afterwards.
+/// Not CAP_MKNOD: the server creates no device nodes (the worker refuses a Tmknod of one, and
+/// host device nodes must never be opened for the guest). Not CAP_SYS_ADMIN nor
+/// CAP_SYS_CHROOT: the worker builds its share's mount namespace and pivots into it before it
+/// can be confined, and no worker starts afterwards.
 const FS9P: &[Capability] = &[
     Capability::CAP_CHOWN,
     Capability::CAP_DAC_OVERRIDE,

@@ -265,6 +265,21 @@ impl<T: Send + 'static> Worker<T> {
     where
         F: FnOnce(WorkerCtl) -> T + Send + 'static,
     {
+        Self::spawn_after(name, kind, || (), |ctl, ()| body(ctl))
+    }
+
+    /// [`Self::spawn`] whose thread first runs `setup`, before it can be confined (see
+    /// [`confine::thread_started_after`]), and hands what it made to `body`.
+    pub(crate) fn spawn_after<S, P, F>(
+        name: &str,
+        kind: ThreadKind,
+        setup: P,
+        body: F,
+    ) -> io::Result<Self>
+    where
+        P: FnOnce() -> S + Send + 'static,
+        F: FnOnce(WorkerCtl, S) -> T + Send + 'static,
+    {
         if confine::is_confined() {
             return Err(io::Error::new(
                 io::ErrorKind::PermissionDenied,
@@ -280,8 +295,8 @@ impl<T: Send + 'static> Worker<T> {
         let handle = std::thread::Builder::new()
             .name(name.to_string())
             .spawn(move || {
-                confine::thread_started(kind);
-                body(ctl)
+                let made = confine::thread_started_after(kind, setup);
+                body(ctl, made)
             })?;
         Ok(Self {
             stop,

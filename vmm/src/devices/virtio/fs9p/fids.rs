@@ -222,8 +222,8 @@ impl FidTable {
     }
 }
 
-/// `base` followed by `names`, with `..` taking one component off (the server is chrooted
-/// into the share, so `..` never leaves it) and `.` ignored.
+/// `base` followed by `names`, with `..` taking one component off (the server's root is
+/// the share's view, so `..` never leaves it) and `.` ignored.
 fn joined(base: &[String], names: &[String]) -> Vec<String> {
     let mut path = base.to_vec();
     for n in names {

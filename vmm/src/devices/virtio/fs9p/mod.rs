@@ -119,8 +119,11 @@ impl Fs9p {
         let share = self.share.clone();
         let fids = self.fids.clone();
         let (ready_tx, ready_rx) = mpsc::sync_channel(1);
-        let spawned = Worker::spawn("virtio-9p", ThreadKind::Fs9p, move |ctl| {
-            let mut server = match confined_server(&share, &root) {
+        // The view is built before the thread can be confined: it takes system calls and
+        // CAP_SYS_ADMIN that a confined 9p worker no longer has.
+        let view = move || confined_server(&share, &root);
+        let spawned = Worker::spawn_after("virtio-9p", ThreadKind::Fs9p, view, move |ctl, made| {
+            let mut server = match made {
                 Ok(server) => server,
                 Err(e) => {
                     let _ = ready_tx.send(Err(e));
