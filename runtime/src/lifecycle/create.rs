@@ -17,6 +17,7 @@ use crate::container::state::{ContainerState, StateRoot};
 use crate::container::stuck_process::thread_states;
 use crate::container::template_choice;
 use crate::container::trace::Trace;
+use crate::logging::monitor_log::LogMark;
 use crate::logging::{LogOptions, Logger};
 use crate::monitor::{launch, MonitorArgs};
 
@@ -71,6 +72,7 @@ impl Container {
         // A `create` killed from here on leaves a container that `state` reports and
         // `delete` removes.
         store.claim(&ContainerState::creating(&opts.id, &bundle))?;
+        let mark = LogMark::before_start(&opts.log, &store.dir(&opts.id));
         let trace = Trace::start("create");
         let spawned = source(&bundle).and_then(|source| {
             trace.mark("VM source chosen");
@@ -86,10 +88,23 @@ impl Container {
                 Ok(Container { store, state })
             }
             Err(e) => {
+                let e = with_monitor_log(e, &mark);
                 let _ = store.remove(&opts.id);
                 Err(e)
             }
         }
+    }
+}
+
+/// `e` followed by what the monitor logged meanwhile (its warnings say why a VM ended or a
+/// device failed, which its one-line answer may not), read before its state directory goes.
+fn with_monitor_log(e: anyhow::Error, mark: &LogMark) -> anyhow::Error {
+    match mark.logged_since() {
+        Some(lines) => anyhow::anyhow!(
+            "{e:#}\nits monitor logged (in {}):\n{lines}",
+            mark.path().display()
+        ),
+        None => e,
     }
 }
 

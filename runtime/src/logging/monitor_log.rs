@@ -22,7 +22,7 @@
 
 use std::fmt::Write as _;
 use std::fs::{File, OpenOptions};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
@@ -237,6 +237,55 @@ pub fn read_errors(state_dir: &Path) -> Vec<Entry> {
         .filter_map(|l| serde_json::from_str(&l).ok())
         .take(entries)
         .collect()
+}
+
+/// Bytes of a failed monitor's log that `create`'s error carries at most: its last lines.
+pub const MAX_REPORTED_BYTES: u64 = 8 << 10;
+
+/// Where a monitor about to start will log, and how long that file is before it does: what
+/// it logged can be read back when the create fails, before its state directory (which may
+/// hold the log) is removed.
+pub struct LogMark {
+    path: PathBuf,
+    start: u64,
+}
+
+impl LogMark {
+    /// The log [`MonitorLog::open`] picks for `opts` and `state_dir`, as long as it is now.
+    pub fn before_start(opts: &LogOptions, state_dir: &Path) -> LogMark {
+        let path = opts
+            .file
+            .clone()
+            .unwrap_or_else(|| state_dir.join(LOG_FILE));
+        let start = std::fs::metadata(&path).map_or(0, |m| m.len());
+        LogMark { path, start }
+    }
+
+    /// Where the log is.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The whole lines appended since the mark, the last [`MAX_REPORTED_BYTES`] of them;
+    /// `None` if there are none.
+    pub fn logged_since(&self) -> Option<String> {
+        let mut f = File::open(&self.path).ok()?;
+        let end = f.metadata().ok()?.len();
+        let from = self.start.max(end.saturating_sub(MAX_REPORTED_BYTES));
+        f.seek(SeekFrom::Start(from)).ok()?;
+        let mut bytes = Vec::new();
+        f.take(end.saturating_sub(from))
+            .read_to_end(&mut bytes)
+            .ok()?;
+        let mut text = String::from_utf8_lossy(&bytes).into_owned();
+        if from > self.start {
+            // Cut inside a line: that line's end only would mislead.
+            let first_end = text.find('\n').map_or(text.len(), |i| i + 1);
+            text.drain(..first_end);
+        }
+        let text = text.trim_end();
+        (!text.is_empty()).then(|| text.to_string())
+    }
 }
 
 /// logrus's name for a level.

@@ -149,3 +149,43 @@ fn a_long_message_is_cut() {
     let e: Entry = serde_json::from_str(&lines(&logger.path())[0]).unwrap();
     assert!(e.msg.len() <= MAX_MESSAGE_BYTES && e.msg.len() > MAX_MESSAGE_BYTES - 4);
 }
+
+#[test]
+fn a_mark_reads_back_only_what_was_logged_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("shared.log");
+    std::fs::write(&file, "an earlier command's line\n").unwrap();
+    let opts = options(Some(file.clone()), LogFormat::Text, false);
+    let mark = LogMark::before_start(&opts, dir.path());
+    assert_eq!(mark.path(), file);
+    assert_eq!(mark.logged_since(), None);
+    let logger = MonitorLog::open(&opts, dir.path());
+    log(&logger, Level::Warn, "virtio-9p: cannot reopen fid 3");
+    log(&logger, Level::Error, "restore failed");
+    let logged = mark.logged_since().unwrap();
+    assert_eq!(logged.lines().count(), 2, "{logged}");
+    assert!(logged.contains("cannot reopen fid 3") && logged.contains("restore failed"));
+    assert!(!logged.contains("earlier"));
+    let own = LogMark::before_start(&options(None, LogFormat::Text, false), dir.path());
+    assert_eq!(own.path(), dir.path().join(LOG_FILE));
+}
+
+#[test]
+fn a_mark_reads_back_whole_lines_within_the_bound() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = options(None, LogFormat::Text, false);
+    let mark = LogMark::before_start(&opts, dir.path());
+    let logger = MonitorLog::open(&opts, dir.path());
+    for i in 0..1000 {
+        log(&logger, Level::Warn, &format!("line {i}"));
+    }
+    let logged = mark.logged_since().unwrap();
+    assert!(
+        logged.len() as u64 <= MAX_REPORTED_BYTES,
+        "{}",
+        logged.len()
+    );
+    assert!(logged.lines().all(|l| l.starts_with("time=\"")), "{logged}");
+    assert!(logged.ends_with("msg=\"line 999\""), "{logged}");
+    assert!(!logged.contains("msg=\"line 0\""));
+}
