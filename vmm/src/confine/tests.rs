@@ -227,6 +227,35 @@ fn a_thread_started_after_confinement_narrows_to_its_kind() {
 }
 
 #[test]
+fn a_thread_s_setup_runs_unconfined_while_the_process_confines_itself() {
+    let (code, out) = in_child(|fd| {
+        let (started_tx, started_rx) = std::sync::mpsc::channel();
+        let worker = std::thread::spawn(move || {
+            let socket = thread_started_after(ThreadKind::Fs9p, || {
+                started_tx.send(()).unwrap();
+                while !is_confined() {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                // Long enough for the confinement signal to have been sent.
+                std::thread::sleep(Duration::from_millis(100));
+                // SAFETY: a plain socket(2), which a 9p worker's filter traps.
+                unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) }
+            });
+            format!("{} {}", socket >= 0, status_field("Seccomp:"))
+        });
+        started_rx.recv().unwrap();
+        confine_as(ThreadKind::Monitor, fd);
+        let seen = worker.join().unwrap();
+        let mut f = unsafe { std::fs::File::from_raw_fd(fd) };
+        std::io::Write::write_all(&mut f, seen.as_bytes()).unwrap();
+        std::mem::forget(f);
+        0
+    });
+    // The socket was made before the filter came, and the filter came right after.
+    assert_eq!((code, out.as_str()), (0, "true 2"));
+}
+
+#[test]
 fn every_kind_s_allow_list_compiles() {
     for kind in ALL_KINDS {
         let programs = allow_lists::programs(kind, seccompiler::SeccompAction::Trap).unwrap();
