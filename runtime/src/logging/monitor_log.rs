@@ -20,6 +20,7 @@
 //! log, and 31 kept errors to the state directory (tmpfs, i.e. host RAM): under 28 KiB each
 //! even when every character of a message needs escaping, about 200 bytes for a real one.
 
+use std::cell::Cell;
 use std::fmt::Write as _;
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Read, Seek, SeekFrom, Write};
@@ -45,6 +46,11 @@ pub const MAX_KEPT_ERRORS: usize = 30;
 /// Error entries [`read_errors`] reads past the kept ones: the one a seccomp kill writes.
 const MAX_LAST_WORDS: usize = 1;
 
+thread_local! {
+    /// Set while the thread is in [`MonitorLog::log`].
+    static LOGGING: Cell<bool> = const { Cell::new(false) };
+}
+
 /// The logger of one monitor process.
 pub struct MonitorLog {
     level: LevelFilter,
@@ -59,8 +65,22 @@ pub fn install(opts: &LogOptions, state_dir: &Path) -> &'static MonitorLog {
     // Fails only if this process already has a logger (then that one keeps the lines).
     if log::set_logger(logger).is_ok() {
         log::set_max_level(logger.level);
+        log_panics();
     }
     logger
+}
+
+/// Logs every panic as an error too, before the default hook prints it on stderr: a device
+/// worker that panics leaves its guest waiting for an answer, and the monitor's stderr (its
+/// caller's, who has gone) may be read by no one.
+fn log_panics() {
+    let previous = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let thread = std::thread::current();
+        let name = thread.name().unwrap_or("unnamed");
+        log::error!("thread {name} panicked: {info}");
+        previous(info);
+    }));
 }
 
 impl MonitorLog {
@@ -131,13 +151,15 @@ impl Log for MonitorLog {
     }
 
     fn log(&self, record: &Record) {
-        if !self.enabled(record.metadata()) {
+        // A panic while this thread holds the sink (its message logged by the panic hook)
+        // must not wait for the sink forever.
+        if !self.enabled(record.metadata()) || LOGGING.with(|l| l.replace(true)) {
             return;
         }
         let mut msg = Capped(String::new());
         let _ = write!(msg, "{}", record.args());
-        let mut sink = self.lock();
-        sink.push(self, record.level(), msg.0);
+        self.lock().push(self, record.level(), msg.0);
+        LOGGING.with(|l| l.set(false));
     }
 
     fn flush(&self) {

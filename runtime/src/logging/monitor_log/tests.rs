@@ -189,3 +189,26 @@ fn a_mark_reads_back_whole_lines_within_the_bound() {
     assert!(logged.ends_with("msg=\"line 999\""), "{logged}");
     assert!(!logged.contains("msg=\"line 0\""));
 }
+
+#[test]
+fn a_panicking_thread_is_logged_as_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("monitor.log");
+    // The process's logger and panic hook from here on; no other test installs one.
+    install(
+        &options(Some(file.clone()), LogFormat::Json, false),
+        dir.path(),
+    );
+    let worker = std::thread::Builder::new()
+        .name("virtio-test".into())
+        .spawn(|| panic!("request out of bounds"))
+        .unwrap();
+    assert!(worker.join().is_err());
+    let text = lines(&file);
+    assert!(
+        text.iter().any(|l| l.contains(r#""level":"error""#)
+            && l.contains("thread virtio-test panicked")
+            && l.contains("request out of bounds")),
+        "{text:?}"
+    );
+}
