@@ -22,6 +22,6 @@ libfuzzer_sys::fuzz_target!(|data: &[u8]| {
     let Ok(plan) = GuestPlan::new(&bundle) else {
         return;
     };
-    let _ = plan.slot_directories(8, Path::new("/nonexistent-placeholder"));
+    let _ = plan.slot_shares(8, Path::new("/nonexistent-placeholder"));
     let _ = plan.mount_request();
 });

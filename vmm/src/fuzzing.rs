@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use vm_memory::{Bytes, GuestAddress};
 
+use crate::config::ShareConfig;
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::fs9p::Fs9p;
 use crate::devices::virtio::mmio::MmioTransport;
@@ -251,7 +252,7 @@ pub fn vsock(data: &[u8]) {
 }
 
 /// virtio-9p over a temp directory holding a file, a directory and a symlink, read-only when
-/// the first byte says so. The worker's share view confines the server to the temp directory.
+/// the first byte says so. The share's view confines the server to the temp directory.
 pub fn fs9p(data: &[u8]) {
     let dir = TestDir::new("fuzz-9p");
     std::fs::write(dir.path().join("file"), b"hello").unwrap();
@@ -260,7 +261,7 @@ pub fn fs9p(data: &[u8]) {
     std::os::unix::fs::symlink("file", dir.path().join("link")).unwrap();
     let mut input = Input(data);
     let read_only = input.u8() & 1 != 0;
-    let dev = Fs9p::new("share", dir.path(), read_only).unwrap();
+    let dev = Fs9p::with_config(&ShareConfig::dir("share", dir.path(), read_only)).unwrap();
     Driver::new(Box::new(dev), &[(64, true)]).run(input);
 }
 

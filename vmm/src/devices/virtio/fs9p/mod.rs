@@ -334,6 +334,10 @@ pub(crate) fn fuzz_messages(mut data: &[u8]) {
             continue;
         };
         let _ = wire::modifies_host(header.ty, &request);
+        let _ = wire::mknod_makes_device(&request);
+        let _ = wire::names_a_path(header.ty, &request);
+        let _ = wire::opened_fid(header.ty, &request);
+        let _ = wire::rgetattr_mode(reply);
         if fids::tracks(header.ty) && table.admit(request).is_ok() {
             table.observe(request, reply);
         }
