@@ -262,11 +262,15 @@ fn a_file_gone_before_restore_is_reported_by_the_9p_device_in_the_log_file() {
     let log = oci.dir.path().join("c5-log.json");
     let global = ["--log", log.to_str().unwrap(), "--log-format", "json"];
     restore_with(&oci, &global, &image, &bundle, "c5");
-    let before = count(&oci, "c5");
-    eventually("the restored container does not count", || {
-        count(&oci, "c5") > before
-    });
-    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    // A failure shows what the monitor logged: the log goes with the test's temp dir.
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    let count = || {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| count(&oci, "c5")))
+            .unwrap_or_else(|_| panic!("the monitor's log: {}", read_log()))
+    };
+    let before = count();
+    eventually("the restored container does not count", || count() > before);
+    let text = read_log();
     let entries: Vec<serde_json::Value> = text
         .lines()
         .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l:?}")))
