@@ -312,23 +312,15 @@ impl Oci {
     /// `husk create --bundle BUNDLE --pid-file <dir>/ID.pid ID`, which must succeed; the pid
     /// file's pid (the monitor's), read exactly as written (no newline).
     pub fn create(&self, bundle: &Path, id: &str) -> i32 {
-        self.create_env(bundle, id, &[])
-    }
-
-    /// [`Oci::create`] with `env` added to husk's environment.
-    pub fn create_env(&self, bundle: &Path, id: &str, env: &[(&str, &Path)]) -> i32 {
         let pid_file = self.dir.path().join(format!("{id}.pid"));
-        let out = self.husk_detached_env(
-            &[
-                "create",
-                "--bundle",
-                bundle.to_str().unwrap(),
-                "--pid-file",
-                pid_file.to_str().unwrap(),
-                id,
-            ],
-            env,
-        );
+        let out = self.husk_detached(&[
+            "create",
+            "--bundle",
+            bundle.to_str().unwrap(),
+            "--pid-file",
+            pid_file.to_str().unwrap(),
+            id,
+        ]);
         assert_eq!(out.code, 0, "{}", out.stderr);
         std::fs::read_to_string(&pid_file).unwrap().parse().unwrap()
     }
