@@ -56,6 +56,9 @@ fn snapshot_counting_guest(dir: &Path, vcpus: u8) -> u32 {
     let (cfg, out) = counting_config(vcpus);
     let vm = Running::start(Vm::new(cfg).unwrap());
     vm.count_past(1000).unwrap();
+    // One vCPU can count past 1000 before a busy host has run the others at all; the snapshot
+    // should hold every vCPU inside the counting loop.
+    wait_for_prints(&out, vcpus);
     vm.control.snapshot(dir, AfterSnapshot::StayPaused).unwrap();
     assert!(vm.control.is_paused());
     let at_snapshot = vm.read(COUNTER);
@@ -70,6 +73,18 @@ fn snapshot_counting_guest(dir: &Path, vcpus: u8) -> u32 {
         "{printed:?}"
     );
     at_snapshot
+}
+
+/// Waits (bounded) until `vcpus` vCPUs have each printed their one `g`.
+fn wait_for_prints(out: &Mutex<Vec<u8>>, vcpus: u8) {
+    let printed = || out.lock().unwrap().iter().filter(|&&b| b == b'g').count();
+    for _ in 0..1000 {
+        if printed() >= usize::from(vcpus) {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    panic!("only {} of {vcpus} vCPUs started within 10 s", printed());
 }
 
 fn counter_in_file(paths: &SnapshotPaths) -> u32 {
