@@ -4,7 +4,8 @@
 //! agent's when the container goes away.
 
 use std::fs;
-use std::os::unix::fs::{symlink, PermissionsExt};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
 
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
@@ -14,18 +15,28 @@ use oci_spec::runtime::{LinuxDevice, LinuxDeviceType, Mount, Spec};
 
 use super::HelperResult;
 
-/// Prepares the rootfs and makes it `/`.
+/// Prepares the rootfs and makes it `/`, with runc's propagation steps: `/` as
+/// `linux.rootfsPropagation` says (default `rslave`), then the mount holding the rootfs made
+/// private if it is shared, so that neither the rootfs bind nor any mount under it reaches
+/// the agent's namespace.
 pub fn setup_rootfs(spec: &Spec, rootfs: &Path) -> HelperResult<()> {
     let linux = spec.linux().as_ref();
-    let propagation = linux
-        .and_then(|l| l.rootfs_propagation().as_deref())
-        .unwrap_or("rslave");
-    // Stop our mounts from propagating back into the agent's namespace.
-    let (prop, _) = parse_options(&[propagation.to_string()]);
+    let root_propagation = match linux.and_then(|l| l.rootfs_propagation().as_deref()) {
+        None => MsFlags::MS_SLAVE | MsFlags::MS_REC,
+        Some(p) => propagation_flag(p)
+            .ok_or_else(|| format!("rootfsPropagation {p:?} is not a propagation type"))?,
+    };
     sys(
-        mount(None::<&str>, "/", None::<&str>, prop, None::<&str>),
-        "make / private",
+        mount(
+            None::<&str>,
+            "/",
+            None::<&str>,
+            root_propagation,
+            None::<&str>,
+        ),
+        "set propagation of /",
     )?;
+    private_if_shared(rootfs)?;
     // pivot_root needs the new root to be a mount point.
     sys(
         mount(
@@ -52,6 +63,78 @@ pub fn setup_rootfs(spec: &Spec, rootfs: &Path) -> HelperResult<()> {
     enter_root(rootfs)
 }
 
+/// Makes the mount that holds `path` private when it is shared (runc's
+/// `rootfsParentMountPrivate`): a mount attached under a shared mount propagates to its peers,
+/// which here include the agent's. A slave or private mount is left as it is.
+fn private_if_shared(path: &Path) -> HelperResult<()> {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| format!("read /proc/self/mountinfo: {e}"))?;
+    let Some((point, shared)) = holding_mount(&mountinfo, path) else {
+        return Err(format!("no mount holds {}", path.display()));
+    };
+    if !shared {
+        return Ok(());
+    }
+    sys(
+        mount(
+            None::<&str>,
+            point.as_path(),
+            None::<&str>,
+            MsFlags::MS_PRIVATE,
+            None::<&str>,
+        ),
+        &format!("make {} private", point.display()),
+    )
+}
+
+/// The mount point of the mount that holds `path` (the longest mount point above it, the
+/// last mounted if several), and whether it is shared, from `/proc/self/mountinfo` text.
+fn holding_mount(mountinfo: &str, path: &Path) -> Option<(PathBuf, bool)> {
+    let mut best: Option<(PathBuf, bool)> = None;
+    for line in mountinfo.lines() {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let Some(point) = fields.get(4).map(|p| PathBuf::from(unescape_mountinfo(p))) else {
+            continue;
+        };
+        if !path.starts_with(&point) {
+            continue;
+        }
+        let mut optional = fields.iter().skip(6).take_while(|f| **f != "-");
+        let shared = optional.any(|f| f.starts_with("shared:"));
+        let longer = best
+            .as_ref()
+            .is_none_or(|(b, _)| point.as_os_str().len() >= b.as_os_str().len());
+        if longer {
+            best = Some((point, shared));
+        }
+    }
+    best
+}
+
+/// Undoes mountinfo's octal escapes (`\040` for a space, ...).
+fn unescape_mountinfo(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes.get(i + 1..i + 4).and_then(|d| {
+            let s = std::str::from_utf8(d).ok()?;
+            u8::from_str_radix(s, 8).ok()
+        });
+        match (bytes[i], octal) {
+            (b'\\', Some(b)) => {
+                out.push(b);
+                i += 4;
+            }
+            (b, _) => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 fn is_dev_tmpfs(m: &Mount) -> bool {
     m.destination() == Path::new("/dev") && m.typ().as_deref() == Some("tmpfs")
 }
@@ -62,7 +145,8 @@ fn is_dev_tmpfs(m: &Mount) -> bool {
 fn mount_one(rootfs: &Path, m: &Mount) -> HelperResult<()> {
     let dest = in_root(rootfs, m.destination());
     let typ = m.typ().as_deref().unwrap_or("none");
-    let (flags, data) = parse_options(m.options().as_deref().unwrap_or_default());
+    let opts = parse_options(m.options().as_deref().unwrap_or_default())?;
+    let flags = opts.flags;
     let is_bind = flags.contains(MsFlags::MS_BIND) || typ == "bind";
     let source = m.source().clone().unwrap_or_else(|| PathBuf::from(typ));
     let what = format!(
@@ -70,9 +154,12 @@ fn mount_one(rootfs: &Path, m: &Mount) -> HelperResult<()> {
         source.display(),
         m.destination().display()
     );
-    let data = (!data.is_empty()).then_some(data.as_str());
-    let propagation = flags & propagation_flags();
-    let flags = flags - propagation;
+    let data = (!opts.data.is_empty()).then_some(opts.data.as_str());
+    // Opened before the mount covers it: the tmpfs is then filled from here.
+    let covered = match opts.copy_up && typ == "tmpfs" {
+        true => fs::File::open(&dest).ok(),
+        false => None,
+    };
     let attempt = || -> nix::Result<()> {
         if is_bind {
             bind(&source, &dest, flags)
@@ -92,11 +179,46 @@ fn mount_one(rootfs: &Path, m: &Mount) -> HelperResult<()> {
         }
         other => sys(other, &what)?,
     }
-    if !propagation.is_empty() {
+    if let Some(dir) = covered {
+        let from = PathBuf::from(format!("/proc/self/fd/{}", dir.as_raw_fd()));
+        copy_tree(&from, &dest).map_err(|e| format!("{what}: tmpcopyup: {e}"))?;
+    }
+    // In the order given, as runc applies them: "rshared" then "unbindable" is not the
+    // same as the reverse.
+    for propagation in opts.propagation {
         sys(
             mount(None::<&str>, &dest, None::<&str>, propagation, None::<&str>),
             &what,
         )?;
+    }
+    Ok(())
+}
+
+/// Copies the contents of directory `from` into `to` (which exists): directories, files,
+/// symlinks and special files, with their modes and owners.
+fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
+    for entry in fs::read_dir(from)? {
+        let entry = entry?;
+        let (src, dst) = (entry.path(), to.join(entry.file_name()));
+        let meta = fs::symlink_metadata(&src)?;
+        let kind = meta.file_type();
+        if kind.is_dir() {
+            fs::create_dir(&dst)?;
+            copy_tree(&src, &dst)?;
+        } else if kind.is_file() {
+            fs::copy(&src, &dst)?;
+        } else if kind.is_symlink() {
+            symlink(fs::read_link(&src)?, &dst)?;
+        } else {
+            let mode = Mode::from_bits_truncate(meta.mode());
+            let kind = SFlag::from_bits_truncate(meta.mode() & SFlag::S_IFMT.bits());
+            mknod(&dst, kind, mode, meta.rdev()).map_err(std::io::Error::from)?;
+        }
+        // Owner first: chown clears the set-id bits the mode then restores.
+        std::os::unix::fs::lchown(&dst, Some(meta.uid()), Some(meta.gid()))?;
+        if !kind.is_symlink() {
+            fs::set_permissions(&dst, meta.permissions())?;
+        }
     }
     Ok(())
 }
@@ -148,60 +270,93 @@ pub fn in_root(rootfs: &Path, path: &Path) -> PathBuf {
     out
 }
 
-fn propagation_flags() -> MsFlags {
-    MsFlags::MS_SHARED | MsFlags::MS_SLAVE | MsFlags::MS_PRIVATE | MsFlags::MS_UNBINDABLE
+/// A mount's options as `mount(2)` takes them.
+#[derive(Debug, PartialEq)]
+pub struct MountOptions {
+    pub flags: MsFlags,
+    /// Propagation changes, each a separate `mount(2)` call after the mount.
+    pub propagation: Vec<MsFlags>,
+    /// The filesystem's own options (`mode=755`, ...).
+    pub data: String,
+    /// runc's `tmpcopyup`: a tmpfs starts with a copy of what the directory it covers held.
+    pub copy_up: bool,
 }
 
-/// Splits mount options into flags and the filesystem's data string.
-pub fn parse_options(options: &[String]) -> (MsFlags, String) {
-    let mut flags = MsFlags::empty();
+/// The flags of a propagation type (`rshared`, `slave`, ...), as in `rootfsPropagation`.
+fn propagation_flag(name: &str) -> Option<MsFlags> {
+    let (kind, rec) = match name.strip_prefix('r') {
+        Some(rest) if rest != "o" && rest != "w" => (rest, MsFlags::MS_REC),
+        _ => (name, MsFlags::empty()),
+    };
+    let kind = match kind {
+        "private" => MsFlags::MS_PRIVATE,
+        "shared" => MsFlags::MS_SHARED,
+        "slave" => MsFlags::MS_SLAVE,
+        "unbindable" => MsFlags::MS_UNBINDABLE,
+        _ => return None,
+    };
+    Some(kind | rec)
+}
+
+/// The flag an option sets, and the one it clears.
+fn flag_option(opt: &str) -> Option<(MsFlags, MsFlags)> {
+    let none = MsFlags::empty();
+    Some(match opt {
+        "ro" => (MsFlags::MS_RDONLY, none),
+        "rw" => (none, MsFlags::MS_RDONLY),
+        "nosuid" => (MsFlags::MS_NOSUID, none),
+        "suid" => (none, MsFlags::MS_NOSUID),
+        "nodev" => (MsFlags::MS_NODEV, none),
+        "dev" => (none, MsFlags::MS_NODEV),
+        "noexec" => (MsFlags::MS_NOEXEC, none),
+        "exec" => (none, MsFlags::MS_NOEXEC),
+        "sync" => (MsFlags::MS_SYNCHRONOUS, none),
+        "async" => (none, MsFlags::MS_SYNCHRONOUS),
+        "dirsync" => (MsFlags::MS_DIRSYNC, none),
+        "remount" => (MsFlags::MS_REMOUNT, none),
+        "mand" => (MsFlags::MS_MANDLOCK, none),
+        "nomand" => (none, MsFlags::MS_MANDLOCK),
+        "atime" => (none, MsFlags::MS_NOATIME),
+        "noatime" => (MsFlags::MS_NOATIME, none),
+        "diratime" => (none, MsFlags::MS_NODIRATIME),
+        "nodiratime" => (MsFlags::MS_NODIRATIME, none),
+        "relatime" => (MsFlags::MS_RELATIME, none),
+        "norelatime" => (none, MsFlags::MS_RELATIME),
+        "strictatime" => (MsFlags::MS_STRICTATIME, none),
+        "nostrictatime" => (none, MsFlags::MS_STRICTATIME),
+        "lazytime" => (MsFlags::MS_LAZYTIME, none),
+        "nolazytime" => (none, MsFlags::MS_LAZYTIME),
+        "bind" => (MsFlags::MS_BIND, none),
+        "rbind" => (MsFlags::MS_BIND | MsFlags::MS_REC, none),
+        _ => return None,
+    })
+}
+
+/// Splits mount options into flags, propagation changes and the filesystem's data string.
+/// runc's extensions that would change what the container sees if skipped are refused.
+pub fn parse_options(options: &[String]) -> HelperResult<MountOptions> {
+    let mut out = MountOptions {
+        flags: MsFlags::empty(),
+        propagation: Vec::new(),
+        data: String::new(),
+        copy_up: false,
+    };
     let mut data = Vec::new();
     for opt in options {
-        let (set, clear) = match opt.as_str() {
-            "ro" => (MsFlags::MS_RDONLY, MsFlags::empty()),
-            "rw" => (MsFlags::empty(), MsFlags::MS_RDONLY),
-            "nosuid" => (MsFlags::MS_NOSUID, MsFlags::empty()),
-            "suid" => (MsFlags::empty(), MsFlags::MS_NOSUID),
-            "nodev" => (MsFlags::MS_NODEV, MsFlags::empty()),
-            "dev" => (MsFlags::empty(), MsFlags::MS_NODEV),
-            "noexec" => (MsFlags::MS_NOEXEC, MsFlags::empty()),
-            "exec" => (MsFlags::empty(), MsFlags::MS_NOEXEC),
-            "sync" => (MsFlags::MS_SYNCHRONOUS, MsFlags::empty()),
-            "async" => (MsFlags::empty(), MsFlags::MS_SYNCHRONOUS),
-            "dirsync" => (MsFlags::MS_DIRSYNC, MsFlags::empty()),
-            "remount" => (MsFlags::MS_REMOUNT, MsFlags::empty()),
-            "mand" => (MsFlags::MS_MANDLOCK, MsFlags::empty()),
-            "nomand" => (MsFlags::empty(), MsFlags::MS_MANDLOCK),
-            "atime" => (MsFlags::empty(), MsFlags::MS_NOATIME),
-            "noatime" => (MsFlags::MS_NOATIME, MsFlags::empty()),
-            "diratime" => (MsFlags::empty(), MsFlags::MS_NODIRATIME),
-            "nodiratime" => (MsFlags::MS_NODIRATIME, MsFlags::empty()),
-            "relatime" => (MsFlags::MS_RELATIME, MsFlags::empty()),
-            "norelatime" => (MsFlags::empty(), MsFlags::MS_RELATIME),
-            "strictatime" => (MsFlags::MS_STRICTATIME, MsFlags::empty()),
-            "nostrictatime" => (MsFlags::empty(), MsFlags::MS_STRICTATIME),
-            "lazytime" => (MsFlags::MS_LAZYTIME, MsFlags::empty()),
-            "nolazytime" => (MsFlags::empty(), MsFlags::MS_LAZYTIME),
-            "bind" => (MsFlags::MS_BIND, MsFlags::empty()),
-            "rbind" => (MsFlags::MS_BIND | MsFlags::MS_REC, MsFlags::empty()),
-            "private" => (MsFlags::MS_PRIVATE, MsFlags::empty()),
-            "rprivate" => (MsFlags::MS_PRIVATE | MsFlags::MS_REC, MsFlags::empty()),
-            "shared" => (MsFlags::MS_SHARED, MsFlags::empty()),
-            "rshared" => (MsFlags::MS_SHARED | MsFlags::MS_REC, MsFlags::empty()),
-            "slave" => (MsFlags::MS_SLAVE, MsFlags::empty()),
-            "rslave" => (MsFlags::MS_SLAVE | MsFlags::MS_REC, MsFlags::empty()),
-            "unbindable" => (MsFlags::MS_UNBINDABLE, MsFlags::empty()),
-            "runbindable" => (MsFlags::MS_UNBINDABLE | MsFlags::MS_REC, MsFlags::empty()),
-            // runc extensions with no meaning here.
-            "tmpcopyup" | "idmap" | "ridmap" => continue,
-            other => {
-                data.push(other);
-                continue;
-            }
-        };
-        flags = (flags | set) - clear;
+        if let Some((set, clear)) = flag_option(opt) {
+            out.flags = (out.flags | set) - clear;
+        } else if let Some(p) = propagation_flag(opt) {
+            out.propagation.push(p);
+        } else if opt == "tmpcopyup" {
+            out.copy_up = true;
+        } else if matches!(opt.as_str(), "idmap" | "ridmap") {
+            return Err(format!("mount option {opt:?} is not supported"));
+        } else {
+            data.push(opt.as_str());
+        }
     }
-    (flags, data.join(","))
+    out.data = data.join(",");
+    Ok(out)
 }
 
 /// The device nodes runc creates in a tmpfs /dev: (name, major, minor).
@@ -276,6 +431,8 @@ pub const NO_PIVOT_ENV: &str = "HUSK_AGENT_NO_PIVOT";
 /// The guest's root is the initramfs, which `pivot_root` refuses (EINVAL); there, like
 /// `runc --no-pivot`, move the rootfs mount over `/` and chroot into it.
 fn enter_root(rootfs: &Path) -> HelperResult<()> {
+    // Both ways in refuse a shared root (and a move onto one would reach the agent's).
+    private_if_shared(Path::new("/"))?;
     sys(chdir(rootfs), "chdir to rootfs")?;
     let pivoted = match std::env::var_os(NO_PIVOT_ENV) {
         Some(_) => Err(nix::errno::Errno::EINVAL),
@@ -370,4 +527,85 @@ pub fn readonly_root() -> HelperResult<()> {
 
 fn sys<T>(r: nix::Result<T>, what: &str) -> HelperResult<T> {
     r.map_err(|e| format!("{what}: {}", e.desc()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(list: &[&str]) -> HelperResult<MountOptions> {
+        parse_options(&list.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+    }
+
+    #[test]
+    fn propagation_is_kept_apart_from_the_mount_flags_in_order() {
+        let o = opts(&["bind", "rprivate", "ro", "unbindable", "mode=755"]).unwrap();
+        // "bind" stays non-recursive: the "r" of "rprivate" belongs to the propagation.
+        assert_eq!(o.flags, MsFlags::MS_BIND | MsFlags::MS_RDONLY);
+        assert_eq!(
+            o.propagation,
+            [
+                MsFlags::MS_PRIVATE | MsFlags::MS_REC,
+                MsFlags::MS_UNBINDABLE
+            ]
+        );
+        assert_eq!(o.data, "mode=755");
+        let o = opts(&["rbind", "rw", "rshared", "rslave", "runbindable"]).unwrap();
+        assert_eq!(o.flags, MsFlags::MS_BIND | MsFlags::MS_REC);
+        let rec = |f: MsFlags| f | MsFlags::MS_REC;
+        let kinds = [
+            MsFlags::MS_SHARED,
+            MsFlags::MS_SLAVE,
+            MsFlags::MS_UNBINDABLE,
+        ];
+        assert_eq!(o.propagation, kinds.map(rec));
+    }
+
+    #[test]
+    fn root_propagation_names_are_checked() {
+        assert_eq!(propagation_flag("slave"), Some(MsFlags::MS_SLAVE));
+        assert_eq!(
+            propagation_flag("rshared"),
+            Some(MsFlags::MS_SHARED | MsFlags::MS_REC)
+        );
+        for bad in ["ro", "rw", "rbind", "", "r", "sharedx"] {
+            assert_eq!(propagation_flag(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn copy_up_is_an_option_and_idmapped_mounts_are_refused() {
+        let o = opts(&["nosuid", "tmpcopyup", "size=1m"]).unwrap();
+        assert!(o.copy_up);
+        assert_eq!((o.flags, o.data.as_str()), (MsFlags::MS_NOSUID, "size=1m"));
+        for opt in ["idmap", "ridmap"] {
+            let e = opts(&["rbind", opt]).unwrap_err();
+            assert!(e.contains("not supported") && e.contains(opt), "{e}");
+        }
+    }
+
+    #[test]
+    fn the_mount_holding_a_path_is_its_longest_mount_point() {
+        let info = "\
+20 1 0:19 / / rw shared:1 - rootfs rootfs rw
+21 20 0:20 / /run rw shared:2 - tmpfs tmpfs rw
+30 21 0:30 / /run/husk/rootfs rw master:3 - 9p share0 rw
+31 21 0:31 / /run/husk/shares/1 rw shared:4 master:3 - 9p share1 rw
+32 21 0:32 / /run/my\\040dir rw shared:9 - tmpfs tmpfs rw
+";
+        let held = |p: &str| holding_mount(info, Path::new(p));
+        assert_eq!(
+            held("/run/husk/rootfs"),
+            Some(("/run/husk/rootfs".into(), false))
+        );
+        assert_eq!(
+            held("/run/husk/shares/1/x"),
+            Some(("/run/husk/shares/1".into(), true))
+        );
+        assert_eq!(held("/run/husk"), Some(("/run".into(), true)));
+        // "/run/husk/shares/10" is not under "/run/husk/shares/1".
+        assert_eq!(held("/run/husk/shares/10"), Some(("/run".into(), true)));
+        assert_eq!(held("/run/my dir/a"), Some(("/run/my dir".into(), true)));
+        assert_eq!(held("/etc"), Some(("/".into(), true)));
+    }
 }
