@@ -1,15 +1,17 @@
 //! `husk checkpoint` and `husk restore`, with runc's flags as podman and conmon pass them
-//! (those that steer CRIU are accepted and have nothing to act on).
+//! (those that steer CRIU are accepted and have nothing to act on; those that would change
+//! what happens are refused when given).
 
 use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 
-use super::containers::{follow, CreateOpts};
+use super::containers::{follow, CreateOpts, Unsupported};
 use crate::lifecycle::{CheckpointOptions, Container, RestoreOptions};
 use crate::logging::{LogOptions, Logger};
 
-/// `husk checkpoint` (runc's flags; those about CRIU are accepted and ignored).
+/// `husk checkpoint` (runc's flags; those about CRIU are accepted and ignored, those about
+/// lazy migration refused).
 #[derive(clap::Args, Debug, Clone)]
 pub struct CheckpointOpts {
     /// Directory the checkpoint is written to.
@@ -29,13 +31,30 @@ pub struct CheckpointOpts {
     /// Accepted for runc compatibility (incremental checkpoints are not kept).
     #[arg(long)]
     pub parent_path: Option<PathBuf>,
-    /// Accepted for runc compatibility.
+    /// CRIU's page server: not supported (the image is written to `--image-path`).
     #[arg(long)]
     pub page_server: Option<String>,
-    /// Accepted for runc compatibility.
+    /// Lazy migration's readiness fd: not supported.
     #[arg(long)]
     pub status_fd: Option<i32>,
     pub id: String,
+}
+
+impl CheckpointOpts {
+    /// The first flag given that Husk cannot honour (see [`Unsupported`]).
+    pub fn unsupported(&self) -> Option<Unsupported> {
+        let server = self.page_server.as_deref().is_some_and(|s| !s.is_empty());
+        [
+            (
+                server,
+                ("--page-server", "the image is written to --image-path"),
+            ),
+            (self.status_fd.is_some(), ("--status-fd", LAZY)),
+        ]
+        .into_iter()
+        .find_map(|(set, flag)| set.then_some(flag))
+        .or_else(|| self.criu.unsupported())
+    }
 }
 
 /// `husk restore`: `create`'s options, plus the image and runc's restore flags.
@@ -44,7 +63,7 @@ pub struct RestoreOpts {
     /// Directory of the checkpoint.
     #[arg(long)]
     pub image_path: PathBuf,
-    /// Accepted for runc compatibility.
+    /// Accepted for runc compatibility (CRIU's logs would go there).
     #[arg(long)]
     pub work_path: Option<PathBuf>,
     /// Return once the container runs, instead of waiting for it (and deleting it).
@@ -52,24 +71,48 @@ pub struct RestoreOpts {
     pub detach: bool,
     #[command(flatten)]
     pub criu: CriuFlags,
-    /// Accepted for runc compatibility.
+    /// Close the established TCP connections: not supported (the guest keeps them).
     #[arg(long)]
     pub tcp_close: bool,
-    /// Accepted for runc compatibility.
+    /// Accepted for runc compatibility (the monitor, not husk, waits for the container).
     #[arg(long)]
     pub no_subreaper: bool,
-    /// Accepted for runc compatibility.
+    /// Not supported (the guest has no SELinux or AppArmor).
     #[arg(long)]
     pub lsm_profile: Option<String>,
-    /// Accepted for runc compatibility.
+    /// Not supported (the guest has no SELinux).
     #[arg(long)]
     pub lsm_mount_context: Option<String>,
     #[command(flatten)]
     pub create: CreateOpts,
 }
 
+impl RestoreOpts {
+    /// The first flag given that Husk cannot honour (see [`Unsupported`]).
+    pub fn unsupported(&self) -> Option<Unsupported> {
+        let given = |v: &Option<String>| v.as_deref().is_some_and(|s| !s.is_empty());
+        let lsm = "the micro-VM's kernel has no SELinux or AppArmor";
+        [
+            (
+                self.tcp_close,
+                ("--tcp-close", "the guest keeps its connections"),
+            ),
+            (given(&self.lsm_profile), ("--lsm-profile", lsm)),
+            (given(&self.lsm_mount_context), ("--lsm-mount-context", lsm)),
+        ]
+        .into_iter()
+        .find_map(|(set, flag)| set.then_some(flag))
+        .or_else(|| self.criu.unsupported())
+        .or_else(|| self.create.unsupported())
+    }
+}
+
+/// Why lazy migration is refused.
+const LAZY: &str = "images are complete; there is no lazy migration";
+
 /// runc's flags that steer CRIU. A micro-VM's checkpoint holds every connection, lock and
-/// socket of the guest anyway, so none of them changes anything here.
+/// socket of the guest anyway, so those change nothing here; only lazy pages, which would
+/// change how the image is served, are refused.
 #[derive(clap::Args, Debug, Clone, Default)]
 pub struct CriuFlags {
     #[arg(long, hide = true)]
@@ -92,6 +135,12 @@ pub struct CriuFlags {
     pub tcp_skip_in_flight: bool,
     #[arg(long, hide = true)]
     pub link_remap: bool,
+}
+
+impl CriuFlags {
+    fn unsupported(&self) -> Option<Unsupported> {
+        self.lazy_pages.then_some(("--lazy-pages", LAZY))
+    }
 }
 
 /// `husk checkpoint`: without `--leave-running` (or `--pre-dump`) the container is stopped

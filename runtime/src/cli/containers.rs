@@ -12,6 +12,17 @@ use crate::lifecycle::{Container, CreateOptions, ExecOptions, MonitorErrors};
 use crate::logging::monitor_log::MAX_KEPT_ERRORS;
 use crate::logging::{LogOptions, Logger};
 
+/// A runc flag Husk accepts but cannot honour, and why: given with anything but its default,
+/// the command fails with one line saying so (runc's flags that change nothing in a
+/// micro-VM, such as `--no-pivot`, are simply accepted).
+pub type Unsupported = (&'static str, &'static str);
+
+const PRESERVE_FDS: Unsupported = (
+    "--preserve-fds",
+    "file descriptors cannot cross into the micro-VM",
+);
+const NO_LSM: &str = "the micro-VM's kernel has no SELinux or AppArmor";
+
 /// Options shared by `create` and `run`.
 #[derive(clap::Args, Debug, Clone)]
 pub struct CreateOpts {
@@ -27,10 +38,10 @@ pub struct CreateOpts {
     /// Accepted for runc compatibility; the guest always has its own root.
     #[arg(long)]
     pub no_pivot: bool,
-    /// Accepted for runc compatibility.
+    /// Accepted for runc compatibility (the guest kernel's keyrings are the container's alone).
     #[arg(long)]
     pub no_new_keyring: bool,
-    /// Extra fds beyond stdio: accepted, but they cannot cross into the VM.
+    /// Extra fds beyond stdio: only 0, as they cannot cross into the micro-VM.
     #[arg(long, default_value_t = 0)]
     pub preserve_fds: u32,
     /// Cold-boot the micro-VM instead of cloning it from a template.
@@ -40,6 +51,11 @@ pub struct CreateOpts {
 }
 
 impl CreateOpts {
+    /// The first flag given that Husk cannot honour (see [`Unsupported`]).
+    pub fn unsupported(&self) -> Option<Unsupported> {
+        (self.preserve_fds > 0).then_some(PRESERVE_FDS)
+    }
+
     /// The library's options; the monitor logs as `log` says.
     pub fn options(&self, log: &LogOptions) -> CreateOptions {
         CreateOptions {
@@ -63,7 +79,7 @@ pub struct RunOpts {
     /// Do not delete the container after it exits.
     #[arg(long)]
     pub keep: bool,
-    /// Accepted for runc compatibility.
+    /// Accepted for runc compatibility (the monitor, not husk, waits for the container).
     #[arg(long)]
     pub no_subreaper: bool,
 }
@@ -103,19 +119,19 @@ pub struct ExecOpts {
     /// Add a capability to the process (repeatable).
     #[arg(short, long)]
     pub cap: Vec<String>,
-    /// Accepted for runc compatibility.
+    /// Extra fds beyond stdio: only 0, as they cannot cross into the micro-VM.
     #[arg(long, default_value_t = 0)]
     pub preserve_fds: u32,
     /// Allow exec in a paused container.
     #[arg(long)]
     pub ignore_paused: bool,
-    /// Accepted for runc compatibility.
+    /// SELinux label: not supported (the guest has no SELinux).
     #[arg(long)]
     pub process_label: Option<String>,
-    /// Accepted for runc compatibility.
+    /// AppArmor profile: not supported (the guest has no AppArmor).
     #[arg(long)]
     pub apparmor: Option<String>,
-    /// Accepted for runc compatibility.
+    /// Sub-cgroup for the process: not supported.
     #[arg(long)]
     pub cgroup: Option<String>,
     /// (internal) Readiness pipe of a detached exec monitor.
@@ -128,6 +144,22 @@ pub struct ExecOpts {
 }
 
 impl ExecOpts {
+    /// The first flag given that Husk cannot honour (see [`Unsupported`]).
+    pub fn unsupported(&self) -> Option<Unsupported> {
+        let given = |v: &Option<String>| v.as_deref().is_some_and(|s| !s.is_empty());
+        [
+            (self.preserve_fds > 0, PRESERVE_FDS),
+            (given(&self.process_label), ("--process-label", NO_LSM)),
+            (given(&self.apparmor), ("--apparmor", NO_LSM)),
+            (
+                given(&self.cgroup),
+                ("--cgroup", "the process joins the container's cgroup"),
+            ),
+        ]
+        .into_iter()
+        .find_map(|(set, flag)| set.then_some(flag))
+    }
+
     fn options(&self) -> ExecOptions {
         ExecOptions {
             console_socket: self.console_socket.clone(),

@@ -20,7 +20,7 @@ use std::time::Instant;
 use clap::{Args, Parser, Subcommand};
 
 use self::checkpoints::{CheckpointOpts, RestoreOpts};
-use self::containers::{CreateOpts, ExecOpts, RunOpts};
+use self::containers::{CreateOpts, ExecOpts, RunOpts, Unsupported};
 pub use self::deferred::Deferred;
 use crate::logging::{LogFormat, LogOptions, Logger};
 use crate::monitor::{self, MonitorArgs};
@@ -46,7 +46,8 @@ struct Cli {
     /// Accepted for runc compatibility (checkpoints are Husk's own).
     #[arg(long, global = true, hide = true)]
     criu: Option<String>,
-    /// Accepted for runc compatibility.
+    /// Accepted for runc compatibility (it relaxes cgroup and mount checks runc makes as a
+    /// non-root user; Husk has none of them to relax).
     #[arg(long, global = true, hide = true)]
     rootless: Option<String>,
     #[command(subcommand)]
@@ -170,8 +171,9 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    if cli.systemd_cgroup {
-        logger.error("--systemd-cgroup is not supported by husk");
+    // Before anything is created: a refused command leaves nothing behind.
+    if let Some((flag, why)) = unsupported(&cli) {
+        logger.error(&format!("{flag} is not supported by husk: {why}"));
         return ExitCode::FAILURE;
     }
     match dispatch(cli, started, &logger) {
@@ -180,6 +182,19 @@ pub fn main() -> ExitCode {
             logger.error(&format!("{prefix}{e:#}"));
             ExitCode::FAILURE
         }
+    }
+}
+
+/// The first flag on the command line that Husk accepts but cannot honour, and why.
+fn unsupported(cli: &Cli) -> Option<Unsupported> {
+    match &cli.command {
+        _ if cli.systemd_cgroup => Some(("--systemd-cgroup", "Husk manages cgroupfs cgroups")),
+        Command::Create(Deferred(o)) => o.unsupported(),
+        Command::Run(Deferred(o)) => o.create.unsupported(),
+        Command::Exec(Deferred(o)) => o.unsupported(),
+        Command::Checkpoint(Deferred(o)) => o.unsupported(),
+        Command::Restore(Deferred(o)) => o.unsupported(),
+        _ => None,
     }
 }
 
@@ -303,6 +318,101 @@ mod tests {
         };
         assert_eq!((opts.id.as_str(), opts.ready_fd), ("c1", Some(101)));
         assert_eq!(opts.template.as_deref(), Some("default"));
+    }
+
+    /// The flag `unsupported` names for this command line, if any.
+    fn refused(argv: &[&str]) -> Option<&'static str> {
+        let cli = Cli::try_parse_from(std::iter::once("husk").chain(argv.iter().copied()));
+        unsupported(&cli.unwrap()).map(|(flag, _)| flag)
+    }
+
+    #[test]
+    fn flags_that_cannot_be_honoured_are_refused_only_when_given() {
+        let image = ["--image-path", "/i"];
+        let cases: &[(&[&str], Option<&str>)] = &[
+            (&["create", "--preserve-fds", "0", "--no-pivot", "c"], None),
+            (
+                &["create", "--preserve-fds", "2", "c"],
+                Some("--preserve-fds"),
+            ),
+            (&["run", "--preserve-fds=1", "c"], Some("--preserve-fds")),
+            (
+                &[
+                    "exec",
+                    "--preserve-fds",
+                    "0",
+                    "--process-label",
+                    "",
+                    "c",
+                    "true",
+                ],
+                None,
+            ),
+            (
+                &["exec", "--apparmor", "p", "c", "true"],
+                Some("--apparmor"),
+            ),
+            (
+                &["exec", "--process-label", "l", "c", "true"],
+                Some("--process-label"),
+            ),
+            (&["exec", "--cgroup", "sub", "c", "true"], Some("--cgroup")),
+            (
+                &[
+                    "checkpoint",
+                    image[0],
+                    image[1],
+                    "--work-path",
+                    "/w",
+                    "--tcp-established",
+                    "c",
+                ],
+                None,
+            ),
+            (
+                &["checkpoint", image[0], image[1], "--status-fd", "3", "c"],
+                Some("--status-fd"),
+            ),
+            (
+                &[
+                    "checkpoint",
+                    image[0],
+                    image[1],
+                    "--page-server",
+                    "h:1",
+                    "c",
+                ],
+                Some("--page-server"),
+            ),
+            (
+                &["checkpoint", image[0], image[1], "--lazy-pages", "c"],
+                Some("--lazy-pages"),
+            ),
+            (
+                &["restore", image[0], image[1], "-d", "--file-locks", "c"],
+                None,
+            ),
+            (
+                &["restore", image[0], image[1], "--tcp-close", "c"],
+                Some("--tcp-close"),
+            ),
+            (
+                &["restore", image[0], image[1], "--lsm-profile", "p", "c"],
+                Some("--lsm-profile"),
+            ),
+            (
+                &["restore", image[0], image[1], "--preserve-fds", "1", "c"],
+                Some("--preserve-fds"),
+            ),
+            (
+                &["--systemd-cgroup", "create", "c"],
+                Some("--systemd-cgroup"),
+            ),
+            (&["kill", "c", "KILL"], None),
+        ];
+        for (argv, want) in cases {
+            assert_eq!(refused(argv), *want, "{argv:?}");
+        }
     }
 
     #[test]
