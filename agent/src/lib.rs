@@ -1,7 +1,9 @@
-//! Husk's host<->guest protocol (`proto`), a blocking host-side client (`client`), and, in the
+//! Husk's host<->guest protocol (`proto`), a blocking host-side client (`client`), what both
+//! sides read of `/proc/self/mountinfo` (`mountinfo`), and, in the
 //! `husk-agent` binary, the guest's PID 1 that serves it.
 
 pub mod client;
+pub mod mountinfo;
 pub mod passwd;
 pub mod proto;
 

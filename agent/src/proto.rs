@@ -167,6 +167,11 @@ pub struct ShareMount {
     pub read_only: bool,
     /// 9p message size (the `msize` mount option).
     pub msize: u32,
+    /// Whether the host mount holding the shared directory is shared: the guest mount then
+    /// is too (and private otherwise), so that a container's binds from it propagate as a
+    /// runc container's binds from the host directory do.
+    #[serde(default)]
+    pub shared: bool,
 }
 
 /// How a process ended: exactly one of `code` and `signal` is set.

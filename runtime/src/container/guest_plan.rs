@@ -29,8 +29,8 @@ const MSIZE: u32 = 65560;
 
 pub struct GuestPlan {
     pub shares: Vec<ShareConfig>,
-    /// (tag, guest mount point, read-only) for each share, in order.
-    mounts: Vec<(String, String, bool)>,
+    /// How the guest mounts each share, in order.
+    mounts: Vec<husk_agent::proto::ShareMount>,
     /// config.json with bind sources rewritten to guest paths.
     pub spec: serde_json::Value,
 }
@@ -100,7 +100,7 @@ impl GuestPlan {
     fn share_dir(&mut self, host: PathBuf, read_only: bool) -> String {
         let same = |s: &ShareConfig| s.path == host && s.read_only == read_only && s.only.is_none();
         match self.shares.iter().position(same) {
-            Some(i) => self.mounts[i].1.clone(),
+            Some(i) => self.mounts[i].target.clone(),
             None => self.add_share(host, &self.next_guest_dir(), read_only, None),
         }
     }
@@ -117,7 +117,7 @@ impl GuestPlan {
                 if let Some(only) = self.shares[i].only.as_mut().filter(|o| !o.contains(&name)) {
                     only.push(name.clone());
                 }
-                self.mounts[i].1.clone()
+                self.mounts[i].target.clone()
             }
             None => {
                 let only = Some(vec![name.clone()]);
@@ -140,11 +140,17 @@ impl GuestPlan {
         only: Option<Vec<OsString>>,
     ) -> String {
         let tag = slot_tag(self.shares.len());
+        self.mounts.push(husk_agent::proto::ShareMount {
+            tag: tag.clone(),
+            target: guest.to_string(),
+            read_only,
+            msize: MSIZE,
+            shared: host_mount_is_shared(&host),
+        });
         self.shares.push(ShareConfig {
             only,
             ..ShareConfig::dir(&tag, &host, read_only)
         });
-        self.mounts.push((tag, guest.to_string(), read_only));
         guest.to_string()
     }
 
@@ -205,18 +211,18 @@ impl GuestPlan {
 
     /// The agent request that mounts every share on its guest directory.
     pub fn mount_request(&self) -> husk_agent::proto::Request {
-        let shares = self
-            .mounts
-            .iter()
-            .map(|(tag, dir, ro)| husk_agent::proto::ShareMount {
-                tag: tag.clone(),
-                target: dir.clone(),
-                read_only: *ro,
-                msize: MSIZE,
-            })
-            .collect();
+        let shares = self.mounts.clone();
         husk_agent::proto::Request::MountShares { shares }
     }
+}
+
+/// Whether the host mount holding `dir` is shared: a runc container's bind of it would then
+/// stay in touch with the host's (see `ShareMount::shared`). Not shared when unknown.
+fn host_mount_is_shared(dir: &Path) -> bool {
+    let Ok(mountinfo) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    husk_agent::mountinfo::holding_mount(&mountinfo, dir).is_some_and(|(_, shared)| shared)
 }
 
 /// The host paths a share lets the guest reach: its directory, or the files it lists.

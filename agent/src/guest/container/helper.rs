@@ -4,7 +4,7 @@
 
 use std::convert::Infallible;
 use std::os::fd::AsRawFd;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use oci_spec::runtime::{LinuxNamespaceType, LinuxSeccomp, Process, Spec};
@@ -25,7 +25,14 @@ pub fn main(fd: &str) -> ExitCode {
     // SAFETY: F_SETFD on an fd we own.
     unsafe { libc::fcntl(sync.raw(), libc::F_SETFD, libc::FD_CLOEXEC) };
     let result = match sync.recv::<ToHelper>() {
-        Ok(Some((ToHelper::Init { spec, rootfs }, _))) => init(&sync, &spec, &rootfs),
+        Ok(Some((
+            ToHelper::Init {
+                spec,
+                rootfs,
+                private_shares,
+            },
+            _,
+        ))) => init(&sync, &spec, &rootfs, &private_shares),
         Ok(Some((
             ToHelper::Exec {
                 init_pid,
@@ -45,7 +52,12 @@ pub fn main(fd: &str) -> ExitCode {
 }
 
 /// Becomes the container's init: namespaces, filesystem, process set-up, wait for start.
-fn init(sync: &SyncSocket, spec: &Spec, rootfs: &Path) -> HelperResult<Infallible> {
+fn init(
+    sync: &SyncSocket,
+    spec: &Spec,
+    rootfs: &Path,
+    private_shares: &[PathBuf],
+) -> HelperResult<Infallible> {
     let process = spec
         .process()
         .as_ref()
@@ -58,7 +70,7 @@ fn init(sync: &SyncSocket, spec: &Spec, rootfs: &Path) -> HelperResult<Infallibl
     ns::set_names(spec)?;
     let own_mounts = ns::has(spec, LinuxNamespaceType::Mount);
     if own_mounts {
-        mounts::setup_rootfs(spec, rootfs)?;
+        mounts::setup_rootfs(spec, rootfs, private_shares)?;
     } else {
         // Without a mount namespace any mount would land in the agent's: just chroot.
         nix::unistd::chroot(rootfs).map_err(|e| format!("chroot {}: {e}", rootfs.display()))?;

@@ -111,6 +111,7 @@ impl Containers {
         let order = ToHelper::Init {
             spec: Box::new(spec.clone()),
             rootfs: PathBuf::from(rootfs),
+            private_shares: super::shares::private_targets(),
         };
         let spawned = match self.take_spare(flags, terminal) {
             Some(spare) => spare,

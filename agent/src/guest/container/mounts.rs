@@ -18,8 +18,21 @@ use super::HelperResult;
 /// Prepares the rootfs and makes it `/`, with runc's propagation steps: `/` as
 /// `linux.rootfsPropagation` says (default `rslave`), then the mount holding the rootfs made
 /// private if it is shared, so that neither the rootfs bind nor any mount under it reaches
-/// the agent's namespace.
-pub fn setup_rootfs(spec: &Spec, rootfs: &Path) -> HelperResult<()> {
+/// the agent's namespace. `private_shares` (shares of directories whose host mount is
+/// private) are made private first, as a runc container's copies of such mounts are.
+pub fn setup_rootfs(spec: &Spec, rootfs: &Path, private_shares: &[PathBuf]) -> HelperResult<()> {
+    for share in private_shares {
+        sys(
+            mount(
+                None::<&str>,
+                share,
+                None::<&str>,
+                MsFlags::MS_PRIVATE,
+                None::<&str>,
+            ),
+            &format!("make {} private", share.display()),
+        )?;
+    }
     let linux = spec.linux().as_ref();
     let root_propagation = match linux.and_then(|l| l.rootfs_propagation().as_deref()) {
         None => MsFlags::MS_SLAVE | MsFlags::MS_REC,
@@ -69,7 +82,7 @@ pub fn setup_rootfs(spec: &Spec, rootfs: &Path) -> HelperResult<()> {
 fn private_if_shared(path: &Path) -> HelperResult<()> {
     let mountinfo = fs::read_to_string("/proc/self/mountinfo")
         .map_err(|e| format!("read /proc/self/mountinfo: {e}"))?;
-    let Some((point, shared)) = holding_mount(&mountinfo, path) else {
+    let Some((point, shared)) = husk_agent::mountinfo::holding_mount(&mountinfo, path) else {
         return Err(format!("no mount holds {}", path.display()));
     };
     if !shared {
@@ -85,54 +98,6 @@ fn private_if_shared(path: &Path) -> HelperResult<()> {
         ),
         &format!("make {} private", point.display()),
     )
-}
-
-/// The mount point of the mount that holds `path` (the longest mount point above it, the
-/// last mounted if several), and whether it is shared, from `/proc/self/mountinfo` text.
-fn holding_mount(mountinfo: &str, path: &Path) -> Option<(PathBuf, bool)> {
-    let mut best: Option<(PathBuf, bool)> = None;
-    for line in mountinfo.lines() {
-        let fields: Vec<&str> = line.split(' ').collect();
-        let Some(point) = fields.get(4).map(|p| PathBuf::from(unescape_mountinfo(p))) else {
-            continue;
-        };
-        if !path.starts_with(&point) {
-            continue;
-        }
-        let mut optional = fields.iter().skip(6).take_while(|f| **f != "-");
-        let shared = optional.any(|f| f.starts_with("shared:"));
-        let longer = best
-            .as_ref()
-            .is_none_or(|(b, _)| point.as_os_str().len() >= b.as_os_str().len());
-        if longer {
-            best = Some((point, shared));
-        }
-    }
-    best
-}
-
-/// Undoes mountinfo's octal escapes (`\040` for a space, ...).
-fn unescape_mountinfo(field: &str) -> String {
-    let bytes = field.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        let octal = bytes.get(i + 1..i + 4).and_then(|d| {
-            let s = std::str::from_utf8(d).ok()?;
-            u8::from_str_radix(s, 8).ok()
-        });
-        match (bytes[i], octal) {
-            (b'\\', Some(b)) => {
-                out.push(b);
-                i += 4;
-            }
-            (b, _) => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn is_dev_tmpfs(m: &Mount) -> bool {
@@ -582,30 +547,5 @@ mod tests {
             let e = opts(&["rbind", opt]).unwrap_err();
             assert!(e.contains("not supported") && e.contains(opt), "{e}");
         }
-    }
-
-    #[test]
-    fn the_mount_holding_a_path_is_its_longest_mount_point() {
-        let info = "\
-20 1 0:19 / / rw shared:1 - rootfs rootfs rw
-21 20 0:20 / /run rw shared:2 - tmpfs tmpfs rw
-30 21 0:30 / /run/husk/rootfs rw master:3 - 9p share0 rw
-31 21 0:31 / /run/husk/shares/1 rw shared:4 master:3 - 9p share1 rw
-32 21 0:32 / /run/my\\040dir rw shared:9 - tmpfs tmpfs rw
-";
-        let held = |p: &str| holding_mount(info, Path::new(p));
-        assert_eq!(
-            held("/run/husk/rootfs"),
-            Some(("/run/husk/rootfs".into(), false))
-        );
-        assert_eq!(
-            held("/run/husk/shares/1/x"),
-            Some(("/run/husk/shares/1".into(), true))
-        );
-        assert_eq!(held("/run/husk"), Some(("/run".into(), true)));
-        // "/run/husk/shares/10" is not under "/run/husk/shares/1".
-        assert_eq!(held("/run/husk/shares/10"), Some(("/run".into(), true)));
-        assert_eq!(held("/run/my dir/a"), Some(("/run/my dir".into(), true)));
-        assert_eq!(held("/etc"), Some(("/".into(), true)));
     }
 }

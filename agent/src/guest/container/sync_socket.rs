@@ -23,8 +23,12 @@ const MAX_MESSAGE: usize = 1 << 20;
 /// Agent -> helper.
 #[derive(Debug, Serialize, Deserialize)]
 pub enum ToHelper {
-    /// Become a container's init.
-    Init { spec: Box<Spec>, rootfs: PathBuf },
+    /// Become a container's init. `private_shares`: see `shares::private_targets`.
+    Init {
+        spec: Box<Spec>,
+        rootfs: PathBuf,
+        private_shares: Vec<PathBuf>,
+    },
     /// Join container `init_pid`'s namespaces (the pid one is already joined) and run `process`.
     Exec {
         init_pid: i32,
