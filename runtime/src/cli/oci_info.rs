@@ -12,9 +12,14 @@ pub fn features() -> Result<()> {
         "ociVersionMin": "1.0.0",
         "ociVersionMax": crate::container::state::OCI_VERSION,
         "hooks": [],
-        "mountOptions": ["bind", "rbind", "ro", "rw", "nosuid", "nodev", "noexec", "relatime",
-            "strictatime", "noatime", "private", "rprivate", "slave", "rslave", "shared",
-            "rshared", "mode", "size", "newinstance", "ptmxmode", "gid", "uid"],
+        // The agent's options (its mounts' `flag_option`, `propagation_flag` and tmpcopyup);
+        // the rest of a mount's options go to its filesystem, as under runc.
+        "mountOptions": ["async", "atime", "bind", "dev", "diratime", "dirsync",
+            "exec", "lazytime", "mand", "noatime", "nodev", "nodiratime", "noexec",
+            "nolazytime", "nomand", "norelatime", "nostrictatime", "nosuid", "private",
+            "rbind", "relatime", "remount", "rprivate", "rshared", "rslave", "runbindable",
+            "rw", "ro", "shared", "slave", "strictatime", "suid", "sync", "tmpcopyup",
+            "unbindable"],
         "linux": {
             "namespaces": ["cgroup", "ipc", "mount", "network", "pid", "uts"],
             "capabilities": caps,
@@ -23,7 +28,7 @@ pub fn features() -> Result<()> {
                 "enabled": true,
                 "actions": ["SCMP_ACT_ALLOW", "SCMP_ACT_ERRNO", "SCMP_ACT_KILL",
                     "SCMP_ACT_KILL_PROCESS", "SCMP_ACT_KILL_THREAD", "SCMP_ACT_LOG",
-                    "SCMP_ACT_TRAP"],
+                    "SCMP_ACT_TRACE", "SCMP_ACT_TRAP"],
                 "operators": ["SCMP_CMP_EQ", "SCMP_CMP_NE", "SCMP_CMP_LT", "SCMP_CMP_LE",
                     "SCMP_CMP_GT", "SCMP_CMP_GE", "SCMP_CMP_MASKED_EQ"],
                 "archs": ["SCMP_ARCH_X86_64"]
