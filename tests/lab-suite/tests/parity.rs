@@ -434,7 +434,7 @@ fn features_claim_only_mount_options_that_work() {
                 "tmpcopyup" => json!({"destination": "/seed", "type": "tmpfs",
                     "source": "tmpfs", "options": [opt]}),
                 _ if binds => json!({"destination": dest, "type": "bind", "source": &vol,
-                    "options": if opt.contains("bind") { vec![*opt] } else { vec!["rbind", opt] }}),
+                    "options": if *opt == "bind" || *opt == "rbind" { vec![*opt] } else { vec!["rbind", opt] }}),
                 // A remount changes the mount before it at the same place.
                 "remount" => json!({"destination": dest, "type": "tmpfs", "source": "tmpfs",
                     "options": ["remount", "ro"]}),
