@@ -420,38 +420,35 @@ fn features_claim_only_mount_options_that_work() {
     std::fs::create_dir_all(&vol).unwrap();
     std::fs::write(vol.join("f"), "bound").unwrap();
     let b = oci.bundle("opts", &["sh", "-c", MOUNT_REPORT]);
-    std::fs::create_dir_all(b.join("rootfs/seed")).unwrap();
-    std::fs::write(b.join("rootfs/seed/f"), "copied up").unwrap();
+    std::fs::create_dir_all(b.join("rootfs/m-t-tmpcopyup")).unwrap();
+    std::fs::write(b.join("rootfs/m-t-tmpcopyup/f"), "copied up").unwrap();
     oci.edit(&b, |v| {
         let mounts = v["mounts"].as_array_mut().unwrap();
         for opt in &options {
-            let dest = format!("/m-{opt}");
-            let binds = opt.contains("bind")
-                || opt.contains("shared")
-                || opt.contains("slave")
-                || opt.contains("private");
-            let m = match *opt {
-                "tmpcopyup" => json!({"destination": "/seed", "type": "tmpfs",
-                    "source": "tmpfs", "options": [opt]}),
-                _ if binds => json!({"destination": dest, "type": "bind", "source": &vol,
-                    "options": if *opt == "bind" || *opt == "rbind" { vec![*opt] } else { vec!["rbind", opt] }}),
-                // A remount changes the mount before it at the same place.
-                "remount" => json!({"destination": dest, "type": "tmpfs", "source": "tmpfs",
-                    "options": ["remount", "ro"]}),
-                _ => json!({"destination": dest, "type": "tmpfs", "source": "tmpfs",
-                    "options": [opt]}),
+            let binds = ["bind", "shared", "slave", "private"]
+                .iter()
+                .any(|k| opt.contains(k));
+            let dest = format!("/m-{}-{opt}", if binds { "b" } else { "t" });
+            let tmpfs = |options: &[&str]| {
+                json!({"destination": dest, "type": "tmpfs", "source": "tmpfs", "options": options})
             };
-            if *opt == "remount" {
-                mounts.push(json!({"destination": dest, "type": "tmpfs", "source": "tmpfs"}));
-            }
+            let m = match *opt {
+                "bind" | "rbind" => {
+                    json!({"destination": dest, "type": "bind", "source": &vol, "options": [opt]})
+                }
+                _ if binds => json!({"destination": dest, "type": "bind", "source": &vol,
+                    "options": ["rbind", opt]}),
+                // A remount changes the mount before it at the same place.
+                "remount" => {
+                    mounts.push(tmpfs(&[]));
+                    tmpfs(&["remount", "ro"])
+                }
+                _ => tmpfs(&[opt]),
+            };
             mounts.push(m);
         }
-        // The copied-up tmpfs, reported with the rest.
-        mounts.push(
-            json!({"destination": "/m-seed", "type": "bind", "source": "/seed",
-            "options": ["rbind"]}),
-        );
     });
     let out = same_output(&oci, &b, "one mount per claimed option");
-    assert!(out.contains("/m-seed: copied up"), "{out}");
+    assert!(out.contains("/m-t-tmpcopyup: copied up"), "{out}");
+    assert!(out.contains("/m-b-rshared: bound"), "{out}");
 }
