@@ -1,9 +1,10 @@
 //! Husk's host<->guest protocol (`proto`), a blocking host-side client (`client`), what both
-//! sides read of `/proc/self/mountinfo` (`mountinfo`), and, in the
-//! `husk-agent` binary, the guest's PID 1 that serves it.
+//! sides read of `/proc/self/mountinfo` (`mountinfo`), the OCI hook runner both sides use
+//! (`oci_hook`), and, in the `husk-agent` binary, the guest's PID 1 that serves it.
 
 pub mod client;
 pub mod mountinfo;
+pub mod oci_hook;
 pub mod passwd;
 pub mod proto;
 

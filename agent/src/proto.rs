@@ -31,6 +31,10 @@ pub const PROTOCOL_VERSION: u8 = 1;
 /// name) is found on the process's PATH in the rootfs, looked up on the host, which spares the
 /// guest a walk over 9p per PATH entry. Absent when the guest must look it up itself.
 pub const EXEC_PATH_ANNOTATION: &str = "run.husk.exec-path";
+/// Spec annotation the host sets on a `CreateContainer` spec with `startContainer` hooks: the
+/// container's state as those hooks read it (JSON), whose `status` and `pid` the container's
+/// init sets as it runs them.
+pub const HOOK_STATE_ANNOTATION: &str = "run.husk.hook-state";
 /// Size of the fixed frame header.
 pub const HEADER_LEN: usize = 9;
 /// Largest payload either side accepts (1 MiB), checked from the header before anything is

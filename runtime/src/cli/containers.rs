@@ -189,7 +189,8 @@ pub fn create(root: &Path, opts: &CreateOpts, log: &LogOptions, logger: &Logger)
 pub fn run(root: &Path, opts: &RunOpts, log: &LogOptions, logger: &Logger) -> Result<i32> {
     let c = Container::create(root, &opts.create.options(log), logger)?;
     if let Err(e) = c.start() {
-        if let Ok(Some(errors)) = Container::load(root, c.id()).and_then(|c| c.delete(true)) {
+        if let Ok(Some(errors)) = Container::load(root, c.id()).and_then(|c| c.delete(true, logger))
+        {
             report_deleted(logger, c.id(), &errors);
         }
         return Err(e);
@@ -204,7 +205,7 @@ pub fn follow(c: Container, detach: bool, logger: &Logger) -> i32 {
         return 0;
     }
     let id = c.id().to_string();
-    let ended = c.wait_and_delete();
+    let ended = c.wait_and_delete(logger);
     if let Some(errors) = &ended.monitor_errors {
         report_deleted(logger, &id, errors);
     }
@@ -279,7 +280,7 @@ pub fn delete(root: &Path, id: &str, force: bool, logger: &Logger) -> Result<()>
         },
         Err(e) => return Err(e),
     };
-    if let Some(errors) = c.delete(force)? {
+    if let Some(errors) = c.delete(force, logger)? {
         report_deleted(logger, id, &errors);
     }
     Ok(())

@@ -11,7 +11,8 @@ pub fn features() -> Result<()> {
     let v = serde_json::json!({
         "ociVersionMin": "1.0.0",
         "ociVersionMax": crate::container::state::OCI_VERSION,
-        "hooks": [],
+        "hooks": ["prestart", "createRuntime", "createContainer", "startContainer",
+            "poststart", "poststop"],
         // The agent's options (its mounts' `flag_option`, `propagation_flag` and tmpcopyup);
         // the rest of a mount's options go to its filesystem, as under runc.
         "mountOptions": ["async", "atime", "bind", "dev", "diratime", "dirsync",

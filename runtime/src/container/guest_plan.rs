@@ -20,6 +20,7 @@ use husk_templates::{slot_tag, SHARE_SLOTS};
 use husk_vmm::ShareConfig;
 
 use super::bundle::Bundle;
+use super::state::{ContainerState, Status};
 
 /// Where the agent finds the container's root filesystem.
 pub const GUEST_ROOTFS: &str = "/run/husk/rootfs";
@@ -62,6 +63,23 @@ impl GuestPlan {
             );
         }
         Ok(plan)
+    }
+
+    /// Hands the guest what its `startContainer` hooks read on stdin (see
+    /// `HOOK_STATE_ANNOTATION`): they run in the container, which the guest's init builds.
+    pub fn add_hook_state(&mut self, state: &ContainerState) -> Result<()> {
+        let has_hooks = self.spec["hooks"]["startContainer"]
+            .as_array()
+            .is_some_and(|h| !h.is_empty());
+        if !has_hooks {
+            return Ok(());
+        }
+        let json = serde_json::to_string(&state.hook_state(Status::Created))?;
+        if !self.spec["annotations"].is_object() {
+            self.spec["annotations"] = serde_json::json!({});
+        }
+        self.spec["annotations"][husk_agent::proto::HOOK_STATE_ANNOTATION] = json.into();
+        Ok(())
     }
 
     /// A network namespace given by path (podman's `/run/netns/…`) lives on the host, which the

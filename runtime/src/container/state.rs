@@ -7,6 +7,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
+use oci_spec::runtime::Hooks;
 use serde::{Deserialize, Serialize};
 
 use super::bundle::Bundle;
@@ -68,6 +69,9 @@ pub struct ContainerState {
     /// abandoned by a killed `create`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub creator: Option<Creator>,
+    /// The bundle's hooks as `create` read them: later edits of config.json change nothing.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hooks: Option<Hooks>,
 }
 
 /// The `create` process that claimed a container's id.
@@ -91,6 +95,7 @@ impl ContainerState {
             status: Status::Creating,
             annotations: annotations.into_iter().collect(),
             creator: process_start_time(pid).map(|start_time| Creator { pid, start_time }),
+            hooks: bundle.spec.hooks().clone(),
             ..ContainerState::unknown(id)
         }
     }
@@ -111,6 +116,7 @@ impl ContainerState {
             guest_id: None,
             monitor_log: None,
             creator: None,
+            hooks: None,
         }
     }
 
@@ -149,6 +155,35 @@ impl ContainerState {
             v["annotations"] = serde_json::to_value(&self.annotations).unwrap_or_default();
         }
         v
+    }
+}
+
+/// The state an OCI hook reads on its stdin, as runc gives it: no `rootfs`, `created` or
+/// `owner`, and `pid` only while something runs.
+#[derive(Serialize)]
+pub struct HookState<'a> {
+    #[serde(rename = "ociVersion")]
+    pub oci_version: &'a str,
+    pub id: &'a str,
+    pub status: Status,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pid: Option<i32>,
+    pub bundle: &'a Path,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub annotations: &'a BTreeMap<String, String>,
+}
+
+impl ContainerState {
+    /// What its hooks read on stdin while the container is `status`.
+    pub fn hook_state(&self, status: Status) -> HookState<'_> {
+        HookState {
+            oci_version: OCI_VERSION,
+            id: &self.id,
+            status,
+            pid: (status != Status::Stopped && self.pid > 0).then_some(self.pid),
+            bundle: &self.bundle,
+            annotations: &self.annotations,
+        }
     }
 }
 
@@ -340,5 +375,21 @@ mod tests {
         assert_eq!(v["ociVersion"], OCI_VERSION);
         s.status = Status::Stopped;
         assert_eq!(s.oci_json()["pid"], 0);
+    }
+
+    #[test]
+    fn hook_state_is_runcs() {
+        let mut s = state("x");
+        s.annotations.insert("a".into(), "b".into());
+        let json = |s: &ContainerState, status| serde_json::to_string(&s.hook_state(status));
+        assert_eq!(
+            json(&s, Status::Creating).unwrap(),
+            r#"{"ociVersion":"1.0.2-dev","id":"x","status":"creating","pid":42,"bundle":"/b","annotations":{"a":"b"}}"#
+        );
+        s.annotations.clear();
+        assert_eq!(
+            json(&s, Status::Stopped).unwrap(),
+            r#"{"ociVersion":"1.0.2-dev","id":"x","status":"stopped","bundle":"/b"}"#
+        );
     }
 }

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use nix::poll::{PollFd, PollFlags};
 
-use super::{load_state, Container};
+use super::{hooks, load_state, Container};
 use crate::agent_vm::AGENT_TIMEOUT;
 use crate::container::bundle::Bundle;
 use crate::container::capabilities;
@@ -76,23 +76,32 @@ impl Container {
         let trace = Trace::start("create");
         let spawned = source(&bundle).and_then(|source| {
             trace.mark("VM source chosen");
-            spawn_monitor(root, opts, &bundle.dir, &source)
+            let restored = matches!(source, VmSource::Checkpoint(_));
+            spawn_monitor(root, opts, &bundle.dir, &source).map(|pid| (pid, restored))
         });
         trace.mark("monitor answered");
-        match spawned {
-            Ok(pid) => {
-                if let Some(p) = &opts.pid_file {
-                    write_pid_file(p, pid)?;
-                }
-                let state = load_state(&store, &opts.id)?;
-                Ok(Container { store, state })
-            }
+        let (pid, restored) = match spawned {
+            Ok(spawned) => spawned,
             Err(e) => {
                 let e = with_monitor_log(e, &mark);
                 let _ = store.remove(&opts.id);
-                Err(e)
+                return Err(e);
             }
+        };
+        let c = Container {
+            state: load_state(&store, &opts.id)?,
+            store,
+        };
+        if let Err(e) = hooks::run_create(&c.state, restored) {
+            // The spec's step 12 and 13: the container is destroyed, then poststop runs.
+            c.delete(true, logger)?;
+            return Err(e);
         }
+        trace.mark("create hooks run");
+        if let Some(p) = &opts.pid_file {
+            write_pid_file(p, pid)?;
+        }
+        Ok(c)
     }
 }
 

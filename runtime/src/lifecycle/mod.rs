@@ -3,11 +3,13 @@
 //! by [`Container::load`], with a method for each runc verb. Every method acts through the
 //! container's monitor (see `monitor`): its control socket, or its process.
 //!
-//! `create` is in `create`, `exec` in `exec`, `checkpoint` and `restore` in `checkpointing`.
+//! `create` is in `create`, `exec` in `exec`, `checkpoint` and `restore` in `checkpointing`, and
+//! the OCI hooks the host runs (and when) in `hooks`.
 
 mod checkpointing;
 mod create;
 mod exec;
+mod hooks;
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -17,10 +19,11 @@ use anyhow::{bail, Result};
 pub use self::checkpointing::{CheckpointOptions, RestoreOptions};
 pub use self::create::{CreateOptions, VmSource};
 pub use self::exec::ExecOptions;
+use self::hooks::HostHook;
 use crate::container::state::{validate_id, ContainerState, StateRoot, Status};
 use crate::container::trace::Trace;
 use crate::container::{monitor_alive, process_start_time};
-use crate::logging::{monitor_log, Entry};
+use crate::logging::{monitor_log, Entry, Logger};
 use crate::monitor::cgroup;
 use crate::monitor::control::{self, Reply, Request};
 use crate::monitor::paging::{self, PauseConfig};
@@ -99,7 +102,9 @@ impl Container {
         &self.state.id
     }
 
-    /// Starts the process of a created container; returns once it runs.
+    /// Starts the process of a created container and runs its poststart hooks; returns once
+    /// it runs. A failing poststart hook stops the container and fails the start, as the
+    /// spec says.
     pub fn start(&self) -> Result<()> {
         let trace = Trace::start("start");
         match self.state.status {
@@ -111,6 +116,14 @@ impl Container {
         trace.mark("state read");
         self.call(&Request::Start)?;
         trace.mark("started");
+        if let Err(e) = hooks::run(&self.state, HostHook::Poststart) {
+            let kill = Request::Kill {
+                signal: libc::SIGKILL,
+                all: true,
+            };
+            let _ = self.call(&kill);
+            return Err(e);
+        }
         Ok(())
     }
 
@@ -174,9 +187,10 @@ impl Container {
     }
 
     /// Deletes the container and everything it holds; a running or paused one only with
-    /// `force` (it is killed first). Returns the errors its monitor logged, read once the
-    /// monitor is gone and before they go with the state directory.
-    pub fn delete(self, force: bool) -> Result<Option<MonitorErrors>> {
+    /// `force` (it is killed first). Then runs its poststop hooks, whose failure is a warning
+    /// on `logger`. Returns the errors its monitor logged, read once the monitor is gone and
+    /// before they go with the state directory.
+    pub fn delete(self, force: bool, logger: &Logger) -> Result<Option<MonitorErrors>> {
         let st = &self.state;
         match st.status {
             // The monitor may still be tearing its VM down; it must be gone (and out of the
@@ -195,15 +209,18 @@ impl Container {
         let errors = self.monitor_errors();
         self.store.remove(&st.id)?;
         release_monitor_remains(&st);
+        if let Err(e) = hooks::run(&st, HostHook::Poststop) {
+            logger.warn(&format!("container {}: {e:#}", st.id));
+        }
         Ok(errors)
     }
 
     /// Waits for the container's monitor, a child of this process (it made the container),
-    /// and deletes the container.
-    pub fn wait_and_delete(self) -> Ended {
+    /// and deletes the container (poststop hooks' failures are warnings on `logger`).
+    pub fn wait_and_delete(self, logger: &Logger) -> Ended {
         let code = wait_pid(self.state.pid);
         let deleted =
-            Container::load(self.store.root(), &self.state.id).and_then(|c| c.delete(true));
+            Container::load(self.store.root(), &self.state.id).and_then(|c| c.delete(true, logger));
         Ended {
             code,
             monitor_errors: deleted.ok().flatten(),

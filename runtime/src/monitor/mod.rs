@@ -138,7 +138,8 @@ struct Started {
 fn start(args: &MonitorArgs, store: &StateRoot, log: &MonitorLog) -> Result<Started> {
     let trace = Trace::start("monitor");
     let bundle = Bundle::load(&args.bundle)?;
-    let plan = GuestPlan::new(&bundle)?;
+    let mut plan = GuestPlan::new(&bundle)?;
+    plan.add_hook_state(&initial_state(args, &bundle))?;
     let dir = store.dir(&args.id);
     // Before the VM exists, so that guest RAM and every VMM thread are charged to it.
     trace.mark("bundle loaded");

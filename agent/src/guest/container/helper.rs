@@ -90,10 +90,43 @@ fn init(
     let prepared = process::prepare(process, seccomp, found.map(Path::new))?;
     report_ready(sync, prepared.master.as_ref())?;
     match sync.recv::<ToHelper>() {
-        Ok(Some((ToHelper::Start, _))) => process::exec(prepared),
+        Ok(Some((ToHelper::Start, _))) => {
+            start_container_hooks(spec, &prepared)?;
+            process::exec(prepared)
+        }
         // The agent deleted us (or died) before start.
         _ => std::process::exit(1),
     }
+}
+
+/// The spec's `startContainer` hooks, run as runc's init runs them: in the container, as its
+/// user, in its cwd, with the process's environment unless a hook has its own; the state
+/// (from the host, see `HOOK_STATE_ANNOTATION`) says `created`, with this process's pid.
+fn start_container_hooks(spec: &Spec, prepared: &process::Prepared) -> HelperResult<()> {
+    let hooks = spec
+        .hooks()
+        .as_ref()
+        .and_then(|h| h.start_container().as_deref());
+    let Some(hooks) = hooks.filter(|h| !h.is_empty()) else {
+        return Ok(());
+    };
+    let given = spec
+        .annotations()
+        .as_ref()
+        .and_then(|a| a.get(husk_agent::proto::HOOK_STATE_ANNOTATION));
+    let mut state: serde_json::Value = given
+        .and_then(|s| serde_json::from_str(s).ok())
+        .unwrap_or_else(|| serde_json::json!({}));
+    state["status"] = "created".into();
+    state["pid"] = std::process::id().into();
+    let state = serde_json::to_vec(&state).map_err(|e| e.to_string())?;
+    let env = prepared.env();
+    let ctx = husk_agent::oci_hook::HookContext {
+        state: &state,
+        default_env: Some(&env),
+        cwd: None,
+    };
+    husk_agent::oci_hook::run_all("startContainer", hooks, &ctx)
 }
 
 /// Masked and read-only paths, then the read-only root: after sysctls, which write to

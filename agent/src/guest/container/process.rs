@@ -117,6 +117,14 @@ fn home_of(uid: u32) -> Option<String> {
     husk_agent::passwd::home_of(&fs::read_to_string("/etc/passwd").ok()?, uid)
 }
 
+impl Prepared {
+    /// The process's environment (with the `HOME` it gets).
+    pub fn env(&self) -> Vec<String> {
+        let text = |c: &CString| c.to_string_lossy().into_owned();
+        self.env.iter().map(text).collect()
+    }
+}
+
 /// Installs the remaining filters and execs; returns only on failure.
 pub fn exec(p: Prepared) -> HelperResult<Infallible> {
     seccomp::install(&p.late_seccomp)?;
