@@ -1,6 +1,7 @@
 //! The OCI hooks the host runs, and when. Hooks name host programs (podman's, CNI's, a GPU
 //! vendor's), so every hook but `startContainer` runs on the host, from the `husk` process
-//! doing the operation, with the bundle as its working directory (as runc's do):
+//! doing the operation, in the bundle directory during `create` and in the caller's working
+//! directory after it (as runc's, which changes into the bundle for `create` alone):
 //!
 //! - `prestart`, `createRuntime`, `createContainer`: in `create` (and `restore`, which runs the
 //!   first two as runc's does), once the container exists in its guest and before `create`
@@ -55,6 +56,11 @@ impl HostHook {
         list.as_deref().unwrap_or_default()
     }
 
+    /// Whether its hooks run in the bundle directory (else in the caller's).
+    fn in_bundle(self) -> bool {
+        self.status() == Status::Creating
+    }
+
     /// The container's status its hooks are told.
     fn status(self) -> Status {
         match self {
@@ -77,7 +83,7 @@ pub(super) fn run(st: &ContainerState, point: HostHook) -> Result<()> {
     let ctx = HookContext {
         state: &state,
         default_env: None,
-        cwd: Some(&st.bundle),
+        cwd: point.in_bundle().then_some(st.bundle.as_path()),
     };
     oci_hook::run_all(point.name(), hooks, &ctx).map_err(anyhow::Error::msg)
 }

@@ -361,6 +361,73 @@ impl Oci {
     }
 }
 
+/// A runtime under test, `runc` or `husk`, with its state under the test's directory.
+pub struct Runtime<'a> {
+    pub name: &'static str,
+    oci: &'a Oci,
+}
+
+impl Runtime<'_> {
+    pub fn both(oci: &Oci) -> [Runtime<'_>; 2] {
+        [Runtime { name: "runc", oci }, Runtime { name: "husk", oci }]
+    }
+
+    /// Its `--root` directory.
+    pub fn root(&self) -> PathBuf {
+        match self.name {
+            "runc" => self.oci.dir.path().join("runc"),
+            _ => self.oci.root(),
+        }
+    }
+
+    /// Runs a command and reads its output to EOF, as `out=$(...)` does.
+    pub fn captured(&self, args: &[&str]) -> Out {
+        match self.name {
+            "runc" => self.oci.runc(args),
+            _ => self.oci.husk(args),
+        }
+    }
+
+    /// Runs a command that leaves a container holding a copy of its stdio: output to files,
+    /// the command alone awaited.
+    pub fn detached(&self, args: &[&str]) -> Out {
+        match self.name {
+            "runc" => self.oci.runc_detached(args),
+            _ => self.oci.husk_detached(args),
+        }
+    }
+
+    /// Runs a command that must succeed, reading its output to EOF.
+    pub fn ok(&self, args: &[&str]) -> Out {
+        let out = self.captured(args);
+        assert_eq!(out.code, 0, "{} {args:?}: {}", self.name, out.stderr);
+        out
+    }
+
+    pub fn ok_detached(&self, args: &[&str]) {
+        let out = self.detached(args);
+        assert_eq!(out.code, 0, "{} {args:?}: {}", self.name, out.stderr);
+    }
+
+    pub fn status(&self, id: &str) -> String {
+        let out = self.ok(&["state", id]);
+        let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+        v["status"].as_str().unwrap_or_default().to_string()
+    }
+
+    /// Waits until container `id` is stopped; false if it still runs after `limit`.
+    pub fn stops_within(&self, id: &str, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        while self.status(id) != "stopped" {
+            if Instant::now() > deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        true
+    }
+}
+
 impl Drop for Oci {
     /// A failed test must not leave containers (and their VMs) running for the tests after it.
     /// Nothing here may panic (this runs while a failed test unwinds), hence `timeout(1)`.

@@ -2,69 +2,10 @@
 //! what the caller or the container observes compared.
 
 use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use husk_lab_tests::{ConsoleSocket, Oci, Out};
+use husk_lab_tests::{ConsoleSocket, Oci, Runtime};
 use serde_json::json;
-
-/// A runtime under test, `runc` or `husk`, with its state under the test's directory.
-struct Runtime<'a> {
-    name: &'static str,
-    oci: &'a Oci,
-}
-
-impl Runtime<'_> {
-    fn both(oci: &Oci) -> [Runtime<'_>; 2] {
-        [Runtime { name: "runc", oci }, Runtime { name: "husk", oci }]
-    }
-
-    /// Runs a command and reads its output to EOF, as `out=$(...)` does.
-    fn captured(&self, args: &[&str]) -> Out {
-        match self.name {
-            "runc" => self.oci.runc(args),
-            _ => self.oci.husk(args),
-        }
-    }
-
-    /// Runs a command that leaves a container holding a copy of its stdio: output to files,
-    /// the command alone awaited.
-    fn detached(&self, args: &[&str]) -> Out {
-        match self.name {
-            "runc" => self.oci.runc_detached(args),
-            _ => self.oci.husk_detached(args),
-        }
-    }
-
-    /// Runs a command that must succeed, reading its output to EOF.
-    fn ok(&self, args: &[&str]) -> Out {
-        let out = self.captured(args);
-        assert_eq!(out.code, 0, "{} {args:?}: {}", self.name, out.stderr);
-        out
-    }
-
-    fn ok_detached(&self, args: &[&str]) {
-        let out = self.detached(args);
-        assert_eq!(out.code, 0, "{} {args:?}: {}", self.name, out.stderr);
-    }
-
-    fn status(&self, id: &str) -> String {
-        let out = self.ok(&["state", id]);
-        let v: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
-        v["status"].as_str().unwrap_or_default().to_string()
-    }
-
-    /// Waits until container `id` is stopped; false if it still runs after `limit`.
-    fn stops_within(&self, id: &str, limit: Duration) -> bool {
-        let deadline = Instant::now() + limit;
-        while self.status(id) != "stopped" {
-            if Instant::now() > deadline {
-                return false;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        true
-    }
-}
 
 /// With a terminal, every command that leaves a container behind returns with its stdout and
 /// stderr closed: a caller that captures them (`out=$(husk create …)`) gets them back at once
