@@ -4,7 +4,7 @@
 use std::path::Path;
 use std::time::Duration;
 
-use husk_lab_tests::{ConsoleSocket, Oci, Runtime};
+use husk_lab_tests::{ConsoleSocket, Oci, Out, Runtime};
 use serde_json::json;
 
 /// With a terminal, every command that leaves a container behind returns with its stdout and
