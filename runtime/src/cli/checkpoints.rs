@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 
-use super::containers::{follow, CreateOpts, Unsupported};
+use super::containers::{first_set, follow, given, CreateOpts, Unsupported, NO_LSM};
 use crate::lifecycle::{CheckpointOptions, Container, RestoreOptions};
 use crate::logging::{LogOptions, Logger};
 
@@ -43,16 +43,13 @@ pub struct CheckpointOpts {
 impl CheckpointOpts {
     /// The first flag given that Husk cannot honour (see [`Unsupported`]).
     pub fn unsupported(&self) -> Option<Unsupported> {
-        let server = self.page_server.as_deref().is_some_and(|s| !s.is_empty());
-        [
+        first_set([
             (
-                server,
+                given(&self.page_server),
                 ("--page-server", "the image is written to --image-path"),
             ),
             (self.status_fd.is_some(), ("--status-fd", LAZY)),
-        ]
-        .into_iter()
-        .find_map(|(set, flag)| set.then_some(flag))
+        ])
         .or_else(|| self.criu.unsupported())
     }
 }
@@ -90,18 +87,17 @@ pub struct RestoreOpts {
 impl RestoreOpts {
     /// The first flag given that Husk cannot honour (see [`Unsupported`]).
     pub fn unsupported(&self) -> Option<Unsupported> {
-        let given = |v: &Option<String>| v.as_deref().is_some_and(|s| !s.is_empty());
-        let lsm = "the micro-VM's kernel has no SELinux or AppArmor";
-        [
+        first_set([
             (
                 self.tcp_close,
                 ("--tcp-close", "the guest keeps its connections"),
             ),
-            (given(&self.lsm_profile), ("--lsm-profile", lsm)),
-            (given(&self.lsm_mount_context), ("--lsm-mount-context", lsm)),
-        ]
-        .into_iter()
-        .find_map(|(set, flag)| set.then_some(flag))
+            (given(&self.lsm_profile), ("--lsm-profile", NO_LSM)),
+            (
+                given(&self.lsm_mount_context),
+                ("--lsm-mount-context", NO_LSM),
+            ),
+        ])
         .or_else(|| self.criu.unsupported())
         .or_else(|| self.create.unsupported())
     }

@@ -21,7 +21,19 @@ const PRESERVE_FDS: Unsupported = (
     "--preserve-fds",
     "file descriptors cannot cross into the micro-VM",
 );
-const NO_LSM: &str = "the micro-VM's kernel has no SELinux or AppArmor";
+pub const NO_LSM: &str = "the micro-VM's kernel has no SELinux or AppArmor";
+
+/// Whether a string flag was given a value (an empty one is runc's default).
+pub fn given(v: &Option<String>) -> bool {
+    v.as_deref().is_some_and(|s| !s.is_empty())
+}
+
+/// The first of `flags` that is set.
+pub fn first_set<const N: usize>(flags: [(bool, Unsupported); N]) -> Option<Unsupported> {
+    flags
+        .into_iter()
+        .find_map(|(set, flag)| set.then_some(flag))
+}
 
 /// Options shared by `create` and `run`.
 #[derive(clap::Args, Debug, Clone)]
@@ -146,8 +158,7 @@ pub struct ExecOpts {
 impl ExecOpts {
     /// The first flag given that Husk cannot honour (see [`Unsupported`]).
     pub fn unsupported(&self) -> Option<Unsupported> {
-        let given = |v: &Option<String>| v.as_deref().is_some_and(|s| !s.is_empty());
-        [
+        first_set([
             (self.preserve_fds > 0, PRESERVE_FDS),
             (given(&self.process_label), ("--process-label", NO_LSM)),
             (given(&self.apparmor), ("--apparmor", NO_LSM)),
@@ -155,9 +166,7 @@ impl ExecOpts {
                 given(&self.cgroup),
                 ("--cgroup", "the process joins the container's cgroup"),
             ),
-        ]
-        .into_iter()
-        .find_map(|(set, flag)| set.then_some(flag))
+        ])
     }
 
     fn options(&self) -> ExecOptions {
